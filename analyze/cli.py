@@ -1,0 +1,77 @@
+"""The `trainaudit` command line (also `python -m analyze`). Thin: each command parses its
+options, calls one library function and prints. Commands are imported lazily so `--help`
+is fast and a command's heavy imports happen only when it runs.
+
+Any TrainauditError (a problem with the user's files) ends as one line on stderr and exit
+code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from loaders.errors import TrainauditError
+
+# name -> "module:attribute" of the click command
+COMMANDS = {
+    "demo": "analyze.cmd_demo:demo",
+    "report": "analyze.cmd_report:report",
+    "audit": "analyze.cmd_checkpoint:audit",
+    "spectral": "analyze.cmd_checkpoint:spectral",
+}
+SHORT_HELP = {
+    "demo": "Train the built-in MiniGPT demo with the logger, then write its report.",
+    "report": "Analyse a run (ours or a foreign one) and write report.html + summary.json.",
+    "audit": "Health-check one checkpoint (exit 1 on findings, for CI).",
+    "spectral": "Spectral norms of one checkpoint's matrices, with error bounds.",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(n, SHORT_HELP[n]) for n in COMMANDS])
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TrainauditError as exc:
+            click.echo(f"trainaudit: error: {exc}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="trainaudit", message="trainaudit %(version)s")
+def main() -> None:
+    """trainaudit: audit neural-network training runs after the fact.
+
+    \b
+    The in-loop logger (`from loaders import RunLogger`) writes a run directory; the
+    commands below reload it - or a Hugging Face Trainer, Lightning, TensorBoard, nanoGPT or
+    llm.c run - recompute the health metrics and write one self-contained HTML report.
+
+    \b
+    Quick start:
+      trainaudit demo                  train the built-in demo and report on it
+      trainaudit report RUN_DIR        report on any run
+      trainaudit audit model.safetensors --fail-on error
+    """
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

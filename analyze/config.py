@@ -1,0 +1,75 @@
+"""AnalysisConfig: every knob of the offline analysis, with the formulas.md defaults.
+
+One frozen dataclass; the `report` command's options map onto its fields. `cache_key()` hashes
+the fields that change per-checkpoint results, so a changed setting invalidates the cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+
+__all__ = ["AnalysisConfig", "EXACT_SVD_AUTO_MAX_PARAMS", "CACHE_VERSION"]
+
+EXACT_SVD_AUTO_MAX_PARAMS = 10_000_000  # exact SVD beside the estimators up to ~10M parameters
+CACHE_VERSION = 1  # bump when the per-checkpoint rows change shape or meaning
+
+
+@dataclass(frozen=True, slots=True)
+class AnalysisConfig:
+    """Settings of `analyze_run`; defaults are the formulas.md values (section in brackets)."""
+
+    exact_svd: bool | None = None        # None = auto: on for models up to EXACT_SVD_AUTO_MAX_PARAMS (§4)
+    power_tol: float = 1e-4              # the sheet's power-iteration stop (§4)
+    power_max_iter: int = 100            # the sheet's iteration cap (§4)
+    estimator_rel_tol: float = 1e-3      # default estimator must be this close to exact (§4)
+    dead_eps: float = 1e-3               # dead FFN unit threshold on |H| (§5)
+    spike_window: int = 50               # logged points in the median/MAD window (§9)
+    spike_k: float = 6.0                 # MAD units above the median (§9)
+    gl_alpha: float = 5.0                # Prechelt GL_alpha in percent (§10)
+    divergence_delta: float = 0.05       # nats the smoothed gap must widen by (§10)
+    rho_low: float = 1e-4                # healthy grad-to-weight ratio range (§11)
+    rho_high: float = 1e-1
+    update_ratio_low: float = 1e-5       # per-step update ratio range shown as healthy (§12: ~1e-3)
+    update_ratio_high: float = 1e-2
+    spectral_growth: float = 2.0         # flag sigma_1 growing by more than this factor (first -> last)
+    class_window: int = 50               # training steps per per-class Welford window (§8)
+    class_pair: tuple[str, str] | None = None  # (hard, easy) for tau; None = built-in / automatic
+    eval_batch_size: int = 64            # examples per forward batch on the stored eval set
+    max_eval_examples: int | None = None  # cap on eval examples (None = all)
+    grad_batch_size: int = 32            # examples in the one backward pass for rho (§11)
+    model_factory: str | None = None     # "module:function" for a user's own model (explicit only)
+    workers: int = 1                     # threads for per-checkpoint forward passes
+    seed: int = 0                        # cold-start vectors of the estimators
+
+    def __post_init__(self) -> None:
+        checks = {
+            "power_tol": self.power_tol > 0, "power_max_iter": self.power_max_iter >= 1,
+            "dead_eps": self.dead_eps > 0, "spike_window": self.spike_window >= 2,
+            "spike_k": self.spike_k > 0, "gl_alpha": self.gl_alpha > 0,
+            "divergence_delta": self.divergence_delta >= 0, "class_window": self.class_window >= 1,
+            "eval_batch_size": self.eval_batch_size >= 1, "grad_batch_size": self.grad_batch_size >= 1,
+            "workers": self.workers >= 1, "rho_low": 0 < self.rho_low < self.rho_high,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError("invalid AnalysisConfig value(s): "
+                             + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
+        if self.class_pair is not None and len(self.class_pair) != 2:
+            raise ValueError(f"class_pair must be (hard, easy), got {self.class_pair!r}")
+
+    def use_exact_svd(self, n_params: int) -> bool:
+        """Exact SVD on or off for a checkpoint of `n_params` parameters."""
+        return self.exact_svd if self.exact_svd is not None else n_params <= EXACT_SVD_AUTO_MAX_PARAMS
+
+    def cache_key(self) -> str:
+        """Hash of the fields that change per-checkpoint results (not workers, not log-only knobs)."""
+        skip = {"workers", "spike_window", "spike_k", "gl_alpha", "divergence_delta",
+                "class_window", "class_pair", "spectral_growth", "rho_low", "rho_high",
+                "update_ratio_low", "update_ratio_high", "estimator_rel_tol"}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        d["cache_version"] = CACHE_VERSION
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,238 @@
+"""Train/val divergence step, validation minimum, Prechelt's GL_alpha and the overfitting verdict
+(formulas.md §10).
+
+Two questions, answered apart: when does the train/val gap start to widen for good (divergence),
+and does validation loss get worse (overfitting or instability)?
+
+Alignment (§10): at evaluation t_j, T_j is the mean of the logged training losses with step in
+(t_{j-1}, t_j] (t_0 = -inf: the first evaluation takes every training loss at or before it);
+with none there, the latest training loss at or before t_j; with none either, the evaluation is
+left out of the gap (it still counts for the validation minimum and GL).
+
+Non-finite values (our choice; §10 leaves it open): an evaluation whose validation loss is NaN
+or +-inf is left out of everything (minimum, GL, gap, and the alignment intervals, which run
+between the kept evaluations); non-finite training losses are left out of the T_j means. Both
+are counted in the notes, and non-finite validation losses also in the headline, since they
+usually mean the run diverged (see the spike detector, §9).
+
+Where T cannot be compared (no training loss at or after the validation minimum), a rise of
+validation loss above GL_alpha is called "overfitting", as §10 defines overfitting as
+validation loss getting worse, and a note says instability could not be ruled out.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+__all__ = ["AlignedEvals", "Overfitting", "align_train_to_evals", "smooth_gap", "analyze_overfitting"]
+
+
+@dataclass(frozen=True, slots=True)
+class AlignedEvals:
+    """One row per kept evaluation (finite validation loss), in step order (§10).
+
+    ``train_rule`` says how T_j was found: "mean" (interval mean), "latest" (latest earlier
+    training loss) or "" (none: gap left out, NaN).
+    """
+
+    eval_step: np.ndarray
+    val: np.ndarray
+    train: np.ndarray
+    gap: np.ndarray
+    gap_smooth: np.ndarray  # NaN where the gap is left out
+    gl: np.ndarray  # 100 * (V_j / min_{i<=j} V_i - 1)
+    train_rule: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class Overfitting:
+    """§10 result. Steps are logged step numbers; None where a step does not exist."""
+
+    verdict: str | None  # "overfitting" | "unstable" | "none"; None without (finite) evaluations
+    divergence_step: int | float | None
+    val_min_step: int | float | None
+    gl_step: int | float | None  # first t_j with GL > alpha
+    val_min: float
+    val_final: float
+    final_rise_pct: float  # GL at the last evaluation
+    max_rise_pct: float  # largest GL after the validation minimum (0 when it is the last evaluation)
+    spearman: float  # Spearman(t, G~) over j >= j* (NaN when not computed)
+    aligned: AlignedEvals
+    headline: str
+    notes: tuple[str, ...]
+
+
+def _sorted(steps: np.ndarray, values: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(steps)
+    v = np.asarray(values, dtype=np.float64)
+    if s.shape != v.shape or s.ndim != 1:
+        raise ValueError(f"{what} steps {s.shape} and values {v.shape} must be equal-length 1-D arrays")
+    if s.size > 1 and np.any(np.diff(s) < 0):
+        order = np.argsort(s, kind="stable")
+        s, v = s[order], v[order]
+    return s, v
+
+
+def align_train_to_evals(train_steps: np.ndarray, train_loss: np.ndarray,
+                         eval_steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """T_j for sorted evaluation steps by the §10 rule, from sorted finite training losses.
+
+    Returns T (NaN where left out) and the rule used per evaluation ("mean", "latest", "").
+    """
+    prev = np.concatenate(([-np.inf], eval_steps[:-1].astype(np.float64)))
+    lo = np.searchsorted(train_steps, prev, side="right")  # first training loss with step > t_{j-1}
+    hi = np.searchsorted(train_steps, eval_steps, side="right")  # one past the last with step <= t_j
+    csum = np.concatenate(([0.0], np.cumsum(train_loss)))
+    n = hi - lo
+    has_mean = n > 0
+    has_latest = ~has_mean & (hi > 0)
+    t = np.full(eval_steps.shape, np.nan)
+    t[has_mean] = (csum[hi[has_mean]] - csum[lo[has_mean]]) / n[has_mean]
+    t[has_latest] = train_loss[hi[has_latest] - 1]
+    rule = np.where(has_mean, "mean", np.where(has_latest, "latest", ""))
+    return t, rule
+
+
+def smooth_gap(gap: np.ndarray) -> np.ndarray:
+    """G~_j = median(G_{j-1}, G_j, G_{j+1}) inside, G~_j = G_j at the two ends (§10)."""
+    out = gap.astype(np.float64, copy=True)
+    if gap.size >= 3:
+        out[1:-1] = np.median(np.stack([gap[:-2], gap[1:-1], gap[2:]]), axis=0)
+    return out
+
+
+def _step(s: np.generic) -> int | float:
+    v = s.item()
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _divergence(t: np.ndarray, gs: np.ndarray, *, delta: float, min_spearman: float,
+                min_after: int) -> tuple[int | None, float, str]:
+    """Index j* of the last record low of the smoothed gap if the gap keeps widening after it."""
+    if gs.size == 0:
+        return None, math.nan, "no evaluation has a training loss to form a gap"
+    prior_min = np.concatenate(([np.inf], np.minimum.accumulate(gs)[:-1]))
+    j_star = int(np.flatnonzero(gs <= prior_min)[-1])
+    after = gs.size - 1 - j_star
+    if after < min_after:
+        return None, math.nan, (f"the gap does not widen consistently: its last record low is followed by "
+                                f"{after} evaluation(s), fewer than {min_after}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant input: rho is NaN, and fails the test below
+        rho = float(stats.spearmanr(t[j_star:], gs[j_star:]).statistic)
+    rise = gs[-1] - gs[j_star]
+    if not rho >= min_spearman:
+        return None, rho, f"the gap does not widen consistently (Spearman {rho:.2f} < {min_spearman:g})"
+    if not rise > delta:
+        return None, rho, f"the gap does not widen consistently (it grew {rise:.3f} nats, not more than {delta:g})"
+    return j_star, rho, ""
+
+
+def analyze_overfitting(train_steps: np.ndarray, train_loss: np.ndarray, eval_steps: np.ndarray,
+                        val_loss: np.ndarray, *, alpha: float = 5.0, delta: float = 0.05,
+                        min_spearman: float = 0.8, min_after: int = 3,
+                        train_kind: str = "logged training loss") -> Overfitting:
+    """Divergence step, validation minimum, GL_alpha step and verdict from a loss history (§10).
+
+    Args:
+        train_steps, train_loss: the training-loss series (any order; sorted here).
+        eval_steps, val_loss: one validation loss per evaluation.
+        alpha: GL threshold in percent (Prechelt's GL5). delta: minimum widening in nats.
+        min_spearman, min_after: the divergence test's rank correlation and evaluation count.
+        train_kind: which training loss T is (e.g. "eval-mode loss on a training subset"), for the notes.
+    """
+    ts, tl = _sorted(train_steps, train_loss, "train")
+    es, vl = _sorted(eval_steps, val_loss, "eval")
+    notes: list[str] = []
+    tfin = np.isfinite(tl)
+    if not tfin.all():
+        notes.append(f"{int((~tfin).sum())} non-finite training loss(es) left out of the train/val alignment")
+        ts, tl = ts[tfin], tl[tfin]
+    vfin = np.isfinite(vl)
+    bad_val = ""
+    if not vfin.all():
+        bad_val = (f"{int((~vfin).sum())} evaluation(s) with non-finite validation loss left out "
+                   f"(first at step {_step(es[~vfin][0])})")
+        notes.append(bad_val)
+        es, vl = es[vfin], vl[vfin]
+
+    train, rule = align_train_to_evals(ts, tl, es)
+    gap = vl - train
+    has_gap = np.isfinite(gap)
+    gs_sub = smooth_gap(gap[has_gap])
+    gap_smooth = np.full(gap.shape, np.nan)
+    gap_smooth[has_gap] = gs_sub
+    with np.errstate(divide="ignore", invalid="ignore"):
+        run_min = np.minimum.accumulate(vl) if vl.size else vl
+        gl = np.where(run_min > 0, 100.0 * (vl / run_min - 1.0), np.nan)
+    if np.any(run_min <= 0):
+        notes.append("GL is undefined where the best validation loss so far is <= 0")
+    aligned = AlignedEvals(es, vl, train, gap, gap_smooth, gl, rule)
+
+    if es.size == 0:
+        headline = "no validation loss: overfitting cannot be assessed" + (f" ({bad_val})" if bad_val else "")
+        return Overfitting(None, None, None, None, math.nan, math.nan, math.nan, math.nan, math.nan,
+                           aligned, headline, tuple(notes))
+
+    n_latest, n_none = int((rule == "latest").sum()), int((rule == "").sum())
+    align = f"training loss T ({train_kind}) at each evaluation: mean of the logged values with step in (t_j-1, t_j]"
+    if n_latest:
+        align += f"; {n_latest} evaluation(s) had none there and used the latest earlier value"
+    if n_none:
+        align += f"; {n_none} evaluation(s) with no training loss at or before them are left out of the gap"
+    notes.insert(0, align)
+
+    j_star, rho, why_not = _divergence(es[has_gap], gs_sub, delta=delta, min_spearman=min_spearman,
+                                       min_after=min_after)
+    divergence_step = None if j_star is None else _step(es[has_gap][j_star])
+    if why_not:
+        notes.append(why_not)
+
+    j_min = int(np.argmin(vl))  # first on ties
+    val_min, val_final = float(vl[j_min]), float(vl[-1])
+    fired = np.flatnonzero(gl > alpha)
+    gl_step = _step(es[fired[0]]) if fired.size else None
+    if fired.size and fired[0] < j_min:
+        notes.append(f"GL{alpha:g} first fired at step {gl_step}, before the validation minimum at step "
+                     f"{_step(es[j_min])}: the curve is noisy, GL is a stopping rule")
+    after = gl[j_min + 1:]
+    max_rise = float(np.nanmax(after)) if after.size and np.isfinite(after).any() else 0.0
+    rose = bool(np.any(after > alpha))
+
+    verdict = "none"
+    if rose:
+        defined = np.flatnonzero(np.isfinite(train[j_min:]))
+        if defined.size == 0 or j_min + defined[0] == train.size - 1:
+            verdict = "overfitting"
+            notes.append("no training loss to compare between the validation minimum and the last evaluation: "
+                         "validation loss got worse, but instability cannot be ruled out")
+        else:
+            verdict = "overfitting" if train[-1] < train[j_min + defined[0]] else "unstable"
+
+    headline = _headline(verdict, _step(es[j_min]), float(gl[-1]), max_rise, alpha, divergence_step)
+    if bad_val:
+        headline += f"; {bad_val}"
+    return Overfitting(verdict, divergence_step, _step(es[j_min]), gl_step, val_min, val_final, float(gl[-1]),
+                       max_rise, rho, aligned, headline, tuple(notes))
+
+
+def _headline(verdict: str, min_step: int | float, final_rise: float, max_rise: float, alpha: float,
+              divergence_step: int | float | None) -> str:
+    widen = "" if divergence_step is None else f"; the train/val gap has widened since step {divergence_step}"
+    if verdict == "none":
+        soft = "" if divergence_step is None else (
+            f" (the train/val gap has widened since step {divergence_step}: the model fits its training data "
+            "faster than it generalises)")
+        return "no overfitting: validation loss is at or near its best at the end" + soft
+    if final_rise > alpha:
+        rise = f"ended {final_rise:.0f}% above it"
+    else:
+        rise = f"rose up to {max_rise:.0f}% above it (ended {final_rise:.0f}% above)"
+    if verdict == "overfitting":
+        return f"overfitting: validation loss bottomed at step {min_step} and {rise}{widen}"
+    return (f"unstable: validation loss bottomed at step {min_step} and {rise} while training loss rose too "
+            f"(the run is diverging, not memorising){widen}")

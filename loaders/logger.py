@@ -1,0 +1,476 @@
+"""RunLogger: the in-loop half of trainaudit (run format v1, docs/run-format.md).
+
+Cheap and crash-safe by construction:
+- every per-step value stays a tensor on its own device; the global gradient norm is one
+  fused `torch._foreach_norm` reduction (formulas.md §2) and per-class Welford states are
+  `index_add_` scatters (§1, §8), so a step adds a few kernel launches and no host-device
+  sync;
+- values reach the host in bulk once every `flush_every` steps (one `torch.stack(...).tolist()`),
+  are appended to the logs with one `os.write` per file and made durable with `fsync`;
+- checkpoints are written to a temp file in the same folder, fsynced and `os.replace`d, so a
+  kill at any moment leaves either the old or the new file under a final name.
+
+Imports only the standard library, torch and safetensors (no pandas, scipy or seaborn).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loaders import runformat as fmt
+from loaders.errors import TrainauditError
+
+
+def _grads_of(model: torch.nn.Module | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    params = model.parameters() if isinstance(model, torch.nn.Module) else model
+    return [p.grad for p in params if p.grad is not None]
+
+
+def global_grad_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """sqrt(sum_p sum_i g_{p,i}^2) as a 0-d tensor on the grads' device (formulas.md §2).
+
+    One fused `_foreach_norm` plus one norm of the per-tensor norms: no `.item()`, no sync.
+    """
+    if not grads:
+        return torch.tensor(float("nan"))
+    norms = torch._foreach_norm([g.detach() for g in grads], 2.0)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
+
+
+def class_welford_state(per_example_loss: torch.Tensor, class_ids: torch.Tensor,
+                        n_classes: int) -> torch.Tensor:
+    """Per-class (count, sum, M2) of one batch as a (3, C) float64 tensor (formulas.md §1, §8).
+
+    One vectorised scatter per statistic; classes absent from the batch get count 0 and are
+    skipped downstream (§8: "skip the class when |B_c| = 0").
+    """
+    loss = per_example_loss.detach().reshape(-1).to(torch.float64)
+    ids = class_ids.detach().reshape(-1).to(device=loss.device, dtype=torch.long)
+    if ids.shape != loss.shape:
+        raise ValueError(f"class_ids shape {tuple(ids.shape)} != per_example_loss shape {tuple(loss.shape)}")
+    zeros = torch.zeros(n_classes, dtype=torch.float64, device=loss.device)
+    count = zeros.index_add(0, ids, torch.ones_like(loss))
+    total = zeros.index_add(0, ids, loss)
+    mean = total / count.clamp_min(1.0)
+    m2 = zeros.index_add(0, ids, (loss - mean[ids]) ** 2)
+    return torch.stack([count, total, m2])
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _reduce_class_state(state: torch.Tensor) -> torch.Tensor:
+    """Combine (count, sum, M2) over ranks exactly: M2 is re-centred on the global mean."""
+    count_sum = state[:2].clone()
+    torch.distributed.all_reduce(count_sum)
+    return torch.stack([count_sum[0], count_sum[1], _m2_about_global_mean(state, count_sum)])
+
+
+def _m2_about_global_mean(state: torch.Tensor, count_sum: torch.Tensor) -> torch.Tensor:
+    # sum over ranks of [M2_r + n_r (mu_r - mu)^2] = total squared deviation about the global mean
+    n, s, m2 = state
+    mu_r = s / n.clamp_min(1.0)
+    mu = count_sum[1] / count_sum[0].clamp_min(1.0)
+    local = m2 + n * (mu_r - mu) ** 2
+    torch.distributed.all_reduce(local)
+    return local
+
+
+def _library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("safetensors", "numpy"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            versions[name] = getattr(mod, "__version__", "?")
+    return versions
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same folder, fsync and os.replace."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return ""
+    return repr(float(x))  # repr round-trips float64 exactly; nan/inf stay readable tokens
+
+
+class RunLogger:
+    """Append a training run to a run directory (format v1).
+
+    Example:
+        with RunLogger("runs/x", config={...}, class_names=["regular", "irregular"]) as log:
+            loss.backward()
+            log.log_step(step, loss=loss, model=model, lr=lr)
+            log.log_class_losses(step, per_example_loss, class_ids)
+            if step % 50 == 0: log.log_eval(step, split="val", loss=val_loss, class_losses={...})
+            if step % 100 == 0: log.save_checkpoint(step, model)
+
+    Args:
+        path: the run directory (created; an existing run is appended to: a resumed run).
+        config: free-form hyperparameters (JSON-serialisable) stored in run.json.
+        class_names: names of the example classes, in class-id order (formulas.md §8).
+        flush_every: steps between bulk host transfers + fsync (and at close). A kill -9
+            loses at most this window.
+        model: {"name": built-in model name, "config": {...}} so the offline analysis can
+            rebuild the model; never a path to code.
+        rank/world_size: default from torch.distributed; only rank 0 writes (`write_all_ranks`).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        config: Mapping[str, Any] | None = None,
+        class_names: Sequence[str] = (),
+        flush_every: int = 50,
+        *,
+        run_name: str | None = None,
+        model: Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        eval_settings: Mapping[str, Any] | None = None,
+        fsync: bool = True,
+        write_all_ranks: bool = False,
+    ) -> None:
+        if flush_every < 1:
+            raise ValueError("flush_every must be >= 1")
+        self.path = Path(path)
+        self.class_names = [str(c) for c in class_names]
+        self.flush_every = int(flush_every)
+        self._fsync = fsync
+        self.rank, self.world_size = _dist_info()
+        self.writes = write_all_ranks or self.rank == 0
+        self._pending_steps: list[int] = []
+        self._pending_values: list[torch.Tensor] = []   # (2,) loss, grad_norm per step
+        self._pending_lr: list[float | None] = []
+        self._pending_wall: list[float] = []
+        self._pending_class: list[tuple[int, torch.Tensor]] = []  # (step, (3, C))
+        self._since_flush = 0
+        self._closed = False
+        self._fds: dict[str, int] = {}
+        if not self.writes:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / fmt.CHECKPOINT_DIR).mkdir(exist_ok=True)
+        self._clean_stale_temp_files()
+        meta_path = self.path / fmt.META_FILE
+        self.resumed = meta_path.exists()
+        if not self.resumed:
+            meta = {
+                "format_version": fmt.FORMAT_VERSION,
+                "run_name": run_name or self.path.resolve().name,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "model": dict(model) if model else None,
+                "class_names": self.class_names,
+                "eval_settings": dict(eval_settings or {}),
+                "seed": seed,
+                "world_size": self.world_size,
+                "flush_every": self.flush_every,
+                "library_versions": _library_versions(),
+                "config": dict(config or {}),
+            }
+            write_atomic(meta_path, json.dumps(meta, indent=2, default=str).encode())
+        self._fds["train"] = self._open_append(fmt.TRAIN_FILE, ",".join(fmt.TRAIN_COLUMNS))
+        self._fds["class"] = self._open_append(fmt.CLASS_FILE, ",".join(fmt.CLASS_COLUMNS))
+        self._fds["eval"] = self._open_append(fmt.EVAL_FILE, None)
+        self._fds["events"] = self._open_append(fmt.EVENTS_FILE, None)
+        self._event("open", resumed=self.resumed, pid=os.getpid())
+
+    # ------------------------------------------------------------------ files
+    def _open_append(self, name: str, header: str | None) -> int:
+        p = self.path / name
+        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(fd).st_size
+        if size == 0 and header is not None:
+            os.write(fd, (header + "\n").encode())
+        elif size > 0:
+            # A torn last line from a killed process must not glue onto our first record.
+            with open(p, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    os.write(fd, b"\n")
+        return fd
+
+    def _append(self, key: str, text: str) -> None:
+        fd = self._fds[key]
+        data = memoryview(text.encode())
+        while data:
+            data = data[os.write(fd, data):]
+
+    def _sync(self, *keys: str) -> None:
+        if self._fsync:
+            for k in keys:
+                os.fsync(self._fds[k])
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        if not self.writes:
+            return
+        rec = {"event": kind, "time": time.time(), **fields}
+        self._append("events", json.dumps(rec, default=str) + "\n")
+        self._sync("events")
+
+    def _clean_stale_temp_files(self) -> None:
+        for folder in (self.path, self.path / fmt.CHECKPOINT_DIR):
+            for p in folder.glob(".*.tmp-*"):
+                p.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ logging
+    def log_step(
+        self,
+        step: int,
+        loss: torch.Tensor | float,
+        model: torch.nn.Module | Iterable[torch.Tensor] | None = None,
+        lr: float | None = None,
+        *,
+        grad_norm: torch.Tensor | float | None = None,
+    ) -> None:
+        """Record one optimizer step: raw loss, global grad norm (from `model`'s grads), lr.
+
+        Call after `loss.backward()` (and before `zero_grad`). No host sync happens here.
+        """
+        self._check_open()
+        loss_t = loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        if grad_norm is None:
+            gn = global_grad_norm(_grads_of(model)) if model is not None else torch.tensor(float("nan"))
+        else:
+            gn = grad_norm.detach().reshape(()) if isinstance(grad_norm, torch.Tensor) else torch.tensor(float(grad_norm))
+        gn = gn.to(loss_t.device)
+        self._pending_steps.append(int(step))
+        self._pending_values.append(torch.stack([loss_t.to(torch.float64), gn.to(torch.float64)]))
+        self._pending_lr.append(None if lr is None else float(lr))
+        self._pending_wall.append(time.time())
+        self._since_flush += 1
+        if self._since_flush >= self.flush_every:
+            self.flush()
+
+    def log_class_losses(self, step: int, per_example_loss: torch.Tensor, class_ids: torch.Tensor) -> None:
+        """Record the per-class Welford state (count, sum, M2) of this step's batch (§8).
+
+        Under torch.distributed every rank must call it: states are all-reduced first, so the
+        sums and counts cover every rank's examples.
+        """
+        self._check_open()
+        if not self.class_names:
+            raise ValueError("log_class_losses needs class_names given to RunLogger")
+        state = class_welford_state(per_example_loss, class_ids, len(self.class_names))
+        if self.world_size > 1:
+            state = _reduce_class_state(state)
+        self._pending_class.append((int(step), state))
+
+    def log_eval(
+        self,
+        step: int,
+        split: str = "val",
+        loss: torch.Tensor | float | None = None,
+        class_losses: Mapping[str, Any] | None = None,
+        *,
+        per_example_loss: torch.Tensor | None = None,
+        class_ids: torch.Tensor | None = None,
+        n_tokens: int | None = None,
+    ) -> None:
+        """Record one evaluation: token-weighted loss (§7) and per-class losses with counts (§8).
+
+        `class_losses` maps class name to a mean loss, a (mean, count) pair, or a tensor of
+        per-example losses; alternatively pass `per_example_loss` and `class_ids`.
+        Evaluations are rare, so the record is written and fsynced at once.
+        """
+        self._check_open()
+        classes: dict[str, dict[str, float]] = {}
+        if per_example_loss is not None and class_ids is not None:
+            state = class_welford_state(per_example_loss, class_ids, len(self.class_names))
+            if self.world_size > 1:
+                state = _reduce_class_state(state)
+            count, total, m2 = state.cpu().tolist()
+            for i, name in enumerate(self.class_names):
+                if count[i] > 0:
+                    classes[name] = {"count": int(count[i]), "loss_sum": total[i], "loss_m2": m2[i]}
+        for name, value in (class_losses or {}).items():
+            classes[str(name)] = self._class_entry(value)
+        if not self.writes:
+            return
+        rec = {"step": int(step), "split": str(split),
+               "loss": None if loss is None else float(loss.detach() if isinstance(loss, torch.Tensor) else loss),
+               "n_tokens": n_tokens, "classes": classes, "wall_time": time.time()}
+        self._append("eval", json.dumps(rec) + "\n")
+        self._sync("eval")
+
+    @staticmethod
+    def _class_entry(value: Any) -> dict[str, float]:
+        if isinstance(value, torch.Tensor) and value.numel() > 1:
+            v = value.detach().double().reshape(-1)
+            mean = v.mean()
+            return {"count": int(v.numel()), "loss_sum": float(v.sum()), "loss_m2": float(((v - mean) ** 2).sum())}
+        if isinstance(value, (tuple, list)) and len(value) == 2:
+            mean, count = float(value[0]), int(value[1])
+            return {"count": count, "loss_sum": mean * count, "loss_m2": math.nan}
+        return {"count": 1, "loss_sum": float(value), "loss_m2": math.nan}
+
+    def mark_resume(self, step: int) -> None:
+        """Say the run restarts from `step` (e.g. after loading checkpoint `step`)."""
+        self._event("resume", step=int(step))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int, model: torch.nn.Module | Mapping[str, torch.Tensor],
+                        metadata: Mapping[str, str] | None = None) -> Path | None:
+        """Save the weights as checkpoints/step_XXXXXXXX.safetensors, atomically.
+
+        Tied weights (one storage under several names) are stored once; the other names are
+        listed in the header metadata ("tied"). Returns the path (None on non-writing ranks).
+        """
+        self._check_open()
+        if not self.writes:
+            return None
+        from safetensors.torch import save_file
+
+        state = model.state_dict() if isinstance(model, torch.nn.Module) else dict(model)
+        tensors: dict[str, torch.Tensor] = {}
+        seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+        tied: list[list[str]] = []
+        for name, t in state.items():
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            if t.numel() > 0 and key in seen:
+                tied.append([seen[key], name])
+                continue
+            seen[key] = name
+            tensors[name] = t.detach().to("cpu").contiguous().clone()
+        meta = {"step": str(int(step)), "format_version": str(fmt.FORMAT_VERSION),
+                "tied": json.dumps(tied)}
+        if metadata:
+            meta.update({str(k): str(v) for k, v in metadata.items()})
+        folder = self.path / fmt.CHECKPOINT_DIR
+        final = folder / fmt.CHECKPOINT_PATTERN.format(step=int(step))
+        tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(folder)
+        self._event("checkpoint", step=int(step), file=final.name)
+        return final
+
+    def save_eval_set(self, **tensors: torch.Tensor) -> None:
+        """Store the evaluation set (e.g. input_ids, target_mask, class_ids) for offline re-runs."""
+        self._check_open()
+        if not self.writes:
+            return
+        from safetensors.torch import save
+
+        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                    metadata={"class_names": json.dumps(self.class_names)})
+        write_atomic(self.path / fmt.EVAL_SET_FILE, data)
+
+    # ------------------------------------------------------------------ flushing
+    def flush(self) -> None:
+        """Move pending values to the host in one transfer, append them and fsync."""
+        self._since_flush = 0
+        if not self._pending_steps and not self._pending_class:
+            return
+        train_lines = ""
+        if self._pending_steps:
+            values = torch.stack(self._pending_values).cpu().tolist()  # the one host sync per window
+            train_lines = "".join(
+                f"{s},{_fmt(v[0])},{_fmt(v[1])},{_fmt(lr)},{wall:.6f}\n"
+                for s, v, lr, wall in zip(self._pending_steps, values, self._pending_lr, self._pending_wall)
+            )
+        class_lines = ""
+        if self._pending_class:
+            states = torch.stack([s for _, s in self._pending_class]).cpu().tolist()  # (K, 3, C)
+            rows = []
+            for (step, _), (count, total, m2) in zip(self._pending_class, states):
+                rows.extend(f"{step},{_csv_name(name)},{int(count[i])},{_fmt(total[i])},{_fmt(m2[i])}\n"
+                            for i, name in enumerate(self.class_names) if count[i] > 0)
+            class_lines = "".join(rows)
+        self._pending_steps, self._pending_values, self._pending_lr, self._pending_wall = [], [], [], []
+        self._pending_class = []
+        if not self.writes:
+            return
+        if class_lines:
+            self._append("class", class_lines)
+            self._sync("class")
+        if train_lines:
+            self._append("train", train_lines)
+            self._sync("train")
+
+    def close(self) -> None:
+        """Flush everything and close the files. Safe to call twice."""
+        if self._closed:
+            return
+        self.flush()
+        self._event("close")
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TrainauditError(self.path, "RunLogger is closed")
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # best effort: a logger dropped without close still flushes
+        try:
+            if not self._closed and self._fds:
+                self.close()
+        except Exception:
+            pass
+
+
+def _csv_name(name: str) -> str:
+    """Quote a class name for CSV when it needs it (commas, quotes, newlines)."""
+    if any(c in name for c in ',"\n\r'):
+        return '"' + name.replace('"', '""') + '"'
+    return name

@@ -1,0 +1,83 @@
+"""The in-memory run every loader produces: metadata, long tables and checkpoint references.
+
+Every reader (our run directory, Hugging Face Trainer, Lightning, TensorBoard, nanoGPT, llm.c,
+plain loss logs, bare checkpoints) turns its source into this one shape, so the analysis
+never needs to know where a run came from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from loaders.errors import DataWarnings
+
+# Column vocabularies of the Run tables (long / tidy: one row per step x key).
+SCALAR_COLUMNS = ("step", "series", "value")          # training series: loss, grad_norm, lr, wall_time
+EVAL_COLUMNS = ("step", "series", "loss")             # one row per evaluation x validation series
+CLASS_LOSS_COLUMNS = ("step", "cls", "count", "loss_sum", "loss_m2")
+EVAL_CLASS_LOSS_COLUMNS = ("step", "series", "cls", "count", "loss_sum", "loss_m2")
+
+
+def empty_table(columns: tuple[str, ...]) -> pd.DataFrame:
+    """An empty frame with the right columns and dtypes (step int64, names str, rest float64)."""
+    dtypes = {c: ("int64" if c in ("step", "count") else "object" if c in ("series", "cls") else "float64")
+              for c in columns}
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()})
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRef:
+    """One checkpoint on disk. ``kind``: safetensors | torch | hf-dir | sharded-safetensors."""
+
+    step: int
+    path: Path
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A built-in model named by the run (never a path to code) and its config."""
+
+    name: str
+    config: dict[str, Any]
+
+
+@dataclass
+class Run:
+    """A loaded training run. Tables are long; steps are int64; losses in nats.
+
+    scalars:            step, series, value     (series: loss, grad_norm, lr, wall_time, ...)
+    evals:              step, series, loss      (series: the validation set's name, e.g. "val")
+    class_losses:       step, cls, count, loss_sum, loss_m2   (training; Welford state per step)
+    eval_class_losses:  step, series, cls, count, loss_sum, loss_m2
+    """
+
+    path: Path
+    name: str
+    source_format: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    scalars: pd.DataFrame = field(default_factory=lambda: empty_table(SCALAR_COLUMNS))
+    evals: pd.DataFrame = field(default_factory=lambda: empty_table(EVAL_COLUMNS))
+    class_losses: pd.DataFrame = field(default_factory=lambda: empty_table(CLASS_LOSS_COLUMNS))
+    eval_class_losses: pd.DataFrame = field(default_factory=lambda: empty_table(EVAL_CLASS_LOSS_COLUMNS))
+    checkpoints: list[CheckpointRef] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+    model: ModelSpec | None = None
+    eval_set_path: Path | None = None
+    # series name -> number of raw steps each logged value averages (HF Trainer `loss`).
+    window_averaged: dict[str, int] = field(default_factory=dict)
+    warnings: DataWarnings = field(default_factory=DataWarnings)
+    notes: list[str] = field(default_factory=list)
+
+    def series(self, name: str) -> pd.DataFrame:
+        """One training series as a (step, value) frame sorted by step."""
+        s = self.scalars[self.scalars["series"] == name]
+        return s[["step", "value"]].sort_values("step", kind="stable").reset_index(drop=True)
+
+    @property
+    def steps_logged(self) -> int:
+        """Number of distinct training steps with any scalar logged."""
+        return int(self.scalars["step"].nunique())

@@ -1,0 +1,457 @@
+"""Safe file access for untrusted runs: regular files only, bounded reads, streamed lines.
+
+Every reader in ``loaders/`` opens user files through this module (bad-inputs.md rows A12-A14,
+D1-D14):
+
+* ``open_regular`` refuses symlinks that leave the run folder, FIFOs, devices, sockets and
+  directories by raising ``TrainauditError`` (callers that scan a folder turn it into a warning
+  and skip the file). The type is checked with ``lstat``/``stat`` before ``open`` and again with
+  ``fstat`` after an ``O_NONBLOCK`` open, so a FIFO can never block and a file swapped between
+  the two checks is still refused.
+* ``read_bounded`` and ``iter_lines`` read at most the size seen at open (``st_size`` snapshot),
+  so ``/dev/zero`` or a log still being appended to cannot make a read run forever or change the
+  result.
+* ``iter_lines`` streams one line at a time with a length cap, handles a UTF-8 BOM, CRLF, NUL
+  padding and a torn final line, and reports each repair in ``DataWarnings``.
+* ``resolve_rewinds`` applies the resume policy ("later wins") shared by every log reader.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pandas as pd
+
+from loaders.errors import DataWarnings, TrainauditError
+
+__all__ = [
+    "MAX_LINE",
+    "check_regular",
+    "open_regular",
+    "read_bounded",
+    "iter_lines",
+    "iter_line_batches",
+    "parse_json_line",
+    "coerce_steps",
+    "resolve_rewinds",
+]
+
+MAX_LINE = 1 << 20          # longest accepted log line (bytes); longer lines are skipped
+_CHUNK = 1 << 20            # read size of the line streamer
+_MAX_REWIND_WARNINGS = 20   # further rewinds are summarised in one warning
+_INT64_MAX = 2**63 - 1
+
+
+def _human(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n} bytes"
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def check_regular(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> os.stat_result:
+    """Stat ``path`` without opening it; raise ``TrainauditError`` unless it is a safe regular file.
+
+    Refused: a missing file, a symlink (or ``..`` path) that resolves outside ``root``, anything
+    that is not a regular file after following links (FIFO, device, socket, directory).
+    Returns the ``stat`` of the target.
+    """
+    p = Path(path)
+    try:
+        lst = os.lstat(p)
+    except FileNotFoundError:
+        raise TrainauditError(p, "file not found") from None
+    except PermissionError:
+        raise TrainauditError(p, "permission denied") from None
+    except OSError as e:
+        raise TrainauditError(p, f"cannot stat ({e.strerror or e})") from None
+    if root is not None:
+        real_root = Path(os.path.realpath(root))
+        real = Path(os.path.realpath(p))
+        if not _inside(real, real_root):
+            what = "symlink leaves run dir" if stat.S_ISLNK(lst.st_mode) else "path leaves run dir"
+            raise TrainauditError(p, f"{what}; skipped")
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise TrainauditError(p, "dangling symlink; skipped") from None
+    except PermissionError:
+        raise TrainauditError(p, "permission denied") from None
+    except OSError as e:
+        raise TrainauditError(p, f"cannot stat ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a file")
+        raise TrainauditError(p, f"not a regular file ({kind}); skipped")
+    return st
+
+
+def open_regular(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> BinaryIO:
+    """Open a regular file for binary reading, or raise ``TrainauditError`` (never blocks).
+
+    Policy (documented choice): refusal is an exception, not ``None``; a folder scanner catches
+    it and records ``"<path>: symlink leaves run dir; skipped"`` / ``"not a regular file"`` as a
+    warning. The returned file's ``st_size`` at open is available as ``f.snapshot_size``.
+    """
+    p = Path(path)
+    before = check_regular(p, root)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(p, flags)
+    except PermissionError:
+        raise TrainauditError(p, "permission denied") from None
+    except OSError as e:
+        raise TrainauditError(p, f"cannot open ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_ino, st.st_dev) != (before.st_ino, before.st_dev):
+            raise TrainauditError(p, "file changed while being opened; skipped")
+        f = os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+    f = io.BufferedReader(f, buffer_size=1 << 16)  # type: ignore[arg-type]
+    f.snapshot_size = st.st_size  # type: ignore[attr-defined]
+    return f  # type: ignore[return-value]
+
+
+def read_bounded(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None,
+                 max_bytes: int | None = None) -> bytes:
+    """Whole contents of a regular file, at most its size at open (and at most ``max_bytes``).
+
+    A file larger than ``max_bytes`` raises ``TrainauditError`` instead of being read.
+    """
+    with open_regular(path, root) as f:
+        size = f.snapshot_size  # type: ignore[attr-defined]
+        if max_bytes is not None and size > max_bytes:
+            raise TrainauditError(path, f"file too large ({size} bytes; limit {max_bytes})")
+        chunks: list[bytes] = []
+        left = size
+        while left > 0:
+            b = f.read(min(left, 1 << 24))
+            if not b:
+                break  # the file shrank after the snapshot: keep what is there
+            chunks.append(b)
+            left -= len(b)
+    return b"".join(chunks)
+
+
+def _decode(raw: bytes, lineno: int, path: Path, warnings: DataWarnings, state: dict[str, Any]) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        if not state.get("bad_utf8"):
+            warnings.add(path, "invalid UTF-8 bytes replaced", line=lineno)
+        state["bad_utf8"] = True
+        return raw.decode("utf-8", errors="replace")
+
+
+def iter_line_batches(path: str | os.PathLike[str], warnings: DataWarnings, *,
+                      root: str | os.PathLike[str] | None = None, max_line: int = MAX_LINE,
+                      keep_unterminated: bool = False) -> Iterator[tuple[int, list[str]]]:
+    """Stream a text file as batches of lines: ``(first_line_number, [line, ...])``.
+
+    Lines are numbered from 1 and a batch holds consecutive lines only (a skipped line starts a
+    new batch). See ``iter_lines`` for the repairs; this form saves a Python call per line.
+    """
+    p = Path(path)
+    state: dict[str, Any] = {}
+    with open_regular(p, root) as f:
+        left = f.snapshot_size  # type: ignore[attr-defined]
+        carry = b""            # partial line so far
+        skipping = False       # inside an overlong line
+        lineno = 0             # number of the last completed line
+        first = True
+        nul_lines: list[int] = []
+        while left > 0:
+            data = f.read(min(_CHUNK, left))
+            if not data:
+                break
+            left -= len(data)
+            if first:
+                if data.startswith(b"\xef\xbb\xbf"):
+                    data = data[3:]
+                first = False
+            parts = data.split(b"\n")
+            tail = parts.pop()  # bytes after the last newline of this chunk (maybe empty)
+            out: list[str] = []
+            start = lineno + 1
+            for i, part in enumerate(parts):
+                lineno += 1
+                if i == 0:
+                    if skipping or len(carry) + len(part) > max_line:
+                        skipping = False
+                        carry = b""
+                        if out:
+                            yield start, out
+                        out = []
+                        start = lineno + 1
+                        warnings.add(p, f"line {lineno} exceeds {_human(max_line)}, skipped")
+                        continue
+                    part = carry + part
+                    carry = b""
+                elif len(part) > max_line:
+                    if out:
+                        yield start, out
+                    out = []
+                    start = lineno + 1
+                    warnings.add(p, f"line {lineno} exceeds {_human(max_line)}, skipped")
+                    continue
+                if part.endswith(b"\r"):
+                    part = part[:-1]
+                if b"\x00" in part:
+                    nul_lines.append(lineno)
+                    part = part.replace(b"\x00", b"")
+                    if not part:
+                        if out:
+                            yield start, out
+                        out = []
+                        start = lineno + 1
+                        continue
+                out.append(_decode(part, lineno, p, warnings, state))
+            if out:
+                yield start, out
+            # The tail continues into the next chunk.
+            if parts:  # a newline was seen: the previous carry was consumed
+                carry = b""
+            if skipping:
+                continue
+            if len(carry) + len(tail) > max_line:
+                skipping = True
+                carry = b""
+            else:
+                carry += tail
+        if nul_lines:
+            span = f"{nul_lines[0]}" if len(nul_lines) == 1 else f"{nul_lines[0]}-{nul_lines[-1]}"
+            warnings.add(p, f"NUL bytes ignored (line{'s' if len(nul_lines) > 1 else ''} {span})")
+        if skipping:
+            warnings.add(p, f"line {lineno + 1} exceeds {_human(max_line)}, skipped")
+        elif carry:
+            lineno += 1
+            if carry.endswith(b"\r"):
+                carry = carry[:-1]
+            body = carry.replace(b"\x00", b"")
+            if not body.strip():
+                if b"\x00" in carry:
+                    warnings.add(p, "NUL bytes at end of file ignored", line=lineno)
+            elif keep_unterminated:
+                yield lineno, [_decode(body, lineno, p, warnings, state)]
+            else:
+                warnings.add(p, "incomplete final line ignored", line=lineno)
+
+
+def iter_lines(path: str | os.PathLike[str], warnings: DataWarnings, *,
+               root: str | os.PathLike[str] | None = None, max_line: int = MAX_LINE,
+               keep_unterminated: bool = False) -> Iterator[tuple[int, str]]:
+    """Stream ``(line_number, text)`` pairs of a text log with bounded memory.
+
+    Repairs, each reported in ``warnings``: a line longer than ``max_line`` bytes is skipped
+    ("line N exceeds 1 MiB, skipped"); a UTF-8 BOM and CR of CRLF are removed; NUL bytes
+    (preallocated or torn tails) are dropped; a final line without newline is ignored
+    ("<file>:<N>: incomplete final line ignored") unless ``keep_unterminated``. Only the bytes
+    present at open are read (a concurrent writer cannot change the result). Empty lines are
+    yielded as "" so callers can count them.
+    """
+    for start, lines in iter_line_batches(path, warnings, root=root, max_line=max_line,
+                                          keep_unterminated=keep_unterminated):
+        yield from enumerate(lines, start)
+
+
+class _DupKeys:
+    """``object_pairs_hook`` that records duplicate keys (Python keeps the last silently)."""
+
+    __slots__ = ("dups",)
+
+    def __init__(self) -> None:
+        self.dups: list[str] = []
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        d = dict(pairs)
+        if len(d) != len(pairs):
+            seen: set[str] = set()
+            for k, _ in pairs:
+                if k in seen:
+                    self.dups.append(k)
+                seen.add(k)
+        return d
+
+
+def parse_json_line(text: str, warnings: DataWarnings, path: str | os.PathLike[str],
+                    lineno: int | None) -> dict[str, Any] | None:
+    """Parse one JSONL record; ``None`` (with a warning naming file and line) if unusable.
+
+    ``NaN``, ``Infinity`` and ``-Infinity`` tokens are accepted (Python's json and Transformers
+    write them); duplicate keys keep the last value and are warned about.
+    """
+    hook = _DupKeys()
+    try:
+        obj = json.loads(text, object_pairs_hook=hook)
+    except json.JSONDecodeError as e:
+        warnings.add(path, f"not valid JSON ({e.msg} at column {e.colno}), skipped", line=lineno)
+        return None
+    except (ValueError, RecursionError) as e:
+        warnings.add(path, f"not valid JSON ({type(e).__name__}), skipped", line=lineno)
+        return None
+    if not isinstance(obj, dict):
+        warnings.add(path, f"not a JSON object ({type(obj).__name__}), skipped", line=lineno)
+        return None
+    if hook.dups:
+        names = ", ".join(sorted(set(hook.dups)))
+        warnings.add(path, f"duplicate keys {names} (last value kept)", line=lineno)
+    return obj
+
+
+def _coerce_one(v: Any) -> tuple[int | None, str | None]:
+    """One step value -> (int, None) or (None, reason)."""
+    if isinstance(v, bool) or v is None:
+        return None, "non-numeric"
+    if isinstance(v, (int, np.integer)):
+        v = int(v)
+    elif isinstance(v, (float, np.floating)):
+        if math.isnan(v):
+            return None, "non-numeric"
+        if math.isinf(v) or abs(v) > _INT64_MAX:
+            return None, "out of range"
+        if not float(v).is_integer():
+            return None, "non-integer"
+        v = int(v)
+    elif isinstance(v, str):
+        s = v.strip()
+        try:
+            v = int(s)
+        except ValueError:
+            try:
+                f = float(s)
+            except ValueError:
+                return None, "non-numeric"
+            return _coerce_one(f)
+    else:
+        return None, "non-numeric"
+    if v > _INT64_MAX or v < -_INT64_MAX - 1:
+        return None, "out of range"
+    if v < 0:
+        return None, "negative"
+    return v, None
+
+
+_REASONS = {
+    "non-numeric": "with a missing or non-numeric step skipped",
+    "non-integer": "with a non-integer step skipped",
+    "out of range": "with step out of range (beyond int64) skipped",
+    "negative": "with a negative step dropped",
+}
+
+
+def coerce_steps(values: Any, path: str | os.PathLike[str], warnings: DataWarnings) -> tuple[np.ndarray, np.ndarray]:
+    """Steps as int64 plus a keep mask; bad steps are counted into one warning per kind.
+
+    Accepted: integers and integer-valued floats or strings ("2", 3.0) in 0..2^63-1. Dropped
+    with a warning: missing/non-numeric, non-integer (2.5), negative, beyond int64 (D5, D7, D8).
+    """
+    arr = np.asarray(values)
+    n = arr.shape[0]
+    if arr.dtype.kind in "iu":
+        if arr.dtype.kind == "u":
+            big = arr > _INT64_MAX
+            steps = np.where(big, 0, arr).astype(np.int64)
+            keep = ~big
+            reasons = {"out of range": int(big.sum())}
+        else:
+            steps = arr.astype(np.int64)
+            keep = steps >= 0
+            reasons = {"negative": int((~keep).sum())}
+    elif arr.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            finite = np.isfinite(arr)
+            inrange = finite & (np.abs(np.where(finite, arr, 0.0)) <= float(_INT64_MAX) * (1 - 1e-15))
+            whole = inrange & (np.floor(np.where(inrange, arr, 0.0)) == np.where(inrange, arr, 0.0))
+            neg = whole & (arr < 0)
+        steps = np.where(whole, arr, 0.0).astype(np.int64)
+        keep = whole & ~neg
+        reasons = {"non-numeric": int(np.isnan(arr).sum()),
+                   "out of range": int((~np.isnan(arr) & ~inrange).sum()),
+                   "non-integer": int((inrange & ~whole).sum()), "negative": int(neg.sum())}
+    else:
+        steps = np.zeros(n, dtype=np.int64)
+        keep = np.zeros(n, dtype=bool)
+        reasons = {}
+        for i, v in enumerate(arr.tolist()):
+            s, why = _coerce_one(v)
+            if why is None:
+                steps[i] = s
+                keep[i] = True
+            else:
+                reasons[why] = reasons.get(why, 0) + 1
+    for why, count in reasons.items():
+        if count:
+            warnings.add(path, f"{count} row{'s' if count > 1 else ''} {_REASONS[why]}")
+    return steps, keep
+
+
+def _rewinds(steps: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Keep mask ("later wins") and (resume step, last overwritten step) per rewind."""
+    n = steps.shape[0]
+    if n == 0:
+        return np.ones(0, dtype=bool), []
+    # A row survives iff every later row has a larger step: the later timeline overwrites it.
+    later_min = np.empty(n, dtype=np.int64)
+    later_min[-1] = np.iinfo(np.int64).max
+    if n > 1:
+        later_min[:-1] = np.minimum.accumulate(steps[::-1])[::-1][1:]
+    keep = steps < later_min
+    run_max = np.maximum.accumulate(steps)
+    points = np.flatnonzero(steps[1:] <= run_max[:-1]) + 1
+    events = [(int(steps[p]), int(run_max[p - 1])) for p in points]
+    return keep, events
+
+
+def resolve_rewinds(df: pd.DataFrame, path: str | os.PathLike[str], warnings: DataWarnings, *,
+                    by: str | None = None, step_col: str = "step") -> pd.DataFrame:
+    """Apply the resume policy to a table in file order (bad-inputs.md D7, D8, D16).
+
+    Steps are coerced to int64 (``coerce_steps``). When a step goes back (a resumed run) or
+    repeats, the later timeline wins: earlier rows at steps >= the resume step are dropped and
+    one warning per resume says ``"resume at step 5 (overlap 5-9)"``. With ``by`` (e.g.
+    ``"series"``) the policy is applied within each group and identical warnings are merged.
+    Returns a new frame in file order with an int64 step column.
+    """
+    if df.empty:
+        out = df.copy()
+        out[step_col] = out[step_col].astype("int64") if out[step_col].dtype.kind in "iuf" else \
+            pd.Series(dtype="int64")
+        return out.reset_index(drop=True)
+    steps, ok = coerce_steps(df[step_col].to_numpy(), path, warnings)
+    df = df.loc[ok].copy()
+    df[step_col] = steps[ok]
+    s = df[step_col].to_numpy()
+    keep = np.ones(s.shape[0], dtype=bool)
+    events: list[tuple[int, int]] = []
+    if by is None:
+        keep, events = _rewinds(s)
+    else:
+        codes, _ = pd.factorize(df[by], use_na_sentinel=False)
+        for g in range(int(codes.max()) + 1 if codes.size else 0):
+            idx = np.flatnonzero(codes == g)
+            k, ev = _rewinds(s[idx])
+            keep[idx] = k
+            events.extend(e for e in ev if e not in events)
+        events.sort()
+    for a, b in events[:_MAX_REWIND_WARNINGS]:
+        warnings.add(path, f"resume at step {a} (overlap {a}-{b})" if a != b else
+                     f"resume at step {a} (overlap {a})")
+    if len(events) > _MAX_REWIND_WARNINGS:
+        warnings.add(path, f"{len(events) - _MAX_REWIND_WARNINGS} more resumes (later values kept)")
+    return df.loc[keep].reset_index(drop=True)
