@@ -31,8 +31,7 @@ from loaders import runformat as fmt
 from loaders.errors import TrainauditError
 
 
-def _grads_of(model: torch.nn.Module | Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    params = model.parameters() if isinstance(model, torch.nn.Module) else model
+def _grads_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [p.grad for p in params if p.grad is not None]
 
 
@@ -43,8 +42,10 @@ def global_grad_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """
     if not grads:
         return torch.tensor(float("nan"))
-    norms = torch._foreach_norm([g.detach() for g in grads], 2.0)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
+    norms = torch._foreach_norm(grads, 2.0)
+    if any(n.dtype != norms[0].dtype for n in norms):  # mixed precision: compare in float32
+        norms = [n.float() for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms), 2.0)
 
 
 def class_welford_state(per_example_loss: torch.Tensor, class_ids: torch.Tensor,
@@ -58,12 +59,11 @@ def class_welford_state(per_example_loss: torch.Tensor, class_ids: torch.Tensor,
     ids = class_ids.detach().reshape(-1).to(device=loss.device, dtype=torch.long)
     if ids.shape != loss.shape:
         raise ValueError(f"class_ids shape {tuple(ids.shape)} != per_example_loss shape {tuple(loss.shape)}")
-    zeros = torch.zeros(n_classes, dtype=torch.float64, device=loss.device)
-    count = zeros.index_add(0, ids, torch.ones_like(loss))
-    total = zeros.index_add(0, ids, loss)
-    mean = total / count.clamp_min(1.0)
-    m2 = zeros.index_add(0, ids, (loss - mean[ids]) ** 2)
-    return torch.stack([count, total, m2])
+    ones_loss = torch.stack([torch.ones_like(loss), loss], dim=1)                  # (B, 2)
+    count_total = torch.zeros(n_classes, 2, dtype=torch.float64, device=loss.device).index_add_(0, ids, ones_loss)
+    mean = count_total[:, 1] / count_total[:, 0].clamp_min(1.0)                     # (C,)
+    m2 = torch.zeros(n_classes, dtype=torch.float64, device=loss.device).index_add_(0, ids, (loss - mean[ids]) ** 2)
+    return torch.cat([count_total.T, m2[None]])                                      # (3, C)
 
 
 def _dist_info() -> tuple[int, int]:
@@ -181,7 +181,8 @@ class RunLogger:
         self.rank, self.world_size = _dist_info()
         self.writes = write_all_ranks or self.rank == 0
         self._pending_steps: list[int] = []
-        self._pending_values: list[torch.Tensor] = []   # (2,) loss, grad_norm per step
+        self._pending_values: list[torch.Tensor] = []   # loss, grad_norm, loss, grad_norm, ...
+        self._params: tuple[int, list[torch.Tensor]] = (0, [])  # (id(model), its parameters)
         self._pending_lr: list[float | None] = []
         self._pending_wall: list[float] = []
         self._pending_class: list[tuple[int, torch.Tensor]] = []  # (step, (3, C))
@@ -271,17 +272,25 @@ class RunLogger:
         self._check_open()
         loss_t = loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         if grad_norm is None:
-            gn = global_grad_norm(_grads_of(model)) if model is not None else torch.tensor(float("nan"))
+            gn = global_grad_norm(_grads_of(self._parameters(model))) if model is not None else torch.tensor(float("nan"))
         else:
             gn = grad_norm.detach().reshape(()) if isinstance(grad_norm, torch.Tensor) else torch.tensor(float(grad_norm))
         gn = gn.to(loss_t.device)
         self._pending_steps.append(int(step))
-        self._pending_values.append(torch.stack([loss_t.to(torch.float64), gn.to(torch.float64)]))
+        self._pending_values += (loss_t, gn)
         self._pending_lr.append(None if lr is None else float(lr))
         self._pending_wall.append(time.time())
         self._since_flush += 1
         if self._since_flush >= self.flush_every:
             self.flush()
+
+    def _parameters(self, model: torch.nn.Module | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        # Walking a module tree costs ~100 us per call: cache the parameter list per model.
+        if not isinstance(model, torch.nn.Module):
+            return list(model)
+        if self._params[0] != id(model):
+            self._params = (id(model), list(model.parameters()))
+        return self._params[1]
 
     def log_class_losses(self, step: int, per_example_loss: torch.Tensor, class_ids: torch.Tensor) -> None:
         """Record the per-class Welford state (count, sum, M2) of this step's batch (§8).
@@ -416,7 +425,8 @@ class RunLogger:
             return
         train_lines = ""
         if self._pending_steps:
-            values = torch.stack(self._pending_values).cpu().tolist()  # the one host sync per window
+            flat = torch.stack([v.to(torch.float64) for v in self._pending_values]).cpu().tolist()  # the one host sync per window
+            values = list(zip(flat[0::2], flat[1::2]))
             train_lines = "".join(
                 f"{s},{_fmt(v[0])},{_fmt(v[1])},{_fmt(lr)},{wall:.6f}\n"
                 for s, v, lr, wall in zip(self._pending_steps, values, self._pending_lr, self._pending_wall)
