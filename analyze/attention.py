@@ -169,9 +169,10 @@ class HeadStatsState:
         norm = ent / torch.log(nv.clamp(min=2).to(torch.float64))  # (B, H, Lq)
         sink = alpha[..., 0].detach().to(torch.float64)  # (B, H, Lq)
         q_pos = torch.arange(l_q, device=alpha.device) + (l_k - l_q)
-        offset = q_pos - alpha.detach().argmax(dim=-1)  # (B, H, Lq), in [-(Lk-1), Lk-1]
-        width = 2 * l_k - 1
-        flat = (torch.arange(h, device=alpha.device)[None, :, None] * width + offset + (l_k - 1))  # (B, H, Lq)
+        offset = q_pos - alpha.detach().argmax(dim=-1)  # (B, H, Lq), in [1-Lq, Lk-1]
+        half = max(l_q, l_k) - 1
+        width = 2 * half + 1
+        flat = torch.arange(h, device=alpha.device)[None, :, None] * width + offset + half  # (B, H, Lq)
         hist = torch.zeros(h * width, dtype=torch.int64, device=alpha.device)
         hist.scatter_add_(0, flat.reshape(-1), elig.reshape(-1).to(torch.int64))
         return HeadStatsState(

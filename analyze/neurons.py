@@ -155,7 +155,7 @@ def _far_negative_root(f, x_min: float, eps: float) -> float | None:
     the dip never reaches -eps."""
     if f(x_min) > -eps:
         return None
-    lo, hi = -60.0, x_min  # f(lo) > -eps >= f(hi)
+    lo, hi = -700.0, x_min  # f(lo) > -eps >= f(hi); exp(700) still fits a float
     for _ in range(100):
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if f(mid) > -eps else (lo, mid)

@@ -83,15 +83,16 @@ def align_train_to_evals(train_steps: np.ndarray, train_loss: np.ndarray,
 
     Returns T (NaN where left out) and the rule used per evaluation ("mean", "latest", "").
     """
-    prev = np.concatenate(([-np.inf], eval_steps[:-1].astype(np.float64)))
-    lo = np.searchsorted(train_steps, prev, side="right")  # first training loss with step > t_{j-1}
-    hi = np.searchsorted(train_steps, eval_steps, side="right")  # one past the last with step <= t_j
-    csum = np.concatenate(([0.0], np.cumsum(train_loss)))
-    n = hi - lo
+    m = eval_steps.size
+    # Training point i lies in (t_{j-1}, t_j] for j = the first evaluation with t_j >= its step.
+    seg = np.searchsorted(eval_steps, train_steps, side="left")  # m: after the last evaluation
+    n = np.bincount(seg, minlength=m + 1)[:m]
+    total = np.bincount(seg, weights=train_loss, minlength=m + 1)[:m]  # per-segment sums, no prefix-sum cancellation
+    hi = np.searchsorted(train_steps, eval_steps, side="right")  # one past the latest training loss <= t_j
     has_mean = n > 0
     has_latest = ~has_mean & (hi > 0)
-    t = np.full(eval_steps.shape, np.nan)
-    t[has_mean] = (csum[hi[has_mean]] - csum[lo[has_mean]]) / n[has_mean]
+    t = np.full(m, np.nan)
+    t[has_mean] = total[has_mean] / n[has_mean]
     t[has_latest] = train_loss[hi[has_latest] - 1]
     rule = np.where(has_mean, "mean", np.where(has_latest, "latest", ""))
     return t, rule
@@ -179,7 +180,8 @@ def analyze_overfitting(train_steps: np.ndarray, train_loss: np.ndarray, eval_st
                            aligned, headline, tuple(notes))
 
     n_latest, n_none = int((rule == "latest").sum()), int((rule == "").sum())
-    align = f"training loss T ({train_kind}) at each evaluation: mean of the logged values with step in (t_j-1, t_j]"
+    align = (f"training loss T ({train_kind}) at each evaluation: mean of the logged values with step in "
+             "(t_{j-1}, t_j]")
     if n_latest:
         align += f"; {n_latest} evaluation(s) had none there and used the latest earlier value"
     if n_none:

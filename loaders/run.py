@@ -59,7 +59,10 @@ class Run:
     name: str
     source_format: str
     meta: dict[str, Any] = field(default_factory=dict)
-    scalars: pd.DataFrame = field(default_factory=lambda: empty_table(SCALAR_COLUMNS))
+    # Training series, long (step, series, value). Big logs are kept wide instead (`train`:
+    # step + one column per series, 3-5x less memory) and `scalars` is derived on first use.
+    scalars: pd.DataFrame | None = None
+    train: pd.DataFrame | None = None
     evals: pd.DataFrame = field(default_factory=lambda: empty_table(EVAL_COLUMNS))
     class_losses: pd.DataFrame = field(default_factory=lambda: empty_table(CLASS_LOSS_COLUMNS))
     eval_class_losses: pd.DataFrame = field(default_factory=lambda: empty_table(EVAL_CLASS_LOSS_COLUMNS))
@@ -72,12 +75,38 @@ class Run:
     warnings: DataWarnings = field(default_factory=DataWarnings)
     notes: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.scalars is None and self.train is None:
+            self.scalars = empty_table(SCALAR_COLUMNS)
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "scalars" and object.__getattribute__(self, "scalars") is None:
+            wide = object.__getattribute__(self, "train")
+            long = wide.melt(id_vars="step", var_name="series", value_name="value")
+            long = long[long["value"].notna() | (long["series"] == "loss")].reset_index(drop=True)
+            object.__setattr__(self, "scalars", long)
+        return object.__getattribute__(self, name)
+
+    def series_names(self) -> list[str]:
+        """Names of the training series present (loss first when there is one)."""
+        if self.train is not None:
+            names = [c for c in self.train.columns if c != "step" and self.train[c].notna().any()]
+        else:
+            names = list(dict.fromkeys(self.scalars["series"].astype(str)))
+        return sorted(names, key=lambda n: (n != "loss", n))
+
     def series(self, name: str) -> pd.DataFrame:
-        """One training series as a (step, value) frame sorted by step."""
-        s = self.scalars[self.scalars["series"] == name]
-        return s[["step", "value"]].sort_values("step", kind="stable").reset_index(drop=True)
+        """One training series as a (step, value) frame sorted by step (empty when absent)."""
+        if self.train is not None and name in self.train.columns:
+            s = self.train[["step", name]].rename(columns={name: "value"})
+            s = s[s["value"].notna() | (name == "loss")]
+        else:
+            s = self.scalars[self.scalars["series"] == name][["step", "value"]]
+        return s.sort_values("step", kind="stable").reset_index(drop=True)
 
     @property
     def steps_logged(self) -> int:
         """Number of distinct training steps with any scalar logged."""
+        if self.train is not None:
+            return int(self.train["step"].nunique())
         return int(self.scalars["step"].nunique())

@@ -7,6 +7,7 @@ the latest timeline with the rewind reported.
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
@@ -96,6 +97,11 @@ def iter_line_chunks(path: Path, root: Path, warnings: DataWarnings) -> Iterator
             warnings.add(path, "incomplete final line ignored", line=line_no)
 
 
+def _float(v: str) -> float:
+    v = v.strip()
+    return math.nan if v in ("", "nan", "NaN") else float(v)
+
+
 def _parse_csv_chunk(body: bytes, columns: tuple[str, ...], numeric: tuple[str, ...],
                      path: Path, first_line: int, warnings: DataWarnings) -> pd.DataFrame:
     """Parse whole CSV lines; fast path with the C parser, per-line fallback on bad rows."""
@@ -108,21 +114,21 @@ def _parse_csv_chunk(body: bytes, columns: tuple[str, ...], numeric: tuple[str, 
     except (ValueError, pd.errors.ParserError):
         pass
     rows, bad = [], 0
-    for i, line in enumerate(body.decode("utf-8", errors="replace").split("\n")):
+    text = body.decode("utf-8", errors="replace").split("\n")
+    for i, line in enumerate(text):
         if not line.strip():
             continue
         try:
-            rec = next(iter(pd.read_csv(io.StringIO(line), header=None, names=list(columns),
-                                        dtype={c: "float64" for c in numeric}, keep_default_na=False,
-                                        na_values=["nan", "NaN", ""]).itertuples(index=False)))
-            if len(line.split(",")) < len(columns) or line.startswith(columns[0] + ","):
+            fields = next(csv.reader([line]))
+            if tuple(fields) == columns:      # a repeated header is not worth a warning
+                continue
+            if len(fields) != len(columns):
                 raise ValueError
-            rows.append(rec)
-        except (ValueError, StopIteration, pd.errors.ParserError):
-            if not line.startswith(",".join(columns)):  # a repeated header is not worth a warning
-                bad += 1
-                if bad <= 20:
-                    warnings.add(path, "malformed row skipped", line=first_line + i)
+            rows.append(tuple(_float(v) if c in numeric else v for c, v in zip(columns, fields)))
+        except (ValueError, csv.Error, StopIteration):
+            bad += 1
+            if bad <= 20:
+                warnings.add(path, "malformed row skipped", line=first_line + i)
     if bad > 20:
         warnings.add(path, f"{bad - 20} more malformed rows skipped")
     return pd.DataFrame(rows, columns=list(columns)).astype({c: "float64" for c in numeric})
@@ -307,9 +313,6 @@ def read_run_dir(path: str | os.PathLike[str]) -> Run:
         raise TrainauditError(meta_path, f"format_version {version} is newer than this trainaudit reads "
                                          f"({fmt.FORMAT_VERSION}); upgrade trainaudit")
     train = read_train_log(run_dir, warnings)
-    long = train.melt(id_vars="step", value_vars=["loss", "grad_norm", "lr", "wall_time"],
-                      var_name="series", value_name="value")
-    long = long[~(long["series"].isin(["lr", "wall_time"]) & long["value"].isna())]
     class_losses = _read_class_log(run_dir, warnings)
     evals, eval_classes = _read_eval_log(run_dir, warnings)
     notes = []
@@ -326,7 +329,7 @@ def read_run_dir(path: str | os.PathLike[str]) -> Run:
         name=str(meta.get("run_name") or run_dir.name),
         source_format="trainaudit",
         meta=meta,
-        scalars=long.reset_index(drop=True),
+        train=train,
         evals=evals,
         class_losses=class_losses,
         eval_class_losses=eval_classes,

@@ -293,9 +293,12 @@ def parse_json_line(text: str, warnings: DataWarnings, path: str | os.PathLike[s
                     lineno: int | None) -> dict[str, Any] | None:
     """Parse one JSONL record; ``None`` (with a warning naming file and line) if unusable.
 
+    A blank line gives ``None`` without a warning.
     ``NaN``, ``Infinity`` and ``-Infinity`` tokens are accepted (Python's json and Transformers
     write them); duplicate keys keep the last value and are warned about.
     """
+    if not text.strip():
+        return None
     hook = _DupKeys()
     try:
         obj = json.loads(text, object_pairs_hook=hook)
@@ -413,7 +416,7 @@ def _rewinds(steps: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
         later_min[:-1] = np.minimum.accumulate(steps[::-1])[::-1][1:]
     keep = steps < later_min
     run_max = np.maximum.accumulate(steps)
-    points = np.flatnonzero(steps[1:] <= run_max[:-1]) + 1
+    points = np.flatnonzero(steps[1:] <= steps[:-1]) + 1  # the step goes back or repeats
     events = [(int(steps[p]), int(run_max[p - 1])) for p in points]
     return keep, events
 

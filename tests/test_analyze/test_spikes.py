@@ -1,0 +1,152 @@
+"""Loss-spike detector (formulas.md §9) against a slow, obviously correct loop."""
+import math
+import statistics
+
+import numpy as np
+import pytest
+
+from analyze.spikes import detect_spikes, rolling_median_mad
+
+
+def _slow(x, window, k):
+    """The §9 definition, one point at a time: window = the W most recent finite values before t."""
+    seen, med, mad, kind, height = [], [], [], [], []
+    for v in x:
+        m = d = h = math.nan
+        kd = ""
+        if len(seen) >= window:
+            win = seen[-window:]
+            m = statistics.median(win)
+            d = statistics.median([abs(a - m) for a in win])
+        if not math.isfinite(v):
+            kd = "non-finite"
+        elif not math.isnan(m):
+            scale = 1.4826 * max(d, 1e-6 * abs(m) + 1e-12)
+            h = (v - m) / scale
+            kd = "spike" if (v - m) > k * scale else ""
+        if math.isfinite(v):
+            seen.append(v)
+        med.append(m), mad.append(d), kind.append(kd), height.append(h)
+    return np.array(med), np.array(mad), np.array(kind), np.array(height)
+
+
+def _slow_events(steps, kind, height):
+    """Consecutive points of the same non-empty kind -> (first, peak, height, length, kind)."""
+    out, i = [], 0
+    while i < len(kind):
+        if not kind[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(kind) and kind[j + 1] == kind[i]:
+            j += 1
+        if kind[i] == "spike":
+            p = max(range(i, j + 1), key=lambda q: (height[q], -q))  # highest, first on ties
+            out.append((steps[i], steps[p], height[p], j - i + 1, "spike"))
+        else:
+            out.append((steps[i], steps[i], None, j - i + 1, "non-finite"))
+        i = j + 1
+    return out
+
+
+def _noisy_series_with_trouble(n=1500, seed=0):
+    rng = np.random.default_rng(seed)
+    x = 2.0 + 0.05 * rng.standard_normal(n) - np.linspace(0, 0.5, n)
+    x[rng.choice(n, 12, replace=False)] += rng.uniform(0.2, 2.0, 12)  # spikes of varied height
+    x[[300, 301, 302]] += 1.0  # a 3-point spike
+    x[[303, 700, 701, 1100]] = [np.nan, np.inf, -np.inf, np.nan]  # spike followed by non-finite
+    x[900:960] = 1.5  # a flat stretch: the floor, not MAD = 0, sets the scale
+    x[960] = 1.5 + 1e-7
+    return x
+
+
+@pytest.mark.parametrize("window", [5, 50, 51])
+def test_rolling_median_mad_matches_loop(window):
+    x = _noisy_series_with_trouble()
+    med, mad = rolling_median_mad(x, window)
+    rmed, rmad, _, _ = _slow(x, window, 6.0)
+    np.testing.assert_array_equal(np.isnan(med), np.isnan(rmed))
+    np.testing.assert_allclose(med, rmed, rtol=0, atol=0, equal_nan=True)  # same arithmetic: exact
+    np.testing.assert_allclose(mad, rmad, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("k", [3.0, 6.0])
+def test_detector_matches_loop(k):
+    x = _noisy_series_with_trouble()
+    steps = np.arange(x.size) * 20  # logged every 20 steps: the window counts points, not steps
+    r = detect_spikes(steps, x, window=50, k=k)
+    _, _, kind, height = _slow(x, 50, k)
+    np.testing.assert_array_equal(r.kind, kind)
+    np.testing.assert_array_equal(r.flags, kind != "")
+    np.testing.assert_allclose(r.height_mad, height, rtol=1e-12, atol=0, equal_nan=True)
+    ref = _slow_events(steps, kind, height)
+    assert [(e.first_step, e.peak_step, e.length, e.kind) for e in r.events] == [(a, b, d, e) for a, b, _, d, e in ref]
+    for e, (_, _, h, _, _) in zip(r.events, ref):
+        assert (e.height_mad is None) == (h is None)
+        if h is not None:
+            assert e.height_mad == pytest.approx(h, rel=1e-12)
+    n_checked = int(np.sum(~np.isnan(height)) + np.sum(~np.isfinite(x)))
+    assert r.n_checked == n_checked and r.score == pytest.approx((kind != "").sum() / n_checked, abs=1e-15)
+
+
+def test_planted_spikes_found_exactly():
+    rng = np.random.default_rng(4)
+    x = 3.0 + 0.1 * rng.standard_normal(3000)
+    planted = [400, 1234, 2500, 2999]
+    x[planted] += 3.0  # 30 sigma
+    x[1800:1804] += 4.0  # one 4-point event
+    r = detect_spikes(np.arange(3000), x)
+    assert [(e.first_step, e.length, e.kind) for e in r.events] == [
+        (400, 1, "spike"), (1234, 1, "spike"), (1800, 4, "spike"), (2500, 1, "spike"), (2999, 1, "spike")]
+    assert all(e.height_mad > 20 for e in r.events)
+    assert np.flatnonzero(r.flags).tolist() == [400, 1234, 1800, 1801, 1802, 1803, 2500, 2999]
+
+
+def test_gaussian_noise_gives_no_flag_at_k6():
+    x = np.random.default_rng(12345).standard_normal(10_000)
+    r = detect_spikes(np.arange(10_000), x, window=50, k=6.0)
+    assert not r.flags.any() and r.events == () and r.score == 0.0
+    assert r.n_checked == 10_000 - 50
+    # The same series at k = 3 does flag points (the §9 table gives ~41 per 10,000): the test can fail.
+    assert detect_spikes(np.arange(10_000), x, window=50, k=3.0).flags.sum() > 10
+
+
+def test_non_finite_flagged_and_kept_out_of_windows():
+    x = np.ones(120) + 1e-3 * np.sin(np.arange(120))
+    x[10] = np.nan  # in warm-up: still flagged
+    x[70:72] = np.inf
+    r = detect_spikes(np.arange(120), x, window=50)
+    assert r.kind[10] == "non-finite" and r.kind[70] == "non-finite" and r.flags[[10, 70, 71]].all()
+    assert [(e.first_step, e.length, e.kind, e.height_mad) for e in r.events] == [
+        (10, 1, "non-finite", None), (70, 2, "non-finite", None)]
+    med, _ = rolling_median_mad(x, 50)
+    finite = np.flatnonzero(np.isfinite(x))
+    assert np.isnan(med[50])  # only 49 finite values before index 50: still warm-up
+    for t in (51, 72, 100, 119):
+        prev = finite[finite < t][-50:]
+        assert med[t] == np.median(x[prev])  # inf never entered the window
+
+
+def test_flat_window_floor_and_one_sided():
+    x = np.full(200, 2.0)
+    x[100] = 2.0 * (1 + 4e-16)  # rounding noise on a flat series: below the floor
+    x[150] = 2.1  # a real jump on a flat series
+    x[170] = 1.0  # downward: never a spike
+    r = detect_spikes(np.arange(200), x)
+    assert np.flatnonzero(r.flags).tolist() == [150]
+
+
+def test_notes_sorting_and_shapes():
+    r = detect_spikes(np.arange(10), np.ones(10), window_averaged=8)
+    assert "8" in r.note and "sensitivity" in r.note and "warm-up" in r.note
+    assert math.isnan(r.score) and r.n_checked == 0
+    x = np.random.default_rng(0).standard_normal(100)
+    x[80] = 50.0
+    order = np.random.default_rng(1).permutation(100)
+    r = detect_spikes(np.arange(100)[order], x[order])
+    assert np.array_equal(r.steps, np.arange(100)) and "sorted" in r.note
+    assert [e.first_step for e in r.events] == [80]
+    with pytest.raises(ValueError):
+        detect_spikes(np.arange(3), np.ones(4))
+    with pytest.raises(ValueError):
+        rolling_median_mad(np.ones(4), 0)
