@@ -76,7 +76,7 @@ class Run:
     notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.scalars is None and self.train is None:
+        if object.__getattribute__(self, "scalars") is None and self.train is None:
             self.scalars = empty_table(SCALAR_COLUMNS)
 
     def __getattribute__(self, name: str) -> Any:

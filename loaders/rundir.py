@@ -24,7 +24,7 @@ from loaders import runformat as fmt
 from loaders.errors import DataWarnings, TrainauditError
 from loaders.run import CheckpointRef, ModelSpec, Run, empty_table
 
-CHUNK_BYTES = 8 << 20          # bytes parsed per pandas call: bounds peak memory
+CHUNK_BYTES = 2 << 20          # bytes parsed per pandas call: bounds peak memory
 MAX_LINE = 1 << 20             # a longer line is skipped (1 MiB)
 MAX_META_BYTES = 16 << 20
 _CKPT_RE = re.compile(r"^step_(\d+)\.safetensors$")
@@ -194,13 +194,74 @@ def _apply_rewinds(df: pd.DataFrame, path: Path, warnings: DataWarnings, *, equa
     return df[keep].reset_index(drop=True) if not keep.all() else df
 
 
-def read_train_log(run_dir: Path, warnings: DataWarnings) -> pd.DataFrame:
-    """train.csv as a wide frame: step (int64), loss, grad_norm, lr, wall_time (float64)."""
+COMPACT_BYTES = 64 << 20  # train.csv larger than this (~1.3M rows) is held compactly
+
+
+class _Columns:
+    """Preallocated, growable numpy columns: chunks are copied in once, never concatenated."""
+
+    def __init__(self, dtypes: dict[str, str], capacity: int) -> None:
+        self.dtypes = dtypes
+        self.arrays = {c: np.empty(max(capacity, 1024), dtype=t) for c, t in dtypes.items()}
+        self.n = 0
+
+    def append(self, cols: dict[str, np.ndarray]) -> None:
+        k = len(next(iter(cols.values())))
+        if self.n + k > len(self.arrays["step"]):
+            grow = max(self.n + k, int(len(self.arrays["step"]) * 1.25))
+            self.arrays = {c: np.resize(a, grow) for c, a in self.arrays.items()}
+        for c, a in self.arrays.items():
+            if c == "step" and a.dtype == np.int32 and k and cols[c].max() >= 2**31:
+                a = self.arrays[c] = a.astype(np.int64)
+            a[self.n: self.n + k] = cols[c]
+        self.n += k
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame({c: a[: self.n] for c, a in self.arrays.items()}, copy=False)
+
+
+def read_train_log(run_dir: Path, warnings: DataWarnings, *, compact: bool | None = None) -> pd.DataFrame:
+    """train.csv as a wide frame: step (int64), loss, grad_norm, lr, wall_time (float64).
+
+    Logs over COMPACT_BYTES (or with compact=True) are held in 4 bytes a value - int32 steps
+    (int64 when needed), float32 loss / grad_norm / lr, no wall_time - so a 10-million-line
+    log fits in ~160 MB; read_run_dir adds a note saying so.
+    """
     path = run_dir / fmt.TRAIN_FILE
     if not path.exists():
         return pd.DataFrame({c: pd.Series(dtype="int64" if c == "step" else "float64") for c in fmt.TRAIN_COLUMNS})
-    df = read_csv_log(path, run_dir, fmt.TRAIN_COLUMNS, fmt.TRAIN_COLUMNS, warnings)
-    df = _steps_to_int(df, path, warnings)
+    size = os.stat(path).st_size
+    compact = size > COMPACT_BYTES if compact is None else compact
+    dtypes = ({"step": "int32", "loss": "float32", "grad_norm": "float32", "lr": "float32"} if compact
+              else {"step": "int64", "loss": "float64", "grad_norm": "float64", "lr": "float64", "wall_time": "float64"})
+    out: _Columns | None = None
+    bad_steps = 0
+    for first_line, body in iter_line_chunks(path, run_dir, warnings):
+        if first_line == 1:
+            header, _, body = body.partition(b"\n")
+            got = tuple(header.decode("utf-8", errors="replace").strip().split(","))
+            if got != fmt.TRAIN_COLUMNS:
+                raise TrainauditError(path, f"unexpected header {','.join(got)!r}, expected {','.join(fmt.TRAIN_COLUMNS)!r}")
+            first_line = 2
+        if not body:
+            continue
+        if out is None:  # size the columns from the first chunk's bytes per line
+            per_line = max(1.0, len(body) / max(1, body.count(b"\n")))
+            out = _Columns(dtypes, int(size / per_line * 1.02) + 16)
+        df = _parse_csv_chunk(body, fmt.TRAIN_COLUMNS, fmt.TRAIN_COLUMNS, path, first_line, warnings)
+        step = df["step"].to_numpy(dtype="float64")
+        ok = np.isfinite(step) & (step == np.round(step)) & (step >= 0) & (step < 2.0**62)
+        if not ok.all():
+            bad_steps += int((~ok).sum())
+            df, step = df[ok], step[ok]
+        cols = {c: df[c].to_numpy() for c in dtypes if c != "step"}
+        cols["step"] = step.astype(np.int64)
+        out.append(cols)
+    if bad_steps:
+        warnings.add(path, f"{bad_steps} rows with a negative, fractional or out-of-range step skipped")
+    if out is None:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()})
+    df = out.frame()
     return _apply_rewinds(df, path, warnings, equal_restarts=True)
 
 
@@ -316,6 +377,9 @@ def read_run_dir(path: str | os.PathLike[str]) -> Run:
     class_losses = _read_class_log(run_dir, warnings)
     evals, eval_classes = _read_eval_log(run_dir, warnings)
     notes = []
+    if len(train) and train["loss"].dtype == np.float32:
+        notes.append(f"{fmt.TRAIN_FILE}: {len(train):,} rows held as float32 to bound memory (large log); "
+                     "wall_time not loaded")
     for _, ev in _read_jsonl(run_dir / fmt.EVENTS_FILE, run_dir, warnings):
         if ev.get("event") == "resume":
             notes.append(f"the run was resumed at step {ev.get('step')}")
