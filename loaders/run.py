@@ -98,15 +98,21 @@ class Run:
     def series(self, name: str) -> pd.DataFrame:
         """One training series as a (step, value) frame sorted by step (empty when absent)."""
         if self.train is not None and name in self.train.columns:
-            s = self.train[["step", name]].rename(columns={name: "value"})
-            s = s[s["value"].notna() | (name == "loss")]
+            # No copies unless needed: a 10M-row log must not double in memory here.
+            s = pd.DataFrame({"step": self.train["step"], "value": self.train[name]}, copy=False)
+            if name != "loss" and s["value"].isna().any():
+                s = s[s["value"].notna()]
         else:
             s = self.scalars[self.scalars["series"] == name][["step", "value"]]
-        return s.sort_values("step", kind="stable").reset_index(drop=True)
+        if not s["step"].is_monotonic_increasing:
+            s = s.sort_values("step", kind="stable")
+        return s.reset_index(drop=True)
 
     @property
     def steps_logged(self) -> int:
         """Number of distinct training steps with any scalar logged."""
-        if self.train is not None:
-            return int(self.train["step"].nunique())
-        return int(self.scalars["step"].nunique())
+        steps = (self.train if self.train is not None else self.scalars)["step"]
+        values = steps.to_numpy()
+        if len(values) < 2 or bool((values[1:] > values[:-1]).all()):  # the usual case: no hash table
+            return len(values)
+        return int(steps.nunique())

@@ -24,7 +24,7 @@ from loaders import runformat as fmt
 from loaders.errors import DataWarnings, TrainauditError
 from loaders.run import CheckpointRef, ModelSpec, Run, empty_table
 
-CHUNK_BYTES = 2 << 20          # bytes parsed per pandas call: bounds peak memory
+CHUNK_BYTES = 1 << 20          # bytes parsed per pandas call: bounds peak memory
 MAX_LINE = 1 << 20             # a longer line is skipped (1 MiB)
 MAX_META_BYTES = 16 << 20
 _CKPT_RE = re.compile(r"^step_(\d+)\.safetensors$")
@@ -162,9 +162,9 @@ def keep_latest_timeline(steps: np.ndarray, *, equal_restarts: bool) -> tuple[np
     if n == 0:
         return np.ones(0, bool), []
     back = steps[1:] <= steps[:-1] if equal_restarts else steps[1:] < steps[:-1]
-    seg = np.concatenate([[0], np.cumsum(back)])
-    if seg[-1] == 0:
+    if not back.any():
         return np.ones(n, bool), []
+    seg = np.concatenate([[0], np.cumsum(back)])
     starts = np.flatnonzero(np.concatenate([[True], back]))
     seg_min = np.minimum.reduceat(steps, starts)
     later_min = np.minimum.accumulate(seg_min[::-1])[::-1]            # min over segments >= s
@@ -217,7 +217,8 @@ class _Columns:
         self.n += k
 
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame({c: a[: self.n] for c, a in self.arrays.items()}, copy=False)
+        # Series first: a plain dict of arrays would be consolidated (copied) into 2-D blocks.
+        return pd.DataFrame({c: pd.Series(a[: self.n], copy=False) for c, a in self.arrays.items()}, copy=False)
 
 
 def read_train_log(run_dir: Path, warnings: DataWarnings, *, compact: bool | None = None) -> pd.DataFrame:
