@@ -31,6 +31,7 @@ class CachedCheckpoint:
     rows: dict[str, list[dict[str, Any]]]
     vectors: dict[str, torch.Tensor]
     notes: list[str]
+    warnings: list[str]
 
 
 def checkpoint_fingerprint(path: Path) -> str:
@@ -93,7 +94,8 @@ class CheckpointCache:
             if doc.get("key") != key:
                 raise ValueError("key mismatch")
             entry = CachedCheckpoint(rows={k: list(v) for k, v in doc["rows"].items()},
-                                     vectors=dict(vectors), notes=[str(n) for n in doc.get("notes", [])])
+                                     vectors=dict(vectors), notes=[str(n) for n in doc.get("notes", [])],
+                                     warnings=[str(w) for w in doc.get("warnings", [])])
         except (OSError, ValueError, KeyError, TypeError, RuntimeError):
             self.misses += 1
             return None
@@ -101,7 +103,7 @@ class CheckpointCache:
         return entry
 
     def store(self, step: int, key: str, rows: Mapping[str, list[dict[str, Any]]],
-              vectors: Mapping[str, torch.Tensor], notes: list[str]) -> None:
+              vectors: Mapping[str, torch.Tensor], notes: list[str], warnings: list[str] = ()) -> None:
         """Write one entry (vectors, then the JSON that makes it visible) and drop stale ones."""
         if self.folder is None:
             return
@@ -111,7 +113,8 @@ class CheckpointCache:
 
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in vectors.items()}
         _write_atomic(vpath, save(tensors))
-        doc = {"key": key, "step": int(step), "rows": {k: list(v) for k, v in rows.items()}, "notes": notes}
+        doc = {"key": key, "step": int(step), "rows": {k: list(v) for k, v in rows.items()}, "notes": list(notes),
+               "warnings": list(warnings)}
         _write_atomic(jpath, json.dumps(doc, default=_default).encode())
         for old in self.folder.glob(f"step_{int(step):08d}-*"):
             if key not in old.name:

@@ -47,6 +47,7 @@ MAX_LINE = 1 << 20          # longest accepted log line (bytes); longer lines ar
 _CHUNK = 1 << 20            # read size of the line streamer
 _MAX_REWIND_WARNINGS = 20   # further rewinds are summarised in one warning
 _INT64_MAX = 2**63 - 1
+_BOM = b"\xef\xbb\xbf"
 
 
 def _human(n: int) -> str:
@@ -159,6 +160,61 @@ def _decode(raw: bytes, lineno: int, path: Path, warnings: DataWarnings, state: 
         return raw.decode("utf-8", errors="replace")
 
 
+def _slow_lines(block: bytes, lineno: int, p: Path, warnings: DataWarnings, max_line: int,
+                state: dict[str, Any], nul_lines: list[int]) -> list[tuple[int, list[str]]]:
+    """Complete lines of ``block`` one by one: overlong lines, NUL bytes, bad UTF-8, CR, BOM."""
+    out: list[tuple[int, list[str]]] = []
+    cur: list[str] = []
+    start = lineno + 1
+    for part in block.split(b"\n"):
+        lineno += 1
+        if len(part) > max_line:
+            if cur:
+                out.append((start, cur))
+            cur, start = [], lineno + 1
+            warnings.add(p, f"line {lineno} exceeds {_human(max_line)}, skipped")
+            continue
+        if part.endswith(b"\r"):
+            part = part[:-1]
+        if lineno == 1 and part.startswith(_BOM):
+            part = part[3:]
+        if b"\x00" in part:
+            nul_lines.append(lineno)
+            part = part.replace(b"\x00", b"")
+            if not part:
+                if cur:
+                    out.append((start, cur))
+                cur, start = [], lineno + 1
+                continue
+        cur.append(_decode(part, lineno, p, warnings, state))
+    if cur:
+        out.append((start, cur))
+    return out
+
+
+def _block_lines(block: bytes, lineno: int, p: Path, warnings: DataWarnings, max_line: int,
+                 state: dict[str, Any], nul_lines: list[int]) -> list[tuple[int, list[str]]]:
+    """Complete lines of ``block`` (newline-separated, no trailing newline) after ``lineno``.
+
+    Fast path: one decode and one split for the whole block when it has no NUL byte, valid
+    UTF-8 and no line that could exceed the cap; otherwise line by line.
+    """
+    if b"\x00" not in block:
+        try:
+            text = block.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is not None:
+            strs = text.split("\n")
+            if max(map(len, strs)) * 4 <= max_line:  # a char is at most 4 UTF-8 bytes
+                if "\r" in text:
+                    strs = [x[:-1] if x.endswith("\r") else x for x in strs]
+                if lineno == 0 and strs[0].startswith("\ufeff"):
+                    strs[0] = strs[0][1:]
+                return [(lineno + 1, strs)]
+    return _slow_lines(block, lineno, p, warnings, max_line, state, nul_lines)
+
+
 def iter_line_batches(path: str | os.PathLike[str], warnings: DataWarnings, *,
                       root: str | os.PathLike[str] | None = None, max_line: int = MAX_LINE,
                       keep_unterminated: bool = False) -> Iterator[tuple[int, list[str]]]:
@@ -169,71 +225,44 @@ def iter_line_batches(path: str | os.PathLike[str], warnings: DataWarnings, *,
     """
     p = Path(path)
     state: dict[str, Any] = {}
+    nul_lines: list[int] = []
     with open_regular(p, root) as f:
         left = f.snapshot_size  # type: ignore[attr-defined]
-        carry = b""            # partial line so far
-        skipping = False       # inside an overlong line
+        carry = b""            # partial line so far (at most max_line bytes)
+        skipping = False       # inside an overlong line whose start was dropped
         lineno = 0             # number of the last completed line
-        first = True
-        nul_lines: list[int] = []
         while left > 0:
             data = f.read(min(_CHUNK, left))
             if not data:
-                break
+                break  # the file shrank after the snapshot
             left -= len(data)
-            if first:
-                if data.startswith(b"\xef\xbb\xbf"):
-                    data = data[3:]
-                first = False
-            parts = data.split(b"\n")
-            tail = parts.pop()  # bytes after the last newline of this chunk (maybe empty)
-            out: list[str] = []
-            start = lineno + 1
-            for i, part in enumerate(parts):
-                lineno += 1
-                if i == 0:
-                    if skipping or len(carry) + len(part) > max_line:
-                        skipping = False
-                        carry = b""
-                        if out:
-                            yield start, out
-                        out = []
-                        start = lineno + 1
-                        warnings.add(p, f"line {lineno} exceeds {_human(max_line)}, skipped")
-                        continue
-                    part = carry + part
-                    carry = b""
-                elif len(part) > max_line:
-                    if out:
-                        yield start, out
-                    out = []
-                    start = lineno + 1
-                    warnings.add(p, f"line {lineno} exceeds {_human(max_line)}, skipped")
-                    continue
-                if part.endswith(b"\r"):
-                    part = part[:-1]
-                if b"\x00" in part:
-                    nul_lines.append(lineno)
-                    part = part.replace(b"\x00", b"")
-                    if not part:
-                        if out:
-                            yield start, out
-                        out = []
-                        start = lineno + 1
-                        continue
-                out.append(_decode(part, lineno, p, warnings, state))
-            if out:
-                yield start, out
-            # The tail continues into the next chunk.
-            if parts:  # a newline was seen: the previous carry was consumed
-                carry = b""
-            if skipping:
+            nl = data.rfind(b"\n")
+            if nl < 0:  # no line ends in this chunk
+                if not skipping:
+                    if len(carry) + len(data) > max_line:
+                        skipping, carry = True, b""
+                    else:
+                        carry += data
                 continue
-            if len(carry) + len(tail) > max_line:
-                skipping = True
-                carry = b""
+            head, tail = data[:nl], data[nl + 1:]
+            block: bytes | None
+            if skipping:
+                lineno += 1
+                warnings.add(p, f"line {lineno} exceeds {_human(max_line)}, skipped")
+                skipping = False
+                k = head.find(b"\n")
+                block = None if k < 0 else head[k + 1:]
             else:
-                carry += tail
+                block = carry + head
+            carry = b""
+            if block is not None:
+                batches = _block_lines(block, lineno, p, warnings, max_line, state, nul_lines)
+                lineno += block.count(b"\n") + 1
+                yield from batches
+            if len(tail) > max_line:
+                skipping = True
+            else:
+                carry = tail
         if nul_lines:
             span = f"{nul_lines[0]}" if len(nul_lines) == 1 else f"{nul_lines[0]}-{nul_lines[-1]}"
             warnings.add(p, f"NUL bytes ignored (line{'s' if len(nul_lines) > 1 else ''} {span})")
@@ -243,6 +272,8 @@ def iter_line_batches(path: str | os.PathLike[str], warnings: DataWarnings, *,
             lineno += 1
             if carry.endswith(b"\r"):
                 carry = carry[:-1]
+            if lineno == 1 and carry.startswith(_BOM):
+                carry = carry[3:]
             body = carry.replace(b"\x00", b"")
             if not body.strip():
                 if b"\x00" in carry:

@@ -36,6 +36,17 @@ _PIPE_KEYS = {"train loss": ("train", "loss"), "loss": ("train", "loss"), "val l
               "norm": ("train", "grad_norm"), "grad norm": ("train", "grad_norm"), "lr": ("train", "lr")}
 
 
+def _flatten(rec: dict[str, Any]) -> dict[str, Any]:
+    """One level of nesting flattened with "/" (``{"eval": {"loss": 1}}`` -> ``eval/loss``)."""
+    out: dict[str, Any] = {}
+    for k, v in rec.items():
+        if isinstance(v, dict):
+            out.update({f"{k}/{k2}": v2 for k2, v2 in v.items() if not isinstance(v2, dict)})
+        else:
+            out[k] = v
+    return out
+
+
 def _parse_step(v: str) -> str:
     return v.split("/", 1)[0]
 
@@ -114,7 +125,7 @@ def read_jsonl(path: str | os.PathLike[str], *, warnings: DataWarnings | None = 
             rec = parse_json_line(line, warnings, p, start + i)
             if rec is None:
                 continue
-            flat = {k: v for k, v in rec.items() if not isinstance(v, (dict, list))}
+            flat = _flatten(rec)
             cols.update(dict.fromkeys(flat))
             records.append((start + i, flat))
     if not records:
@@ -146,7 +157,7 @@ def read_json_log(path: str | os.PathLike[str], *, warnings: DataWarnings | None
         raise TrainauditError(p, f"not valid JSON ({type(e).__name__})") from None
     notes: list[str] = []
     if isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
-        records = [(i + 1, {k: v for k, v in r.items() if not isinstance(v, (dict, list))}) for i, r in enumerate(obj)]
+        records = [(i + 1, _flatten(r)) for i, r in enumerate(obj)]
         cols: dict[str, None] = {}
         for _, r in records:
             cols.update(dict.fromkeys(r))

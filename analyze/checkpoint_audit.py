@@ -1,0 +1,269 @@
+"""One checkpoint's health and its spectral table: the library behind `audit` and `spectral`.
+
+``audit_checkpoint`` visits the tensors one at a time (``loaders.checkpoints.iter_tensors``)
+and states, per tensor, what a CI gate needs: non-finite values (error), exploding magnitudes
+(warning), empty tensors (info), and for every matrix the spectral norm (formulas.md §4) and
+stable rank (§12) as info. ``spectral_rows`` is the validation table of §4 for one checkpoint:
+the default estimator with its error bound, the sheet's power iteration and, on request, the
+exact value.
+
+Thresholds (documented, module constants):
+* ``MAX_ABS_WARN = 1e4``: no trained float weight we know of has entries this large (typical
+  entries are O(1) or smaller; LayerNorm gains reach tens); float16 overflows at 6.5e4.
+* ``SIGMA_WARN = 1e3``: spectral norms of trained matrices are O(1)-O(100) (the largest in
+  all-MiniLM-L6-v2 is its 30k x 384 word embedding, ~29); 1e3 means a layer that amplifies
+  its input a thousandfold, the signature of a diverged run.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from analyze.spectral import (
+    as_matrix,
+    estimate_spectral_norm,
+    exact_top_singular_values,
+    matrix_skip_reason,
+    power_iteration,
+    stable_rank,
+)
+from analyze.tables import SEVERITY_ORDER, Finding, Severity
+from loaders.checkpoints import checkpoint_info, iter_tensors, skipped_side_files, step_from_name, step_metadata
+from loaders.errors import DataWarnings, TrainauditError
+
+__all__ = ["MAX_ABS_WARN", "SIGMA_WARN", "AuditResult", "SpectralRow", "TensorHealth", "audit_checkpoint",
+           "fails", "spectral_rows", "SPECTRAL_JSON_KEYS", "METHODS"]
+
+MAX_ABS_WARN = 1e4
+SIGMA_WARN = 1e3
+METHODS = ("auto", "lanczos", "exact")
+SPECTRAL_JSON_KEYS = ("tensor", "shape", "method", "sigma_est", "err_bound", "sigma_power", "sigma_exact",
+                      "rel_err", "power_rel_err", "iterations", "sigma_ratio")
+_MAX_LISTED = 5
+
+
+@dataclass(frozen=True, slots=True)
+class TensorHealth:
+    """Per-tensor figures of an audit (NaN where not defined)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    nonfinite: int
+    max_abs: float
+    sigma: float
+    err_bound: float
+    stable_rank: float
+    skip_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditResult:
+    """Findings of one checkpoint; ``error`` is set when part of it could not be read."""
+
+    path: Path
+    step: int | None
+    findings: tuple[Finding, ...]
+    tensors: tuple[TensorHealth, ...]
+    n_params: int
+    warnings: tuple[str, ...]
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SpectralRow:
+    """One matrix of the spectral validation table (§4)."""
+
+    tensor: str
+    shape: tuple[int, ...]
+    method: str
+    sigma_est: float | None
+    err_bound: float | None
+    sigma_power: float | None
+    sigma_exact: float | None
+    rel_err: float | None
+    power_rel_err: float | None
+    iterations: int | None
+    sigma_ratio: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        def clean(x: Any) -> Any:
+            return None if isinstance(x, float) and not math.isfinite(x) else x
+        return {"tensor": self.tensor, "shape": list(self.shape), "method": self.method,
+                "sigma_est": clean(self.sigma_est), "err_bound": clean(self.err_bound),
+                "sigma_power": clean(self.sigma_power), "sigma_exact": clean(self.sigma_exact),
+                "rel_err": clean(self.rel_err), "power_rel_err": clean(self.power_rel_err),
+                "iterations": self.iterations, "sigma_ratio": clean(self.sigma_ratio)}
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    try:
+        meta = step_metadata(path)
+    except TrainauditError:
+        meta = {}
+    for key in ("step", "global_step", "iter_num"):
+        v = meta.get(key)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if isinstance(v, str) and v.strip().isdigit():
+            return int(v)
+    return step_from_name(path.name)
+
+
+def _health(name: str, t: torch.Tensor) -> TensorHealth:
+    shape = tuple(t.shape)
+    dtype = str(t.dtype).removeprefix("torch.")
+    nan = math.nan
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return TensorHealth(name, shape, dtype, t.numel(), 0, nan, nan, nan, nan, matrix_skip_reason(t) or
+                            f"{t.ndim}-D tensor: no spectral norm")
+    x = t.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float32)  # bf16/fp16 (and fp8) upcast before any reduction
+    finite = torch.isfinite(x)
+    nonfinite = int(x.numel() - int(finite.sum()))
+    max_abs = float(torch.where(finite, x.abs(), torch.zeros((), dtype=x.dtype)).max()) if nonfinite < x.numel() else nan
+    reason = matrix_skip_reason(t)
+    if reason is not None or nonfinite:
+        return TensorHealth(name, shape, dtype, t.numel(), nonfinite, max_abs, nan, nan, nan,
+                            reason or "non-finite values: no spectral norm")
+    m = as_matrix(x)
+    assert m is not None
+    est = estimate_spectral_norm(m)
+    return TensorHealth(name, shape, dtype, t.numel(), 0, max_abs, est.sigma, est.err_bound,
+                        stable_rank(m, est.sigma), None)
+
+
+def _findings(h: TensorHealth, step: int | None) -> list[Finding]:
+    out: list[Finding] = []
+    if h.numel == 0:
+        out.append(Finding(Severity.INFO, "empty_tensor", f"{h.name} is empty (shape {list(h.shape)}).",
+                           step=step, tensor=h.name, value=0.0))
+        return out
+    if h.nonfinite:
+        out.append(Finding(Severity.ERROR, "nonfinite_tensor",
+                           f"{h.name} has {h.nonfinite:,} non-finite values (NaN or inf) of {h.numel:,}.",
+                           step=step, tensor=h.name, value=float(h.nonfinite), metric="nonfinite_count"))
+    if math.isfinite(h.max_abs) and h.max_abs > MAX_ABS_WARN:
+        out.append(Finding(Severity.WARNING, "large_weights",
+                           f"{h.name} has entries up to |w| = {h.max_abs:.3g}, above {MAX_ABS_WARN:.0e}: "
+                           f"exploding weights.", step=step, tensor=h.name, value=h.max_abs,
+                           threshold=MAX_ABS_WARN, metric="max_abs"))
+    if math.isfinite(h.sigma):
+        if h.sigma > SIGMA_WARN:
+            out.append(Finding(Severity.WARNING, "large_spectral_norm",
+                               f"{h.name} has spectral norm {h.sigma:.4g}, above {SIGMA_WARN:.0e}: the layer "
+                               f"amplifies some input direction {h.sigma:.3g}-fold.", step=step, tensor=h.name,
+                               value=h.sigma, threshold=SIGMA_WARN, metric="sigma_1"))
+        out.append(Finding(Severity.INFO, "spectral_norm",
+                           f"{h.name} {list(h.shape)}: spectral norm {h.sigma:.6g} (relative error <= "
+                           f"{h.err_bound:.1e}), stable rank {h.stable_rank:.4g}.", step=step, tensor=h.name,
+                           value=h.sigma, metric="sigma_1"))
+        out.append(Finding(Severity.INFO, "stable_rank",
+                           f"{h.name}: stable rank ||W||_F^2 / sigma_1^2 = {h.stable_rank:.4g}.", step=step,
+                           tensor=h.name, value=h.stable_rank, metric="stable_rank"))
+    return out
+
+
+def audit_checkpoint(path: str | os.PathLike[str]) -> AuditResult:
+    """Health findings of one checkpoint (file or folder), reading one tensor at a time.
+
+    Raises ``TrainauditError`` when nothing could be read. A failure after some tensors were
+    read (a missing shard) is returned in ``error`` with the findings of what was read.
+    """
+    p = Path(path)
+    warnings = DataWarnings()
+    step = _checkpoint_step(p)
+    health: list[TensorHealth] = []
+    error: str | None = None
+    try:
+        for name, t in iter_tensors(p, warnings=warnings):
+            health.append(_health(name, t))
+    except TrainauditError as e:
+        if not health:
+            raise
+        error = str(e)
+    findings: list[Finding] = []
+    for h in health:
+        findings.extend(_findings(h, step))
+    skipped = [h for h in health if h.skip_reason is not None and h.numel > 0 and not h.nonfinite]
+    if skipped:
+        shown = ", ".join(h.name for h in skipped[:_MAX_LISTED]) + (" ..." if len(skipped) > _MAX_LISTED else "")
+        findings.append(Finding(Severity.INFO, "no_spectral_norm",
+                                f"{len(skipped)} tensor(s) have no spectral norm (1-D, 0-D or integer): {shown}.",
+                                step=step, value=float(len(skipped))))
+    n_params = sum(h.numel for h in health)
+    if error is None:
+        try:
+            info = checkpoint_info(p)
+            for a, b in info.tied:
+                findings.append(Finding(Severity.INFO, "tied_weights",
+                                        f"{a} and {b} share storage (counted once).", step=step, tensor=b))
+            n_params = info.n_params
+        except TrainauditError:
+            pass
+    folder = p if p.is_dir() else None
+    for name in skipped_side_files(folder) if folder is not None else []:
+        findings.append(Finding(Severity.INFO, "skipped_file", f"skipped {name} (pickled object, not needed).",
+                                step=step))
+    for w in warnings:
+        findings.append(Finding(Severity.WARNING, "data_issue", w, step=step))
+    if error is not None:
+        findings.append(Finding(Severity.ERROR, "unreadable", error, step=step))
+    findings.sort(key=lambda f: SEVERITY_ORDER[Severity(f.severity)])
+    return AuditResult(p, step, tuple(findings), tuple(health), n_params, tuple(warnings), error)
+
+
+def fails(result: AuditResult, fail_on: str) -> bool:
+    """True when a finding at or above ``fail_on`` ("warning" | "error") exists."""
+    limit = SEVERITY_ORDER[Severity(fail_on)]
+    return any(SEVERITY_ORDER[Severity(f.severity)] <= limit for f in result.findings)
+
+
+def _rel(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or b == 0:
+        return None
+    return abs(a - b) / b
+
+
+def spectral_rows(path: str | os.PathLike[str], *, exact: bool = False, method: str = "auto",
+                  tol: float | None = None) -> tuple[list[SpectralRow], list[str]]:
+    """Per matrix: default estimate + bound, the sheet's power iteration, and exact sigma (opt.).
+
+    ``method`` is the default estimator's (``METHODS``); ``tol`` overrides both stopping
+    tolerances (estimator ``rtol``, default 1e-5; power iteration ``tol``, default 1e-4, §4).
+    Returns the rows and the warnings of reading the file.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    warnings = DataWarnings()
+    rows: list[SpectralRow] = []
+    est_kw: dict[str, Any] = {"method": method}
+    pow_kw: dict[str, Any] = {}
+    if tol is not None:
+        est_kw["rtol"] = tol
+        pow_kw["tol"] = tol
+    for name, t in iter_tensors(path, warnings=warnings):
+        m = as_matrix(t)
+        if m is None:
+            continue
+        shape = tuple(t.shape)
+        if not bool(torch.isfinite(m).all()):
+            rows.append(SpectralRow(name, shape, "non-finite", None, None, None, None, None, None, None, None))
+            continue
+        est = estimate_spectral_norm(m, **est_kw)
+        pw = power_iteration(m, **pow_kw)
+        s_exact = ratio = None
+        if exact:
+            ex = exact_top_singular_values(m)
+            s_exact = ex.sigma1
+            ratio = ex.sigma2 / ex.sigma1 if ex.sigma1 > 0 and math.isfinite(ex.sigma2) else None
+        rows.append(SpectralRow(name, shape, est.method, est.sigma, est.err_bound, pw.sigma, s_exact,
+                                _rel(est.sigma, s_exact), _rel(pw.sigma, s_exact), est.iterations, ratio))
+    return rows, list(warnings)

@@ -1,0 +1,110 @@
+"""`trainaudit audit` and `trainaudit spectral`: single-checkpoint commands for CI and validation.
+
+Exit codes: 0 healthy, 1 (audit only) a finding at or above ``--fail-on``, 2 unreadable input
+(one line on stderr, never a traceback).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import click
+
+from loaders.errors import TrainauditError
+
+__all__ = ["audit", "spectral"]
+
+
+def _die(exc: TrainauditError) -> None:
+    click.echo(f"trainaudit: error: {exc}", err=True)
+    sys.exit(2)
+
+
+def _fmt(x: float | None, spec: str = ".6g") -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+@click.command("audit")
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON (summary.json finding shape).")
+@click.option("--fail-on", type=click.Choice(["warning", "error"]), default="error", show_default=True,
+              help="Exit 1 when a finding of this severity or worse exists.")
+def audit(checkpoint: Path, as_json: bool, fail_on: str) -> None:
+    """Health-check one checkpoint: non-finite or exploding tensors, spectral norms, stable rank.
+
+    CHECKPOINT is a .safetensors / .pt / .pth / .bin / .ckpt file or a Hugging Face model
+    folder (sharded or not). Exit 0 when healthy, 1 when a finding at or above --fail-on
+    exists, 2 when the input cannot be read.
+    """
+    from analyze.checkpoint_audit import audit_checkpoint, fails
+
+    try:
+        result = audit_checkpoint(checkpoint)
+    except TrainauditError as exc:
+        _die(exc)
+        return
+    if as_json:
+        click.echo(json.dumps([f.to_json() for f in result.findings], indent=2, allow_nan=False))
+    else:
+        counts = {s: sum(f.severity == s for f in result.findings) for s in ("error", "warning", "info")}
+        click.echo(f"{checkpoint}: {len(result.tensors)} tensors, {result.n_params:,} parameters"
+                   + (f", step {result.step}" if result.step is not None else ""))
+        for f in result.findings:
+            if f.severity != "info" or f.code not in ("spectral_norm", "stable_rank"):
+                click.echo(f"  {f.severity.upper():7s} {f.code:20s} {f.message}")
+        mats = [h for h in result.tensors if math.isfinite(h.sigma)]
+        if mats:
+            worst = max(mats, key=lambda h: h.sigma)
+            click.echo(f"  {len(mats)} matrices: largest spectral norm {worst.sigma:.4g} ({worst.name}); "
+                       f"per-tensor values with --json or `trainaudit spectral`")
+        click.echo(f"{counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info")
+    if result.error is not None:
+        click.echo(f"trainaudit: error: {result.error}", err=True)
+        sys.exit(2)
+    sys.exit(1 if fails(result, fail_on) else 0)
+
+
+@click.command("spectral")
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("--exact", is_flag=True, help="Also compute the exact sigma_1 (and sigma_2) for comparison.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per matrix.")
+@click.option("--method", type=click.Choice(["auto", "lanczos", "exact"]), default="auto", show_default=True,
+              help="Default estimator: Golub-Kahan-Lanczos with an error bound, or exact for small matrices.")
+@click.option("--tol", type=click.FloatRange(min=1e-12, max=0.5), default=None,
+              help="Stopping tolerance for both methods (default: 1e-5 estimator bound, 1e-4 power iteration).")
+def spectral(checkpoint: Path, exact: bool, as_json: bool, method: str, tol: float | None) -> None:
+    """Spectral norm of every 2-D (or reshaped N-d) tensor of one checkpoint (formulas.md §4).
+
+    Shows the default estimate with its relative error bound, the sheet's power iteration,
+    and with --exact the exact value and both relative errors.
+    """
+    from analyze.checkpoint_audit import spectral_rows
+
+    try:
+        rows, warnings = spectral_rows(checkpoint, exact=exact, method=method, tol=tol)
+    except TrainauditError as exc:
+        _die(exc)
+        return
+    for w in warnings:
+        click.echo(f"trainaudit: warning: {w}", err=True)
+    if as_json:
+        click.echo(json.dumps([r.to_json() for r in rows], indent=2, allow_nan=False))
+        return
+    if not rows:
+        click.echo(f"{checkpoint}: no 2-D tensors")
+        return
+    width = min(max(len(r.tensor) for r in rows), 60)
+    head = f"{'tensor':{width}s} {'shape':>14s} {'method':8s} {'sigma_est':>11s} {'bound':>8s} {'sigma_power':>11s} {'iters':>5s}"
+    if exact:
+        head += f" {'sigma_exact':>11s} {'rel_err':>8s} {'pow_err':>8s} {'s2/s1':>6s}"
+    click.echo(head)
+    for r in rows:
+        name = r.tensor if len(r.tensor) <= width else "..." + r.tensor[-(width - 3):]
+        line = (f"{name:{width}s} {'x'.join(map(str, r.shape)):>14s} {r.method:8s} {_fmt(r.sigma_est):>11s} "
+                f"{_fmt(r.err_bound, '.1e'):>8s} {_fmt(r.sigma_power):>11s} {_fmt(r.iterations, 'd') if r.iterations is not None else '-':>5s}")
+        if exact:
+            line += (f" {_fmt(r.sigma_exact):>11s} {_fmt(r.rel_err, '.1e'):>8s} {_fmt(r.power_rel_err, '.1e'):>8s}"
+                     f" {_fmt(r.sigma_ratio, '.3f'):>6s}")
+        click.echo(line)

@@ -1,0 +1,274 @@
+"""Findings: the health summary derived from the analysis tables, one plain sentence each.
+
+Each rule reads a table the pipeline built and states what it saw, where (tensor / layer), when
+(step), the value and the threshold it was held against. Long lists are capped: the first few
+findings of a kind are listed and one more finding counts the rest.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analyze.config import AnalysisConfig
+from analyze.spectral import spectral_growth
+from analyze.tables import SEVERITY_ORDER, Finding, Severity
+
+__all__ = ["Context", "derive", "MAX_PER_KIND", "EXPECTED_TAU_END"]
+
+MAX_PER_KIND = 5
+EXPECTED_TAU_END = (0.2, 0.5)
+TAU_BAND_MIN_STEPS = 1000  # the band describes the end of the ~2000-step demo; shorter runs are not judged  # formulas.md §8: tau narrows to ~0.2-0.5 nats by the end (built-in corpus)
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    cfg: AnalysisConfig
+    run_name: str
+    is_builtin_corpus: bool
+    overfitting: Any  # analyze.overfitting.Overfitting | None
+    val_series: str | None
+    n_data_warnings: int
+    last_step: int = 0
+
+
+def _f(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _capped(items: list[Finding], code: str, what: str) -> list[Finding]:
+    if len(items) <= MAX_PER_KIND:
+        return items
+    worst = items[0].severity
+    rest = len(items) - MAX_PER_KIND
+    return items[:MAX_PER_KIND] + [Finding(worst, code, f"{rest} more {what} not listed here (see the tables).",
+                                           metric=items[0].metric)]
+
+
+def _spikes(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
+    out: list[Finding] = []
+    labels = {"loss": "Training loss", "grad_norm": "The global gradient norm"}
+    for series in ("loss", "grad_norm"):
+        ev = t[t["series"] == series]
+        spikes, nonfin = [], []
+        for r in ev.itertuples(index=False):
+            if r.kind == "non-finite":
+                nonfin.append(Finding(
+                    Severity.ERROR, f"nonfinite_{series}",
+                    f"{labels[series]} was NaN or infinite at step {r.first_step}"
+                    + (f" and the {int(r.length) - 1} logged step(s) after it." if r.length > 1 else "."),
+                    step=int(r.first_step), metric=series))
+            else:
+                sev = Severity.WARNING if series == "loss" else Severity.INFO
+                spikes.append(Finding(
+                    sev, f"{series}_spike",
+                    f"{labels[series]} spiked at step {r.peak_step}: {float(r.height_mad):.1f} robust sigmas above the "
+                    f"median of the previous {cfg.spike_window} logged values (first flagged at step {r.first_step}, "
+                    f"{int(r.length)} logged step(s)).",
+                    step=int(r.peak_step), value=_f(r.height_mad), threshold=cfg.spike_k, metric=series))
+        out += _capped(nonfin, f"nonfinite_{series}", "non-finite events")
+        out += _capped(spikes, f"{series}_spike", f"{series} spike events")
+    return out
+
+
+def _overfitting(ctx: Context) -> list[Finding]:
+    of = ctx.overfitting
+    if of is None or of.verdict is None:
+        return []
+    out = []
+    if of.verdict in ("overfitting", "unstable"):
+        sev = Severity.WARNING if of.verdict == "overfitting" else Severity.ERROR
+        out.append(Finding(sev, of.verdict, of.headline[:1].upper() + of.headline[1:] + ".",
+                           step=_int(of.val_min_step), value=_f(of.max_rise_pct), threshold=ctx.cfg.gl_alpha,
+                           metric=f"GL (validation {ctx.val_series})"))
+    elif of.divergence_step is not None:
+        out.append(Finding(Severity.INFO, "train_val_divergence",
+                           f"The train/val gap has widened consistently since step {of.divergence_step}, while "
+                           "validation loss is still near its best: the model fits its training data faster than "
+                           "it generalises.", step=_int(of.divergence_step), metric="train/val gap"))
+    return out
+
+
+def _int(x: Any) -> int | None:
+    v = _f(x)
+    return None if v is None else int(v)
+
+
+def _last(df: pd.DataFrame) -> pd.DataFrame:
+    if df.empty:
+        return df
+    return df[df["step"] == df["step"].max()]
+
+
+def _spectral(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
+    if t.empty:
+        return []
+    out: list[Finding] = []
+    bad = t[~t["finite"].astype(bool)]
+    nonfin = [Finding(Severity.ERROR, "nonfinite_weights", f"{r.tensor}: the weights hold NaN or infinite values at "
+                      f"step {r.step}.", step=int(r.step), tensor=str(r.tensor), metric="weights")
+              for r in bad.drop_duplicates("tensor").itertuples(index=False)]
+    out += _capped(nonfin, "nonfinite_weights", "tensors with non-finite weights")
+    ok = t[t["finite"].astype(bool)].copy()
+    if ok.empty:
+        return out
+    exact = ok["sigma_exact"].astype(float)
+    ok["sigma"] = np.where(np.isfinite(exact), exact, ok["sigma_est"].astype(float))
+    growth = []
+    steps = sorted(ok["step"].unique())
+    if len(steps) >= 2:
+        # Growth over the second half of the run: from initialisation every norm grows, which says nothing.
+        ref_step = min(steps[1:-1] or steps[:1], key=lambda s: abs(s - steps[-1] / 2))
+        first = ok[ok["step"] == ref_step].set_index("tensor")["sigma"]
+        last = ok[ok["step"] == steps[-1]].set_index("tensor")["sigma"]
+        ratio = spectral_growth_ratio(first, last)
+        for name, g in ratio[ratio > cfg.spectral_growth].sort_values(ascending=False).items():
+            growth.append(Finding(
+                Severity.WARNING, "spectral_growth",
+                f"{name}: spectral norm grew {g:.1f}x between steps {ref_step} and {steps[-1]} "
+                f"({first[name]:.3g} to {last[name]:.3g}), above the {cfg.spectral_growth:g}x threshold; late growth "
+                "of sigma_1 often precedes instability.",
+                step=int(steps[-1]), tensor=str(name), value=float(g), threshold=cfg.spectral_growth,
+                metric="spectral norm growth"))
+    out += _capped(growth, "spectral_growth", "tensors with spectral-norm growth")
+    rel = ok["rel_err"].astype(float)
+    worse = ok[rel > cfg.estimator_rel_tol].sort_values("rel_err", ascending=False)
+    est = [Finding(Severity.WARNING, "estimator_error",
+                   f"{r.tensor} at step {r.step}: the default spectral-norm estimator is off by {float(r.rel_err):.1e} "
+                   f"relative to exact SVD, above the {cfg.estimator_rel_tol:g} target (its own bound said "
+                   f"{float(r.err_bound):.1e}).", step=int(r.step), tensor=str(r.tensor), value=float(r.rel_err),
+                   threshold=cfg.estimator_rel_tol, metric="spectral estimator error")
+           for r in worse.itertuples(index=False)]
+    out += _capped(est, "estimator_error", "estimates outside the 1e-3 target")
+    prel = ok["power_rel_err"].astype(float)
+    off = ok[prel > cfg.estimator_rel_tol]
+    if len(off):
+        worst = off.loc[off["power_rel_err"].astype(float).idxmax()]
+        ratio_txt = ""
+        if np.isfinite(off["sigma_ratio"].astype(float)).any():
+            ratio_txt = f"; sigma_2/sigma_1 there reaches {off['sigma_ratio'].astype(float).max():.3f}"
+        out.append(Finding(
+            Severity.INFO, "power_iteration_error",
+            f"The sheet's power iteration (stop at relative change {cfg.power_tol:g}) was off by more than "
+            f"{cfg.estimator_rel_tol:g} on {len(off)} of {len(ok)} matrix estimates, worst {float(worst.power_rel_err):.1e} "
+            f"on {worst.tensor} at step {worst.step}{ratio_txt}: a change-based stop does not bound the error.",
+            step=int(worst.step), tensor=str(worst.tensor), value=float(worst.power_rel_err),
+            threshold=cfg.estimator_rel_tol, metric="power iteration error"))
+    return out
+
+
+def spectral_growth_ratio(first: pd.Series, last: pd.Series) -> pd.Series:
+    """sigma_end / sigma_start per tensor (analyze.spectral.spectral_growth), NaN dropped."""
+    both = pd.concat({"a": first, "b": last}, axis=1).dropna()
+    return pd.Series([spectral_growth(a, b) for a, b in zip(both["a"], both["b"])], index=both.index,
+                     dtype=float).dropna()
+
+
+def _dead(t: pd.DataFrame) -> list[Finding]:
+    out = []
+    for r in _last(t).itertuples(index=False):
+        if int(r.dead_count) <= 0:
+            continue
+        frac = float(r.dead_fraction)
+        sev = Severity.WARNING if frac >= 0.05 else Severity.INFO
+        out.append(Finding(
+            sev, "dead_neurons",
+            f"{r.layer} FFN: {int(r.dead_count)} of {int(r.d_ff)} units dead on {int(r.n_tokens):,} tokens "
+            f"(eps {float(r.eps):g}, {r.activation}).", step=int(r.step), tensor=str(r.layer), value=frac,
+            threshold=0.05, metric="dead unit fraction"))
+    return out
+
+
+def _heads(t: pd.DataFrame) -> list[Finding]:
+    out = []
+    for r in _last(t).itertuples(index=False):
+        if not bool(r.dead):
+            continue
+        ge4 = ("; it stays dead on queries with >= 4 visible keys" if bool(r.dead_ge4)
+               else "; on queries with >= 4 visible keys it is not dead (short contexts push toward 'dead')")
+        out.append(Finding(
+            Severity.INFO, "dead_head",
+            f"Layer {r.layer} head {r.head} is dead by the sheet's rule (attention entropy below log 2 on more "
+            f"than 99% of queries); label: {r.label}{ge4}.", step=int(r.step), tensor=f"layer {r.layer} head {r.head}",
+            value=_f(r.mean_entropy), threshold=math.log(2), metric="attention entropy"))
+    return _capped(out, "dead_head", "dead heads")
+
+
+def _rho(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
+    out = []
+    for r in _last(t).itertuples(index=False):
+        rho = _f(r.rho)
+        if rho is not None and cfg.rho_low <= rho <= cfg.rho_high:
+            continue
+        side = ("above" if rho is not None and rho > cfg.rho_high else "below") if rho is not None else "outside"
+        meaning = "unstable" if side != "below" else "barely training"
+        out.append(Finding(
+            Severity.WARNING, "grad_ratio",
+            f"{r.tensor}: grad-to-weight ratio {rho if rho is not None else float('nan'):.2e} at step {r.step} "
+            f"(one backward pass on an evaluation batch) is {side} the healthy range {cfg.rho_low:g} to "
+            f"{cfg.rho_high:g} ({meaning}).", step=int(r.step),
+            tensor=str(r.tensor), value=rho, threshold=cfg.rho_high if side == "above" else cfg.rho_low,
+            metric="grad-to-weight ratio"))
+    return _capped(out, "grad_ratio", "tensors outside the healthy ratio range")
+
+
+def _logits(t: pd.DataFrame) -> list[Finding]:
+    out = []
+    steps = sorted(t["step"].unique()) if len(t) else []
+    if len(steps) < 2:
+        return out
+    first = t[t["step"] == steps[0]].set_index("layer")["max_logit"].astype(float)
+    last = t[t["step"] == steps[-1]].set_index("layer")["max_logit"].astype(float)
+    for layer in last.index:
+        a, b = first.get(layer, math.nan), last[layer]
+        if math.isfinite(a) and a > 0 and b > 2 * a and b > 10:
+            out.append(Finding(Severity.INFO, "attention_logit_growth",
+                               f"Layer {layer}: the largest attention logit grew from {a:.1f} to {b:.1f} between steps "
+                               f"{steps[0]} and {steps[-1]}; attention-logit growth tends to precede entropy collapse.",
+                               step=int(steps[-1]), tensor=f"layer {layer}", value=float(b), metric="max attention logit"))
+    return out
+
+
+def _tau(t: pd.DataFrame, ctx: Context) -> list[Finding]:
+    if not ctx.is_builtin_corpus or t.empty or ctx.last_step < TAU_BAND_MIN_STEPS:
+        return []  # the sheet's end-of-training band is for a full-length demo run
+    tr = t[t["source"] == "train"]
+    tr = tr[np.isfinite(tr["tau"].astype(float))]
+    if tr.empty:
+        return []
+    last = tr.iloc[-1]
+    lo, hi = EXPECTED_TAU_END
+    v = float(last["tau"])
+    if lo <= v <= hi:
+        return []
+    return [Finding(Severity.INFO, "tau_band",
+                    f"The irregular-verb tax ended at {v:.2f} nats (window ending step {int(last['step'])}), outside the "
+                    f"sheet's expected {lo:g} to {hi:g} nats at the end of training.", step=int(last["step"]),
+                    value=v, threshold=hi if v > hi else lo, metric="tau")]
+
+
+def derive(tables: dict[str, pd.DataFrame], ctx: Context) -> list[Finding]:
+    """All findings, errors first, then warnings, then info; by step within a severity."""
+    cfg = ctx.cfg
+    found: list[Finding] = []
+    if ctx.n_data_warnings:
+        found.append(Finding(Severity.WARNING, "data_warnings",
+                             f"{ctx.n_data_warnings} problem(s) in the run's files were skipped or repaired while "
+                             "reading it; see Data issues.", value=float(ctx.n_data_warnings), metric="input data"))
+    found += _spikes(tables["spikes"], cfg)
+    found += _overfitting(ctx)
+    found += _spectral(tables["spectral"], cfg)
+    found += _dead(tables["dead_neurons"])
+    found += _heads(tables["attention"])
+    found += _rho(tables["grad_ratio"], cfg)
+    found += _logits(tables["attention_logits"])
+    found += _tau(tables["tau"], ctx)
+    # stable: a capped kind keeps its "N more" line after its listed findings
+    return sorted(found, key=lambda f: SEVERITY_ORDER[Severity(f.severity)])

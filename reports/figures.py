@@ -1,0 +1,388 @@
+"""One matplotlib function per report panel, drawn from the analysis tables only.
+
+Each `plot_<panel>(table(s), ax)` draws on the axes it is given and returns None; `fig_to_data_uri`
+turns a figure into a base64 PNG data URI so the report stays one self-contained file (no inline
+SVG, so no markup from a run's names can reach the page through a figure). Labels that come from
+a run (tensor, layer and class names) go through `label()`: mathtext `$` is escaped and long
+names are shortened.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display, no GUI toolkit; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+__all__ = [
+    "DPI", "label", "new_figure", "fig_to_data_uri", "plot_loss", "plot_spikes", "plot_grad_norm",
+    "plot_activations", "plot_spectral", "plot_dead_neurons", "plot_attention_entropy", "plot_attention_heads",
+    "plot_class_losses", "plot_tau", "plot_grad_ratio", "plot_update_ratio", "plot_logits", "EXPECTED_TAU_BANDS",
+]
+
+DPI = 90
+MAX_LINES = 10  # lines with a legend entry; the rest are drawn thin and grey
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+           "#bcbd22", "#7f7f7f"]
+RC = {"axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
+      "font.size": 9, "axes.titlesize": 10, "legend.fontsize": 8, "legend.frameon": False,
+      "axes.prop_cycle": matplotlib.cycler(color=PALETTE), "text.usetex": False}
+# The sheet's expected tau on the built-in corpus (formulas.md §8): (first step, last step, low, high);
+# None as the first step means "the last 20% of the run".
+EXPECTED_TAU_BANDS = ((0, 100, -0.1, 0.1), (400, 600, 0.5, 1.0), (None, None, 0.2, 0.5))
+
+
+def label(name: object, width: int = 40) -> str:
+    """A run-supplied name made safe for a matplotlib label: `$` escaped, shortened, never `_`-led
+    (matplotlib hides legend entries whose label starts with an underscore)."""
+    s = "".join(c if c.isprintable() else "\ufffd" for c in str(name))
+    if len(s) > width:
+        s = s[: width - 12] + "\u2026" + s[-11:]
+    s = s.replace("\\", "\\\\").replace("$", r"\$")
+    return " " + s if s.startswith("_") else s
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, *, width: float = 8.0, height: float = 3.2,
+               sharex: bool = False) -> tuple[Figure, np.ndarray]:
+    """A figure with an array of axes (always 2-D indexable via .flat), report style applied."""
+    with plt.rc_context(RC):
+        fig, axes = plt.subplots(nrows, ncols, figsize=(width, height * nrows), squeeze=False, sharex=sharex,
+                                 dpi=DPI)
+    for ax in axes.flat:
+        _style(ax)
+    return fig, axes
+
+
+def _style(ax: Axes) -> None:
+    for k in ("top", "right"):
+        ax.spines[k].set_visible(False)
+    ax.grid(True, alpha=0.3)
+    ax.tick_params(labelsize=8)
+
+
+def fig_to_data_uri(fig: Figure) -> str:
+    """The figure as `data:image/png;base64,...` (and closed, to free its memory)."""
+    buf = io.BytesIO()
+    with plt.rc_context(RC):
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _legend(ax: Axes, outside: bool = False) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    if outside:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    else:
+        ax.legend(loc="best")
+
+
+def _series(df: pd.DataFrame, key: str, value: str, order_by_last: bool = True) -> list[tuple[str, pd.DataFrame]]:
+    """Groups of `df` by `key`, largest last value first (so the legend lists the big ones)."""
+    groups = [(str(k), g.sort_values("step")) for k, g in df.groupby(key, sort=True)]
+    if order_by_last:
+        groups.sort(key=lambda kg: -np.nan_to_num(pd.to_numeric(kg[1][value], errors="coerce").to_numpy(float)[-1],
+                                                  nan=-np.inf))
+    return groups
+
+
+def _lines(ax: Axes, df: pd.DataFrame, key: str, value: str, *, log: bool = False, marker: str = "") -> None:
+    for i, (name, g) in enumerate(_series(df, key, value)):
+        y = pd.to_numeric(g[value], errors="coerce").to_numpy(float)
+        if i < MAX_LINES:
+            ax.plot(g["step"].to_numpy(), y, marker=marker, ms=3, lw=1.4, label=label(name),
+                    color=PALETTE[i % len(PALETTE)])
+        else:
+            ax.plot(g["step"].to_numpy(), y, lw=0.6, color="#b0b0b0", alpha=0.7)
+    n = df[key].nunique()
+    if n > MAX_LINES:
+        ax.plot([], [], lw=0.6, color="#b0b0b0", label=f"{n - MAX_LINES} more (grey)")
+    if log:
+        ax.set_yscale("log")
+
+
+# --------------------------------------------------------------------------- panel 1-3: loss, spikes, grad norm
+
+
+def plot_loss(train: pd.DataFrame, evals: pd.DataFrame, ax: Axes, *, divergence_step: float | None = None,
+              val_min_step: float | None = None, gl_step: float | None = None, val_series: str | None = None) -> None:
+    """Panel 1: training loss (raw and a 1%-of-run rolling mean), every validation series, and
+    the divergence, validation-minimum and GL5 steps as vertical lines."""
+    loss = train[train["series"] == "loss"].sort_values("step")
+    if len(loss):
+        y = loss["value"].to_numpy(float)
+        ax.plot(loss["step"], y, lw=0.6, alpha=0.35, color=PALETTE[0], label="train (raw)")
+        w = max(1, len(loss) // 100)
+        if w > 1:
+            ax.plot(loss["step"], pd.Series(y).rolling(w, min_periods=1).mean(), lw=1.4, color=PALETTE[0],
+                    label=f"train (mean of {w})")
+    for i, (name, g) in enumerate(evals.groupby("series", sort=True)):
+        g = g.sort_values("step")
+        bold = name == val_series
+        ax.plot(g["step"], g["loss"].astype(float), marker="o", ms=3 if bold else 2, lw=1.6 if bold else 1.0,
+                color=PALETTE[(i + 1) % len(PALETTE)], label=label(f"val: {name}"))
+    for step, text, color, style in ((divergence_step, "divergence", "#ff7f0e", "--"),
+                                     (val_min_step, "val min", "#2ca02c", ":"),
+                                     (gl_step, "GL5", "#d62728", "-.")):
+        if step is not None:
+            ax.axvline(step, color=color, ls=style, lw=1.2, label=f"{text} (step {step})")
+    ys = np.concatenate([loss["value"].to_numpy(float), evals["loss"].to_numpy(float)])
+    ys = ys[np.isfinite(ys)]
+    if ys.size and ys.min() > 0 and ys.max() / ys.min() > 100:
+        ax.set_yscale("log")  # a train loss near 0 next to a val loss of 0.2: only a log axis shows the gap
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss per token (nats)")
+    _legend(ax, outside=True)
+
+
+def _flag_marks(ax: Axes, g: pd.DataFrame) -> None:
+    sp = g[g["spike_kind"] == "spike"]
+    if len(sp):
+        ax.scatter(sp["step"], sp["value"].astype(float), marker="x", s=40, color="#d62728", zorder=5,
+                   label=f"spike ({len(sp)} point(s))")
+    nf = g[g["spike_kind"] == "non-finite"]
+    for j, s in enumerate(nf["step"].to_numpy()[:200]):
+        ax.axvline(s, color="#d62728", lw=0.8, alpha=0.6, label="non-finite" if j == 0 else None)
+
+
+def plot_spikes(train: pd.DataFrame, axes: Sequence[Axes]) -> None:
+    """Panel 2: the loss and grad-norm curves with the detector's flags (x: spike, red line: NaN/inf)."""
+    for ax, series, ylabel in zip(axes, ("loss", "grad_norm"), ("training loss", "grad norm")):
+        g = train[train["series"] == series].sort_values("step")
+        if g.empty:
+            ax.text(0.5, 0.5, f"no {series} series", ha="center", va="center", transform=ax.transAxes)
+            continue
+        ax.plot(g["step"], g["value"].astype(float), lw=0.8, color=PALETTE[0], label=series)
+        _flag_marks(ax, g)
+        if series == "grad_norm" and (g["value"].astype(float) > 0).any():
+            ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        _legend(ax)
+    axes[-1].set_xlabel("step")
+
+
+def plot_grad_norm(train: pd.DataFrame, ax: Axes) -> None:
+    """Panel 3: the raw global gradient norm per step (log scale) and its rolling median."""
+    g = train[train["series"] == "grad_norm"].sort_values("step")
+    y = g["value"].to_numpy(float)
+    ax.plot(g["step"], y, lw=0.7, color=PALETTE[0], alpha=0.6, label="grad norm (raw)")
+    w = max(5, len(g) // 50)
+    ax.plot(g["step"], pd.Series(y).rolling(w, min_periods=1).median(), lw=1.5, color=PALETTE[1],
+            label=f"rolling median ({w} steps)")
+    if np.nanmin(np.where(y > 0, y, np.nan), initial=np.inf) < np.inf:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("||g||_2")
+    _legend(ax)
+
+
+# --------------------------------------------------------------------------- panel 4-6: model probes
+
+
+def plot_activations(table: pd.DataFrame, ax: Axes) -> None:
+    """Panel 4: mean |A| per block over checkpoints with a +-1 sigma band (Welford over eval batches)."""
+    for i, (name, g) in enumerate(_series(table, "layer", "mean_abs", order_by_last=False)):
+        m = g["mean_abs"].to_numpy(float)
+        s = np.nan_to_num(g["std"].to_numpy(float))
+        c = PALETTE[i % len(PALETTE)]
+        ax.plot(g["step"], m, marker="o", ms=3, color=c, label=label(name))
+        ax.fill_between(g["step"].to_numpy(float), m - s, m + s, color=c, alpha=0.18, lw=0)
+    ax.set_xlabel("checkpoint step")
+    ax.set_ylabel("mean |A| (+-1 sigma)")
+    _legend(ax, outside=True)
+
+
+def plot_spectral(table: pd.DataFrame, ax: Axes) -> None:
+    """Panel 5: sigma_1 per weight matrix over checkpoints (exact where computed, else the estimate)."""
+    t = table[table["finite"].astype(bool)].copy()
+    ex = pd.to_numeric(t["sigma_exact"], errors="coerce")
+    t["sigma"] = np.where(np.isfinite(ex), ex, pd.to_numeric(t["sigma_est"], errors="coerce"))
+    if t["step"].nunique() == 1:  # one checkpoint: a bar per matrix says more than a column of dots
+        t = t.sort_values("sigma").tail(30)
+        ax.barh([label(n, 36) for n in t["tensor"]], t["sigma"], color=PALETTE[0])
+        ax.set_xlabel(f"spectral norm sigma_1 at step {int(t['step'].iloc[0])}")
+        ax.tick_params(axis="y", labelsize=7)
+        return
+    _lines(ax, t, "tensor", "sigma", marker="o" if t["step"].nunique() <= 30 else "")
+    ax.set_xlabel("checkpoint step")
+    ax.set_ylabel("spectral norm sigma_1")
+    _legend(ax, outside=True)
+
+
+def plot_dead_neurons(table: pd.DataFrame, ax: Axes) -> None:
+    """Panel 6a: dead-unit fraction (solid) and near-dead fraction (dashed) per FFN layer."""
+    for i, (name, g) in enumerate(_series(table, "layer", "dead_fraction", order_by_last=False)):
+        c = PALETTE[i % len(PALETTE)]
+        ax.plot(g["step"], g["dead_fraction"].astype(float), marker="o", ms=3, color=c, label=label(f"{name} dead"))
+        near = g["near_dead_count"].astype(float) / g["d_ff"].astype(float)
+        ax.plot(g["step"], near, ls="--", lw=1, color=c, label=label(f"{name} near-dead"))
+    ax.set_ylim(bottom=-0.02, top=max(0.1, float(np.nanmax(table["near_dead_count"].astype(float)
+                                                              / table["d_ff"].astype(float))) * 1.15 + 0.01))
+    ax.set_xlabel("checkpoint step")
+    ax.set_ylabel("fraction of FFN units")
+    _legend(ax, outside=True)
+
+
+def plot_attention_entropy(table: pd.DataFrame, ax: Axes) -> None:
+    """Panel 6b: mean normalised attention entropy per head over checkpoints (0 = one key, 1 = uniform)."""
+    t = table.assign(head_name=[f"L{layer} H{head}" for layer, head in zip(table["layer"], table["head"])])
+    for i, (name, g) in enumerate(_series(t, "head_name", "mean_norm_entropy", order_by_last=False)):
+        ax.plot(g["step"], g["mean_norm_entropy"].astype(float), lw=1.2, marker="o", ms=2,
+                color=PALETTE[i % len(PALETTE)] if i < MAX_LINES else "#b0b0b0", label=label(name) if i < MAX_LINES else None)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("checkpoint step")
+    ax.set_ylabel("mean H_q / log(keys)")
+    _legend(ax, outside=True)
+
+
+def plot_attention_heads(table: pd.DataFrame, ax: Axes) -> None:
+    """Panel 6c: heat map of mean entropy (nats) per layer x head at the last checkpoint; dead heads boxed."""
+    last = table[table["step"] == table["step"].max()]
+    layers = sorted(last["layer"].unique())
+    heads = sorted(last["head"].unique())
+    grid = np.full((len(layers), len(heads)), np.nan)
+    dead = np.zeros_like(grid, dtype=bool)
+    li = {v: i for i, v in enumerate(layers)}
+    hi = {v: i for i, v in enumerate(heads)}
+    for r in last.itertuples(index=False):
+        grid[li[r.layer], hi[r.head]] = float(r.mean_entropy)
+        dead[li[r.layer], hi[r.head]] = bool(r.dead)
+    im = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=0)
+    ax.figure.colorbar(im, ax=ax, label="mean entropy (nats)")
+    ax.set_xticks(range(len(heads)), [str(h) for h in heads])
+    ax.set_yticks(range(len(layers)), [str(v) for v in layers])
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.grid(False)
+    if grid.size <= 64:
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, f"{v:.2f}" + ("\ndead" if dead[i, j] else ""), ha="center", va="center", fontsize=7,
+                    color="white" if not np.isfinite(v) or v < np.nanmax(grid) * 0.6 else "black")
+    for i, j in zip(*np.nonzero(dead)):
+        ax.add_patch(matplotlib.patches.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="#d62728", lw=2))
+    ax.set_title(f"step {int(table['step'].max())}", fontsize=9)
+
+
+# --------------------------------------------------------------------------- panel 7: classes, ratios
+
+
+def plot_class_losses(table: pd.DataFrame, ax: Axes) -> None:
+    """Panel 7a: per-class loss in training windows with a +-1 sigma Welford band; logged evaluations
+    and checkpoint re-runs on the fixed evaluation set as markers."""
+    for i, (name, g) in enumerate(table[table["source"] == "train"].groupby("cls", sort=True)):
+        g = g.sort_values("step")
+        c = PALETTE[i % len(PALETTE)]
+        m, s = g["mean"].to_numpy(float), np.nan_to_num(g["std"].to_numpy(float))
+        ax.plot(g["step"], m, color=c, lw=1.4, label=label(f"{name} (train)"))
+        ax.fill_between(g["step"].to_numpy(float), m - s, m + s, color=c, alpha=0.15, lw=0)
+        ev = table[(table["cls"] == name) & (table["source"] != "train")]
+        for src, marker in (("checkpoint", "s"),):
+            e = ev[ev["source"] == src].sort_values("step")
+            if len(e):
+                ax.plot(e["step"], e["mean"].astype(float), ls="none", marker=marker, ms=4, color=c,
+                        label=label(f"{name} (checkpoint, eval set)"))
+        e = ev[ev["source"].astype(str).str.startswith("eval:")].sort_values("step")
+        if len(e):
+            ax.plot(e["step"], e["mean"].astype(float), ls=":", marker=".", ms=3, lw=0.8, color=c,
+                    label=label(f"{name} (logged eval)"))
+    if not (table["source"] == "train").any():
+        for i, (name, g) in enumerate(table.groupby("cls", sort=True)):
+            g = g.sort_values("step")
+            ax.plot(g["step"], g["mean"].astype(float), marker="o", ms=3, color=PALETTE[i % len(PALETTE)],
+                    label=label(name))
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean per-example loss (nats)")
+    _legend(ax, outside=True)
+
+
+def plot_tau(table: pd.DataFrame, ax: Axes, *, expected: bool = False, last_step: float | None = None) -> None:
+    """Panel 7b: tau = L_a - L_b with its +-2 SE band; grey boxes: the sheet's expected band."""
+    if expected:
+        end = last_step if last_step is not None else float(table["step"].max())
+        for i, (lo_s, hi_s, lo, hi) in enumerate(EXPECTED_TAU_BANDS):
+            if lo_s is None:
+                lo_s, hi_s = 0.8 * end, end
+            if lo_s > end:
+                continue
+            ax.add_patch(matplotlib.patches.Rectangle((lo_s, lo), min(hi_s, end) - lo_s, hi - lo, color="#999999",
+                                                      alpha=0.25, lw=0, label="sheet's expected tau" if i == 0 else None))
+    tr = table[table["source"] == "train"].sort_values("step")
+    if len(tr):
+        t, se = tr["tau"].to_numpy(float), np.nan_to_num(tr["se"].to_numpy(float))
+        ax.plot(tr["step"], t, color=PALETTE[3], lw=1.5, label="tau (training windows)")
+        ax.fill_between(tr["step"].to_numpy(float), t - 2 * se, t + 2 * se, color=PALETTE[3], alpha=0.18, lw=0,
+                        label="+-2 SE")
+    ck = table[table["source"] == "checkpoint"].sort_values("step")
+    if len(ck):
+        ax.errorbar(ck["step"], ck["tau"].astype(float), yerr=2 * np.nan_to_num(ck["se"].to_numpy(float)), fmt="s",
+                    ms=4, color=PALETTE[0], capsize=2, label="tau (checkpoint, eval set, +-2 SE)")
+    ev = table[table["source"].astype(str).str.startswith("eval:")].sort_values("step")
+    if len(ev) and not len(ck):
+        ax.plot(ev["step"], ev["tau"].astype(float), ls=":", marker=".", color=PALETTE[0], label="tau (logged eval)")
+    ax.axhline(0, color="black", lw=0.6)
+    a, b = (table["class_a"].iloc[0], table["class_b"].iloc[0]) if len(table) else ("a", "b")
+    ax.set_ylabel(label(f"tau = L({a}) - L({b})", 60))
+    ax.set_xlabel("step")
+    _legend(ax, outside=True)
+
+
+def _band(ax: Axes, lo: float, hi: float, text: str) -> None:
+    ax.axhspan(lo, hi, color="#2ca02c", alpha=0.08, lw=0, label=text)
+
+
+def plot_grad_ratio(table: pd.DataFrame, ax: Axes, *, healthy: tuple[float, float] = (1e-4, 1e-1)) -> None:
+    """Panel 7c: offline rho = ||G||_F / ||W||_F per weight matrix over checkpoints, healthy band shaded."""
+    _band(ax, *healthy, f"healthy {healthy[0]:g} to {healthy[1]:g}")
+    t = table[pd.to_numeric(table["rho"], errors="coerce") > 0]
+    _lines(ax, t, "tensor", "rho", log=True, marker="o" if t["step"].nunique() <= 30 else "")
+    ax.set_yscale("log")
+    ax.set_xlabel("checkpoint step")
+    ax.set_ylabel("grad / weight (Frobenius)")
+    _legend(ax, outside=True)
+
+
+def plot_update_ratio(table: pd.DataFrame, ax: Axes, *, healthy: tuple[float, float] = (1e-5, 1e-2)) -> None:
+    """Panel 7d: update ratio per step elapsed between consecutive checkpoints (healthy near 1e-3)."""
+    _band(ax, *healthy, "typical range (near 1e-3 per step)")
+    t = table[pd.to_numeric(table["update_ratio_per_step"], errors="coerce") > 0]
+    _lines(ax, t, "tensor", "update_ratio_per_step", log=True, marker="o" if t["step"].nunique() <= 30 else "")
+    ax.set_yscale("log")
+    ax.set_xlabel("checkpoint step")
+    ax.set_ylabel("||dW|| / ||W|| per step")
+    _legend(ax, outside=True)
+
+
+def plot_logits(attn_logits: pd.DataFrame, eval_set: pd.DataFrame, axes: Sequence[Axes]) -> None:
+    """Beyond the sheet: max attention logit per layer, and the mean log Z of the output softmax."""
+    ax1, ax2 = axes
+    for i, (layer, g) in enumerate(attn_logits.groupby("layer", sort=True)):
+        g = g.sort_values("step")
+        ax1.plot(g["step"], g["max_logit"].astype(float), marker="o", ms=3, color=PALETTE[i % len(PALETTE)],
+                 label=f"layer {layer}")
+    ax1.set_ylabel("max attention logit")
+    _legend(ax1)
+    e = eval_set.sort_values("step")
+    ax2.plot(e["step"], e["mean_log_z"].astype(float), marker="o", ms=3, color=PALETTE[4], label="mean log Z")
+    ax2.set_ylabel("mean log Z (nats)")
+    for ax in axes:
+        ax.set_xlabel("checkpoint step")
+    _legend(ax2)
+
+
+def finite_or_none(x: object) -> float | None:
+    try:
+        v = float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None

@@ -1,0 +1,121 @@
+"""`trainaudit report` through click's CliRunner: files, columns, summary.json, cache, exit codes."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from analyze.cli import main
+from analyze.cmd_report import default_out_dir, report, write_full_report
+from analyze.tables import SPECTRAL_COLUMNS, TABLE_COLUMNS, validate_summary
+
+REQUIRED_SPECTRAL = ("step", "tensor", "shape", "method", "sigma_est", "err_bound", "sigma_power", "sigma_exact",
+                     "rel_err", "power_rel_err", "iterations", "warm_start", "sigma_ratio")
+
+
+@pytest.fixture(scope="module")
+def reported(tiny_demo_run: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("report")
+    first = CliRunner().invoke(main, ["report", str(tiny_demo_run), "--out", str(out)])
+    second = CliRunner().invoke(main, ["report", str(tiny_demo_run), "--out", str(out)])
+    return out, first, second
+
+
+def test_report_writes_every_file_with_documented_columns(reported) -> None:
+    out, first, _ = reported
+    assert first.exit_code == 0, first.output
+    assert (out / "report.html").stat().st_size > 10_000
+    for name, cols in TABLE_COLUMNS.items():
+        df = pd.read_csv(out / "tables" / f"{name}.csv")
+        assert tuple(df.columns) == cols, name
+    sp = pd.read_csv(out / "tables" / "spectral.csv")
+    assert set(REQUIRED_SPECTRAL) <= set(SPECTRAL_COLUMNS) and len(sp) > 0
+    assert sp["sigma_exact"].notna().all()  # exact SVD is on by default for a ~100k-parameter model
+    summary = json.loads((out / "summary.json").read_text())
+    assert validate_summary(summary) == []
+    assert summary["run"]["checkpoints"] == [0, 20, 40]
+    assert summary["run"]["source_format"] == "trainaudit"
+    assert summary["overfitting"]["val_series"] == "val"
+    assert summary["tau"]["class_a"] == "irregular" and summary["tau"]["class_b"] == "regular"
+    assert "report:" in first.stdout and "checkpoint 3/3" in first.stderr  # progress on stderr
+
+
+def test_rerun_is_served_from_cache_and_says_so(reported) -> None:
+    out, first, second = reported
+    assert second.exit_code == 0, second.output
+    assert second.stderr.count("(cached)") == 3
+    assert "done in" not in second.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert any("served from the cache" in n for n in summary["notes"])
+    assert "served from the cache" in (out / "report.html").read_text(encoding="utf-8")
+
+
+def test_validator_rejects_wrong_shapes(reported) -> None:
+    out, _, _ = reported
+    good = json.loads((out / "summary.json").read_text())
+    assert validate_summary(good) == []
+    mutations = [
+        lambda s: s.pop("tau"),
+        lambda s: s.update(format_version=2),
+        lambda s: s["overfitting"].update(verdict="maybe"),
+        lambda s: s["run"].update(steps_logged="40"),
+        lambda s: s["spikes"].append({"series": "lr", "kind": "spike", "first_step": 1, "peak_step": 1,
+                                      "height_mad": 7.0, "length": 1}),
+        lambda s: s["findings"].append({"severity": "fatal", "code": "x", "message": "m", "step": None,
+                                        "tensor": None, "value": None}),
+        lambda s: s["notes"].append(3),
+    ]
+    for mutate in mutations:
+        bad = copy.deepcopy(good)
+        mutate(bad)
+        assert validate_summary(bad), mutate
+
+
+def test_unreadable_input_exits_2_with_one_line(tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "nope")])
+    assert res.exit_code == 2
+    assert res.stderr.strip().count("\n") == 0 and "no such file" in res.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = CliRunner().invoke(report, [str(empty)])
+    assert res.exit_code == 2 and res.stderr.strip().count("\n") == 0, res.output
+    assert "Traceback" not in res.output
+
+
+def test_strict_turns_data_warnings_into_exit_2(tiny_demo_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_demo_run, run, ignore=shutil.ignore_patterns("report"))
+    with open(run / "train.csv", "a") as f:
+        f.write("41,0.5,1.0")  # a torn last line: the reader skips it with a warning
+    res = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / "o1")])
+    assert res.exit_code == 0, res.output
+    html = (tmp_path / "o1" / "report.html").read_text(encoding="utf-8")
+    assert "incomplete final line" in html and "Data issues" in html
+    strict = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / "o2"), "--strict"])
+    assert strict.exit_code == 2
+    assert (tmp_path / "o2" / "report.html").exists() and (tmp_path / "o2" / "summary.json").exists()
+    summary = json.loads((tmp_path / "o2" / "summary.json").read_text())
+    assert any("incomplete final line" in n for n in summary["notes"])
+
+
+def test_default_out_dir_and_no_exact_svd(tiny_demo_run: Path, tmp_path: Path) -> None:
+    assert default_out_dir(tiny_demo_run) == tiny_demo_run / "report"
+    f = tmp_path / "trainer_state.json"
+    f.write_text("{}")
+    assert default_out_dir(f) == tmp_path / "trainer_state-report"
+    files = write_full_report(tiny_demo_run, tmp_path / "o", exact_svd=False)
+    sp = pd.read_csv(files.tables_dir / "spectral.csv")
+    assert sp["sigma_exact"].isna().all() and sp["sigma_est"].notna().all()
+    assert Path(files) == tmp_path / "o"  # os.fspath gives the folder (trainaudit demo uses it)
+
+
+def test_report_help_lists_the_contract_options() -> None:
+    res = CliRunner().invoke(main, ["report", "--help"])
+    assert res.exit_code == 0
+    for opt in ("--out", "--exact-svd / --no-exact-svd", "--strict", "--format", "--model", "--workers"):
+        assert opt in res.output
