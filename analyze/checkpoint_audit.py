@@ -128,7 +128,9 @@ def _health(name: str, t: torch.Tensor) -> TensorHealth:
         x = x.to(torch.float32)  # bf16/fp16 (and fp8) upcast before any reduction
     finite = torch.isfinite(x)
     nonfinite = int(x.numel() - int(finite.sum()))
-    max_abs = float(torch.where(finite, x.abs(), torch.zeros((), dtype=x.dtype)).max()) if nonfinite < x.numel() else nan
+    max_abs = nan
+    if nonfinite < x.numel():
+        max_abs = float(torch.where(finite, x.abs(), torch.zeros((), dtype=x.dtype)).max())
     reason = matrix_skip_reason(t)
     if reason is not None or nonfinite:
         return TensorHealth(name, shape, dtype, t.numel(), nonfinite, max_abs, nan, nan, nan,

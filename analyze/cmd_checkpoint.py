@@ -96,14 +96,16 @@ def spectral(checkpoint: Path, exact: bool, as_json: bool, method: str, tol: flo
         click.echo(f"{checkpoint}: no 2-D tensors")
         return
     width = min(max(len(r.tensor) for r in rows), 60)
-    head = f"{'tensor':{width}s} {'shape':>14s} {'method':8s} {'sigma_est':>11s} {'bound':>8s} {'sigma_power':>11s} {'iters':>5s}"
+    head = (f"{'tensor':{width}s} {'shape':>14s} {'method':8s} {'sigma_est':>11s} {'bound':>8s} "
+            f"{'sigma_power':>11s} {'iters':>5s}")
     if exact:
         head += f" {'sigma_exact':>11s} {'rel_err':>8s} {'pow_err':>8s} {'s2/s1':>6s}"
     click.echo(head)
     for r in rows:
         name = r.tensor if len(r.tensor) <= width else "..." + r.tensor[-(width - 3):]
         line = (f"{name:{width}s} {'x'.join(map(str, r.shape)):>14s} {r.method:8s} {_fmt(r.sigma_est):>11s} "
-                f"{_fmt(r.err_bound, '.1e'):>8s} {_fmt(r.sigma_power):>11s} {_fmt(r.iterations, 'd') if r.iterations is not None else '-':>5s}")
+                f"{_fmt(r.err_bound, '.1e'):>8s} {_fmt(r.sigma_power):>11s} "
+                f"{'-' if r.iterations is None else r.iterations:>5}")
         if exact:
             line += (f" {_fmt(r.sigma_exact):>11s} {_fmt(r.rel_err, '.1e'):>8s} {_fmt(r.power_rel_err, '.1e'):>8s}"
                      f" {_fmt(r.sigma_ratio, '.3f'):>6s}")

@@ -20,8 +20,8 @@ from analyze.tables import SEVERITY_ORDER, Finding, Severity
 __all__ = ["Context", "derive", "MAX_PER_KIND", "EXPECTED_TAU_END"]
 
 MAX_PER_KIND = 5
-EXPECTED_TAU_END = (0.2, 0.5)
-TAU_BAND_MIN_STEPS = 1000  # the band describes the end of the ~2000-step demo; shorter runs are not judged  # formulas.md §8: tau narrows to ~0.2-0.5 nats by the end (built-in corpus)
+EXPECTED_TAU_END = (0.2, 0.5)  # formulas.md §8: tau narrows to ~0.2-0.5 nats by the end (built-in corpus)
+TAU_BAND_MIN_STEPS = 1000  # that band describes the end of the ~2000-step demo; shorter runs are not judged
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +157,8 @@ def _spectral(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
         out.append(Finding(
             Severity.INFO, "power_iteration_error",
             f"The sheet's power iteration (stop at relative change {cfg.power_tol:g}) was off by more than "
-            f"{cfg.estimator_rel_tol:g} on {len(off)} of {len(ok)} matrix estimates, worst {float(worst.power_rel_err):.1e} "
+            f"{cfg.estimator_rel_tol:g} on {len(off)} of {len(ok)} matrix estimates, worst "
+            f"{float(worst.power_rel_err):.1e} "
             f"on {worst.tensor} at step {worst.step}{ratio_txt}: a change-based stop does not bound the error.",
             step=int(worst.step), tensor=str(worst.tensor), value=float(worst.power_rel_err),
             threshold=cfg.estimator_rel_tol, metric="power iteration error"))
@@ -232,7 +233,8 @@ def _logits(t: pd.DataFrame) -> list[Finding]:
             out.append(Finding(Severity.INFO, "attention_logit_growth",
                                f"Layer {layer}: the largest attention logit grew from {a:.1f} to {b:.1f} between steps "
                                f"{steps[0]} and {steps[-1]}; attention-logit growth tends to precede entropy collapse.",
-                               step=int(steps[-1]), tensor=f"layer {layer}", value=float(b), metric="max attention logit"))
+                               step=int(steps[-1]), tensor=f"layer {layer}", value=float(b),
+                               metric="max attention logit"))
     return out
 
 
@@ -249,7 +251,8 @@ def _tau(t: pd.DataFrame, ctx: Context) -> list[Finding]:
     if lo <= v <= hi:
         return []
     return [Finding(Severity.INFO, "tau_band",
-                    f"The irregular-verb tax ended at {v:.2f} nats (window ending step {int(last['step'])}), outside the "
+                    f"The irregular-verb tax ended at {v:.2f} nats (window ending step {int(last['step'])}), "
+                    "outside the "
                     f"sheet's expected {lo:g} to {hi:g} nats at the end of training.", step=int(last["step"]),
                     value=v, threshold=hi if v > hi else lo, metric="tau")]
 

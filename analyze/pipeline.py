@@ -240,7 +240,8 @@ def _train_class_windows(df: pd.DataFrame, names: list[str], window: int) -> lis
             for i in range(win_u.size)]
 
 
-def _class_pair(names: list[str], cfg: AnalysisConfig, states: list[ClassLossState]) -> tuple[tuple[int, int] | None, str]:
+def _class_pair(names: list[str], cfg: AnalysisConfig,
+                states: list[ClassLossState]) -> tuple[tuple[int, int] | None, str]:
     if len(names) < 2:
         return None, "fewer than two classes: no class pair for tau"
     if cfg.class_pair is not None:
@@ -434,7 +435,13 @@ def _checkpoints(run: Run, cfg: AnalysisConfig, cache: CheckpointCache, progress
         notes.append(f"exact SVD {'on' if exact else 'off'} (auto: {n_params:,} parameters by {how}; "
                      f"on up to 10,000,000)" if n_params is not None else "exact SVD on (auto: size unknown)")
     ctx: _ProbeCtx | None = None
-    cfg_key = cfg.cache_key() + (":exact" if exact else ":noexact")
+    # What else changes a checkpoint's rows: the model the run names, its classes and the eval set.
+    from analyze.cache import checkpoint_fingerprint
+
+    cfg_key = "|".join((cfg.cache_key(), "exact" if exact else "noexact",
+                        repr(None if run.model is None else (run.model.name, sorted(run.model.config.items()))),
+                        repr(list(run.class_names)),
+                        checkpoint_fingerprint(Path(run.eval_set_path)) if run.eval_set_path else "-"))
     threads = torch.get_num_threads()
     if n_params is not None and n_params < SMALL_MODEL_PARAMS:
         # Ops on small matrices finish faster on one thread than the intra-op pool can split them;
@@ -614,9 +621,7 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
             tau_rows += t
     if not class_rows:
         panels["class_losses"] = "the run logs no per-class losses (RunLogger.log_class_losses writes them)"
-    if pair is None and class_rows:
-        notes.append(pair_note)
-    elif class_rows:
+    if class_rows:
         notes.append(pair_note)
 
     tables: dict[str, pd.DataFrame] = {
@@ -652,7 +657,8 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
                        "final": float(sel["tau"].iloc[-1]), "max": float(sel.loc[imax, "tau"]),
                        "max_step": int(sel.loc[imax, "step"]), "source": source}
             headlines["tau"] = (f"tau = L({tau_sum['class_a']}) - L({tau_sum['class_b']}) ended at "
-                                f"{tau_sum['final']:.3f} nats (peak {tau_sum['max']:.3f} at step {tau_sum['max_step']}; "
+                                f"{tau_sum['final']:.3f} nats (peak {tau_sum['max']:.3f} at step "
+                                f"{tau_sum['max_step']}; "
                                 f"from {'training windows' if source == 'train' else source})")
             break
     if cache.folder is not None and run.checkpoints:
@@ -669,10 +675,12 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
                      "val_series": val_series},
         spikes=[r for r in spike_rows if r["series"] in ("loss", "grad_norm")],
         tau=tau_sum, findings=found, notes=[*notes, *data_warnings])
-    n_spikes = {s: sum(1 for r in spike_rows if r["series"] == s and r["kind"] == "spike") for s in ("loss", "grad_norm")}
-    n_nonfin = {s: sum(1 for r in spike_rows if r["series"] == s and r["kind"] == "non-finite") for s in ("loss", "grad_norm")}
+    kinds = pd.DataFrame(spike_rows, columns=["series", "kind"]).value_counts() if spike_rows else {}
+    n_spikes = {s: int(kinds.get((s, "spike"), 0)) for s in ("loss", "grad_norm")}
+    n_nonfin = {s: int(kinds.get((s, "non-finite"), 0)) for s in ("loss", "grad_norm")}
     headlines["spikes"] = (f"{n_spikes['loss']} loss spike event(s), {n_spikes['grad_norm']} grad-norm spike event(s)"
-                           + (f"; non-finite values: {n_nonfin['loss']} loss, {n_nonfin['grad_norm']} grad-norm event(s)"
+                           + (f"; non-finite values: {n_nonfin['loss']} loss, {n_nonfin['grad_norm']} "
+                              "grad-norm event(s)"
                               if any(n_nonfin.values()) else "")
                            + f" (median + MAD detector, window {cfg.spike_window}, k = {cfg.spike_k:g})")
     run_info = {

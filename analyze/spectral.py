@@ -10,22 +10,22 @@ Three ways to sigma_1, all on `as_matrix(w)` (N-d weights reshaped to (out, rest
 - `exact_top_singular_values`: the float64 reference (sigma_1, sigma_2).
 
 Why Lanczos (measured, 1 CPU thread, torch 2.13 + MKL; benchmarks/spectral.py):
-  * On the 40 matrices of all-MiniLM-L6-v2 (sigma_2/sigma_1 up to 0.993) Golub-Kahan needs
-    6-35 steps (1152 matrix-vector products in all) for errors <= 1.1e-7; block power /
-    subspace iteration with Rayleigh-Ritz and the same residual stop needs 9088 (block 4)
-    or 12048 (block 8) products and 6-7x the time. On CPU a block of p vectors costs about
-    p single products (MKL's skinny GEMM is not faster per column than GEMV), so blocking
-    buys nothing back; Krylov's sqrt(gap) convergence is what wins.
+  * On the 39 matrices of all-MiniLM-L6-v2 with min(m, n) >= 3 (sigma_2/sigma_1 up to
+    0.993) Golub-Kahan needs 6-35 steps (1152 matrix-vector products in all) for errors
+    <= 1.4e-7; block power (subspace) iteration with Rayleigh-Ritz and the same residual
+    stop needs 9088 (block 4) or 12048 (block 8) products and 6-7x the time. On CPU a block
+    of p vectors costs about p single products (MKL's skinny GEMM is no faster per column
+    than GEMV), so blocking buys nothing back; Krylov's sqrt(gap) convergence is what wins.
   * The sheet's power iteration stops 1e-3 to 3e-2 low on those matrices and, warm-started,
     after one step with the error it started with.
 
 The error bound (``SpectralEstimate.err_bound``, relative): for the top Ritz triple
 (theta, u, v) of the bidiagonal B_j, W v = theta u exactly and ||W^T u - theta v|| =
 beta_j |x_j| =: r, so ||W^T W v - theta^2 v|| = theta r and (Krylov-Bogoliubov) W^T W has an
-eigenvalue within theta r of theta^2: a singular value sigma with
-0 <= sigma - theta <= theta (sqrt(1 + r / theta) - 1). Plus 8 eps of the working precision
-for rounding in the products. theta itself is a Ritz value, so theta <= sigma_1 (to rounding).
-The bound is about the singular value *nearest* theta; it is sigma_1's unless the start
+eigenvalue in [theta^2 - theta r, theta^2 + theta r]. theta is a Ritz value, so theta <= sigma_1
+(to rounding); when that eigenvalue is sigma_1^2, (sigma_1 - theta) / theta <=
+sqrt(1 + r / theta) - 1 = err_bound (plus 8 eps of the working precision for rounding in the
+products). The bound is about the singular value *nearest* theta; it is sigma_1's unless the start
 vector was almost orthogonal to sigma_1's singular vector (then every Krylov method sees the
 wrong cluster). Two consequences, both measured on 300 x 300 matrices with clustered tops
 (sigma_2/sigma_1 = 0.99-0.999, 100 random starts each):
@@ -91,7 +91,7 @@ class PowerResult:
 
 @dataclass(frozen=True, slots=True)
 class SpectralEstimate:
-    """Default estimator's result. ``sigma <= sigma_1`` always (a Ritz value).
+    """Default estimator's result. ``sigma <= sigma_1`` to rounding (a Ritz value, or exact).
 
     ``err_bound`` bounds the relative error (sigma_1 - sigma) / sigma_1 without any SVD
     (see the module docstring for what it assumes).
@@ -236,7 +236,7 @@ def _cold_vector(n: int, like: Tensor, generator: torch.Generator | None, batch:
     so that a stack gets the per-matrix cold starts."""
     if generator is None:
         generator = torch.Generator(device=like.device).manual_seed(0)
-    v = torch.randn(n, generator=generator, device=like.device, dtype=like.dtype)
+    v = torch.randn(n, generator=generator, device=generator.device, dtype=like.dtype).to(like.device)
     return (v / torch.linalg.vector_norm(v)).expand(*batch, n).contiguous()
 
 
@@ -275,40 +275,38 @@ def power_iteration(w: Tensor, v0: Tensor | None = None, *, tol: float = 1e-4, m
 
 
 def _project_out(x: Tensor, basis: Tensor) -> Tensor:
-    """One classical Gram-Schmidt pass: x - basis^T (basis x). x: (b, n); basis: (b, k, n)."""
+    """One classical Gram-Schmidt pass: x - (x basis^T) basis. x: (b, 1, n); basis: (b, k, n)."""
     # Row-vector products only: MKL's batched (k, n) @ (n, 1) path is several times slower.
-    x = x.unsqueeze(1)                                              # (b, 1, n)
-    coef = torch.bmm(x, basis.transpose(1, 2))                      # (b, 1, k)
-    return (x - torch.bmm(coef, basis)).squeeze(1)
+    return torch.baddbmm(x, torch.bmm(x, basis.transpose(1, 2)), basis, alpha=-1)
 
 
 def _orthonormalise(x: Tensor, basis: Tensor, scale: np.ndarray, floor: float,
                     generator: torch.Generator) -> tuple[Tensor, Tensor, np.ndarray]:
-    """Full reorthogonalisation of x against basis, then x / ||x||.
+    """Full reorthogonalisation of x (b, 1, n) against basis (b, k, n), then x / ||x||.
 
-    Returns (unit x, ||x|| on device, ||x|| on host); one host sync. A second Gram-Schmidt
-    pass runs only where the first cancelled more than 30% of the norm (DGKS criterion:
-    "twice is enough"). Where ||x|| is at rounding level (<= floor * scale) the Krylov space
-    is invariant: continue with a random unit vector orthogonal to the basis and coefficient
-    0; dropping a coefficient that small moves the singular values by at most floor * scale.
+    Returns (unit x, ||x|| (b, 1, 1) on device, ||x|| (b,) on host); one host sync. A second
+    Gram-Schmidt pass runs only where the first cancelled more than 30% of the norm (DGKS
+    criterion: "twice is enough"). Where ||x|| is at rounding level (<= floor * scale) the
+    Krylov space is invariant: continue with a random unit vector orthogonal to the basis and
+    coefficient 0; dropping a coefficient that small moves singular values by <= floor * scale.
     """
-    before = torch.linalg.vector_norm(x, dim=-1)                    # (b,)
+    before = torch.linalg.vector_norm(x, dim=-1, keepdim=True)      # (b, 1, 1)
     x = _project_out(x, basis)
-    after = torch.linalg.vector_norm(x, dim=-1)
-    host = torch.stack([before, after]).double().cpu().numpy()
-    if (host[1] < 0.7 * host[0]).any():
+    after = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    host = np.asarray(torch.cat([before, after], dim=1).tolist()).reshape(-1, 2)  # (b, 2) float64
+    if (host[:, 1] < 0.7 * host[:, 0]).any():
         x = _project_out(x, basis)
-        after = torch.linalg.vector_norm(x, dim=-1)
-        host[1] = after.double().cpu().numpy()
-    norm = host[1]
+        after = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        host[:, 1] = np.asarray(after.tolist()).reshape(-1)
+    norm = host[:, 1]
     tiny = norm <= floor * np.maximum(scale, norm)
     if not tiny.any():
-        return x / after.unsqueeze(-1), after, norm
-    r = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return x / after, after, norm
+    r = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
     r = _project_out(_project_out(r, basis), basis)
     r = r / torch.linalg.vector_norm(r, dim=-1, keepdim=True)
-    t = torch.from_numpy(tiny).to(x.device)
-    x = torch.where(t.unsqueeze(-1), r, x / after.clamp_min(torch.finfo(x.dtype).tiny).unsqueeze(-1))
+    t = torch.from_numpy(tiny).to(x.device).reshape(-1, 1, 1)
+    x = torch.where(t, r, x / after.clamp_min(torch.finfo(x.dtype).tiny))
     return x, torch.where(t, torch.zeros_like(after), after), np.where(tiny, 0.0, norm)
 
 
@@ -380,15 +378,15 @@ def _gkl(a: Tensor, v: Tensor, *, rtol: float, max_iter: int, generator: torch.G
 
     at = a.transpose(1, 2)                                       # (b, n, m) view: x @ at = (W x^T)^T
     V[:, 0] = v
-    p = torch.bmm(v.unsqueeze(1), at).squeeze(1)                 # (b, m)  W v_1
+    p = torch.bmm(v.unsqueeze(1), at)                            # (b, 1, m)  W v_1
     u, alpha_t, alphas[:, 0] = _orthonormalise(p, U[:, :0], scale, floor, generator)
     scale = np.maximum(scale, alphas[:, 0])
     for j in range(1, kmax + 1):
         if j > cap:
             cap = min(2 * cap, kmax)
             V, U = _grow(V, cap + 1), _grow(U, cap)
-        U[:, j - 1] = u
-        q = torch.bmm(u.unsqueeze(1), a).squeeze(1) - alpha_t.unsqueeze(-1) * V[:, j - 1]  # (b, n)
+        U[:, j - 1 : j] = u
+        q = torch.baddbmm(V[:, j - 1 : j] * -alpha_t, u, a)        # (b, 1, n)  W^T u_j - alpha_j v_j
         vn, beta_t, betas[:, j - 1] = _orthonormalise(q, V[:, :j], scale, floor, generator)
         scale = np.maximum(scale, betas[:, j - 1])
         r = _ritz(alphas[:, :j], betas[:, :j], floor)
@@ -399,8 +397,8 @@ def _gkl(a: Tensor, v: Tensor, *, rtol: float, max_iter: int, generator: torch.G
             done |= newly
         if done.all():
             break
-        V[:, j] = vn
-        p = torch.bmm(vn.unsqueeze(1), at).squeeze(1) - beta_t.unsqueeze(-1) * u              # (b, m)
+        V[:, j : j + 1] = vn
+        p = torch.baddbmm(u * -beta_t, vn, at)                     # (b, 1, m)  W v_{j+1} - beta_j u_j
         u, alpha_t, alphas[:, j] = _orthonormalise(p, U[:, :j], scale, floor, generator)
         scale = np.maximum(scale, alphas[:, j])
     k = int(iters.max())
@@ -438,9 +436,10 @@ def estimate_spectral_norm(w: Tensor, v0: Tensor | None = None, *, rtol: float =
     """sigma_1 of one weight (any shape `as_matrix` accepts) with a relative error bound.
 
     Golub-Kahan-Lanczos from ``v0`` (warm start: the previous checkpoint's ``.v``, a unit right
-    singular vector estimate) or a seeded Gaussian (cold); ``sigma`` is a Ritz value, so never
-    above sigma_1. ``method``: "auto" (exact for min(m, n) <= EXACT_MAX_DIM, else "lanczos"),
-    "lanczos" or "exact". Raises ValueError for tensors `as_matrix` rejects or non-finite ones.
+    singular vector estimate; a wrong-sized v0 starts cold) or a seeded Gaussian (cold).
+    ``sigma`` is a Ritz value: never above sigma_1 beyond rounding (~1e-7 in float32).
+    ``method``: "auto" (exact for min(m, n) <= EXACT_MAX_DIM, else "lanczos"), "lanczos" or
+    "exact". Raises ValueError for tensors `as_matrix` rejects and for non-finite ones.
     """
     a = _require_matrix(w)
     return estimate_spectral_norm_batched(a.unsqueeze(0), None if v0 is None else v0.reshape(1, -1),

@@ -75,8 +75,8 @@ def main() -> None:
               f"(target: cold <= 30 s)")
         for name, split in (("cold", split_cold), ("cached", split_cached)):
             a, r = med(s[0] for s in split), med(s[1] for s in split)
-            print(f"  in-process {name:6s}: load + analysis {a:5.1f} s, render + write {r:5.1f} s, total {a + r:5.1f} s "
-                  f"(checkpoints from cache: {split[-1][2]})")
+            print(f"  in-process {name:6s}: load + analysis {a:5.1f} s, render + write {r:5.1f} s, "
+                  f"total {a + r:5.1f} s (checkpoints from cache: {split[-1][2]})")
         print(f"  load average at the end {os.getloadavg()[0]:.1f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

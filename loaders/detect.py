@@ -245,6 +245,8 @@ def _readers() -> dict[str, Callable[[Path, DataWarnings], Run]]:
 def open_run(path: str | os.PathLike[str], *, format: str | None = None) -> Run:  # noqa: A002 (CLI name)
     """Read a run of any supported kind; ``format`` (one of ``FORMATS``) skips detection."""
     p = Path(path)
+    if format == "trainaudit":  # the name loaders.rundir.load_run uses for our own format
+        format = "rundir"  # noqa: A001
     if format is not None and format not in FORMATS:
         raise TrainauditError(p, f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
     if not p.exists():

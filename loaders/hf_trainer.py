@@ -112,8 +112,7 @@ def _logging_steps(state: dict[str, Any], train: Triples) -> int | None:
     ls = state.get("logging_steps")
     if isinstance(ls, int) and not isinstance(ls, bool) and ls > 0:
         return ls
-    steps = sorted({int(s) for s, name in zip(train.steps, train.series, strict=True)
-                    if name == "loss" and isinstance(s, (int, float)) and s == s})
+    steps = np.unique(train.steps_of("loss"))
     if len(steps) >= 2:
         return int(np.median(np.diff(steps)))  # older Transformers did not store logging_steps
     return None
@@ -162,6 +161,8 @@ def read_hf(path: str | os.PathLike[str], *, warnings: DataWarnings | None = Non
         else:
             warnings.add(d, "no weights in checkpoint folder (looked for model.safetensors, pytorch_model.bin)")
         skipped.extend(f"{d.name}/{n}" for n in skipped_side_files(d))
+    if dirs and dirs[0][1] != p:
+        skipped.extend(skipped_side_files(p))  # trainer.save_model() writes training_args.bin at the top
     if skipped:
         shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
         warnings.add(p, f"skipped {shown} (pickled object{'s' if len(skipped) > 1 else ''}, not needed)")

@@ -17,18 +17,22 @@ rows that are not training history. This reader (bad-inputs.md D17):
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
+from array import array
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from loaders.checkpoints import step_from_name
 from loaders.errors import DataWarnings, TrainauditError
-from loaders.longtables import Triples, build_run, classify_train_key, is_val_loss_key, to_float
+from loaders.longtables import Triples, WideLog, build_run, classify_train_key, is_val_loss_key, to_float
 from loaders.run import CheckpointRef, Run
 from loaders.safeio import iter_line_batches, read_bounded
 
-__all__ = ["STEP_KEYS", "find_metrics_csv", "read_hparams", "read_lightning", "read_metrics_csv"]
+__all__ = ["STEP_KEYS", "find_metrics_csv", "read_hparams", "read_lightning", "read_metrics_csv", "wide_to_run"]
 
 STEP_KEYS = ("step", "global_step", "trainer/global_step", "train/global_step", "_step", "iter",
              "iteration", "it", "steps", "num_steps", "update", "batch")
@@ -74,18 +78,40 @@ def _is_header(fields: list[str]) -> bool:
         f.strip().lower() in ("step", "epoch") or f.strip().lower() in STEP_KEYS for f in fields)
 
 
-def read_metrics_csv(path: str | os.PathLike[str], warnings: DataWarnings, *, root: str | os.PathLike[str] | None = None,
+def _csv_rows(lines: list[str], start: int) -> list[tuple[int, list[str] | None]]:
+    """Parse one batch of lines, one CSV row per line (a multi-line quoted field is malformed)."""
+    try:
+        rows = list(csv.reader(lines, strict=True))
+        if len(rows) == len(lines):
+            return list(enumerate(rows, start))  # type: ignore[arg-type]
+    except csv.Error:
+        pass
+    out: list[tuple[int, list[str] | None]] = []
+    for i, line in enumerate(lines):
+        try:
+            r = list(csv.reader([line], strict=True))
+        except csv.Error:
+            out.append((start + i, None))
+            continue
+        out.append((start + i, r[0] if len(r) == 1 else (None if r else [])))
+    return out
+
+
+def read_metrics_csv(path: str | os.PathLike[str], warnings: DataWarnings, *,
+                     root: str | os.PathLike[str] | None = None,
                      source_format: str = "lightning", run_path: str | os.PathLike[str] | None = None,
                      meta: dict[str, Any] | None = None, checkpoints: list[CheckpointRef] | None = None) -> Run:
     """A wide CSV log (Lightning ``metrics.csv`` or a plain ``step,loss,...`` CSV) -> ``Run``."""
     p = Path(path)
-    rows: list[tuple[int, list[str], list[str]]] = []   # (line number, fields, header) in file order
+    log = WideLog(STEP_KEYS)
     header: list[str] | None = None
     repeated = 0
     ragged = 0
     for start, lines in iter_line_batches(p, warnings, root=root):
-        for i, fields in enumerate(csv.reader(lines)):
-            lineno = start + i
+        for lineno, fields in _csv_rows(lines, start):
+            if fields is None:
+                warnings.add(p, "malformed CSV row (stray quote or carriage return), skipped", line=lineno)
+                continue
             if not fields or all(not f.strip() for f in fields):
                 continue
             fields = [f.strip() for f in fields]
@@ -105,87 +131,90 @@ def read_metrics_csv(path: str | os.PathLike[str], warnings: DataWarnings, *, ro
                     warnings.add(p, f"ragged row ({len(fields)} fields, header has {len(header)}), skipped",
                                  line=lineno)
                 continue
-            rows.append((lineno, fields, header))
+            log.add(dict(zip(header, fields, strict=True)))
     if header is None:
         raise TrainauditError(p, "empty CSV (no header line)")
     if repeated:
         warnings.add(p, f"{repeated} repeated header line{'s' if repeated > 1 else ''} dropped")
     if ragged > _MAX_RAGGED_WARNINGS:
         warnings.add(p, f"{ragged - _MAX_RAGGED_WARNINGS} more ragged rows skipped")
-    records: list[tuple[int, dict[str, str]]] = []
-    cols: list[str] = []
-    headers = {id(hdr): hdr for _, _, hdr in rows} or {id(header): header}
-    for hdr in headers.values():
-        cols.extend(h for h in hdr if h not in cols)
-    for lineno, vals, hdr in rows:
-        records.append((lineno, {h: v for h, v in zip(hdr, vals, strict=True) if v != ""}))
-    return _records_to_run(p, records, cols, warnings, source_format=source_format,
-                           run_path=run_path, meta=meta, checkpoints=checkpoints)
+    for h in header:
+        log.cols.setdefault(h, (array("q"), array("d"), array("q")))  # columns with no value yet
+    return wide_to_run(p, log, warnings, source_format=source_format, run_path=run_path, meta=meta,
+                       checkpoints=checkpoints)
 
 
-def _records_to_run(p: Path, records: list[tuple[int, dict[str, Any]]], cols: list[str], warnings: DataWarnings, *,
-                    source_format: str, run_path: str | os.PathLike[str] | None, meta: dict[str, Any] | None,
-                    checkpoints: list[CheckpointRef] | None) -> Run:
-    """Sparse wide records (line, {column: value}) -> Run, with the Lightning row rules."""
+def wide_to_run(p: Path, log: WideLog, warnings: DataWarnings, *, source_format: str,
+                run_path: str | os.PathLike[str] | None = None, meta: dict[str, Any] | None = None,
+                checkpoints: list[CheckpointRef] | None = None) -> Run:
+    """Sparse wide records -> Run, with the Lightning row rules (see the module docstring)."""
     meta = dict(meta or {})
     notes: list[str] = []
+    cols = log.columns()
     step_col = _step_key(cols)
     loss_col = _pick_train_loss(cols)
     val_cols = _val_columns(cols)
     other_train = {c: classify_train_key(c) for c in cols if c != loss_col and c != step_col}
     other_train = {c: s for c, s in other_train.items() if s in ("grad_norm", "lr")}
     test_cols = [c for c in cols if c.lower().startswith(("test", "predict"))]
+    epoch_col = next((c for c in cols if c.lower() == "epoch"), None)
     if test_cols:
         notes.append(f"test metrics not used as training or validation: {', '.join(test_cols)}")
     if loss_col is not None and loss_col.endswith("_epoch"):
         notes.append(f"training loss is logged per epoch only ({loss_col})")
     if step_col is None:
-        if "epoch" in cols:
-            notes.append("no step column: the epoch number is used as the step")
-        else:
-            notes.append("no step column: the row number is used as the step")
+        notes.append("no step column: the epoch number is used as the step" if epoch_col is not None
+                     else "no step column: the row number is used as the step")
+    steps, valid = log.row_steps(step_col if step_col is not None else epoch_col, p, warnings)
     train_names = [c for c in [loss_col, *other_train] if c is not None]
     train_like = [c for c in cols if c.lower().startswith("train") or c in train_names]
+    last_train = max((int(r[-1]) for c in train_like if len(r := log.present(c))), default=-1)
+    epochs = log.dense(epoch_col) if epoch_col is not None else None
+    last_epoch = float(epochs[last_train]) if epochs is not None and last_train >= 0 else math.nan
 
-    def step_of(i: int, rec: dict[str, Any]) -> Any:
-        if step_col is not None:
-            return rec.get(step_col)
-        if "epoch" in rec:
-            return rec["epoch"]
-        return i
-
-    last_train = max((i for i, (_, r) in enumerate(records) if any(c in r for c in train_like)), default=-1)
-    last_epoch = to_float(records[last_train][1].get("epoch")) if last_train >= 0 else None
     train, evals, extra = Triples(), Triples(), Triples()
-    seen_val_steps: set[Any] = set()
+
+    def put(t: Triples, col: str, series: str, keep_rows: np.ndarray | None = None) -> None:
+        rows, vals = log.rows(col), log.values(col)
+        ok = valid[rows]
+        if keep_rows is not None:
+            ok &= keep_rows[rows]
+        t.extend(steps[rows[ok]], series, vals[ok])
+        if log.n_bad(col):
+            t.bad[series] += log.n_bad(col)
+
+    if loss_col is not None:
+        put(train, loss_col, "loss")
+    for c, s in other_train.items():
+        put(train, c, s)
+    # Validation rows: those after the last training row come from a later validate()/test() call
+    # when the epoch is past training, the step was already evaluated, or test metrics share the row.
+    val_rows = np.unique(np.concatenate([log.present(c) for c in val_cols] or [np.empty(0, np.int64)]))
+    accepted = np.zeros(log.n, dtype=bool)
+    early = val_rows[val_rows <= last_train] if last_train >= 0 else val_rows
+    accepted[early] = True
+    seen = set(steps[early[valid[early]]].tolist())
+    test_rows = np.zeros(log.n, dtype=bool)
+    for c in test_cols:
+        test_rows[log.present(c)] = True
     late = 0
-    for i, (_lineno, rec) in enumerate(records):
-        step = step_of(i, rec)
-        if loss_col is not None and loss_col in rec:
-            train.add(step, "loss", rec[loss_col])
-        for c, s in other_train.items():
-            if c in rec:
-                train.add(step, s, rec[c])
-        vals = [(c, s) for c, s in val_cols.items() if c in rec]
-        if vals:
-            st = to_float(step)
-            ep = to_float(rec.get("epoch"))
-            after_fit = i > last_train >= 0 and (
-                (ep is not None and last_epoch is not None and ep > last_epoch) or st in seen_val_steps
-                or any(c in rec for c in test_cols))
-            if after_fit:
-                late += 1
-            else:
-                for c, s in vals:
-                    evals.add(step, s, rec[c])
-                seen_val_steps.add(st)
-        for c, v in rec.items():
-            if c in (step_col, loss_col, "epoch") or c in other_train or c in val_cols or c in test_cols:
-                continue
-            extra.add(step, c, v)
+    for r in val_rows[val_rows > last_train] if last_train >= 0 else []:
+        past_epoch = epochs is not None and epochs[r] > last_epoch
+        if past_epoch or (valid[r] and int(steps[r]) in seen) or test_rows[r]:
+            late += 1
+            continue
+        accepted[r] = True
+        if valid[r]:
+            seen.add(int(steps[r]))
+    for c, s in val_cols.items():
+        put(evals, c, s, keep_rows=accepted)
     if late:
         warnings.add(p, f"{late} validation row{'s' if late > 1 else ''} logged after training "
                         f"(a later validate/test call) ignored")
+    for c in cols:
+        if c in (step_col, loss_col, epoch_col) or c in other_train or c in val_cols or c in test_cols:
+            continue
+        put(extra, c, c)
     if loss_col is None:
         notes.append("no training-loss column found (looked for: " + ", ".join(_TRAIN_LOSS_ORDER[:6]) + ", ...)")
     meta["extra_scalars"] = extra.frame("value", p, DataWarnings())

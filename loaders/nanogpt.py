@@ -26,7 +26,8 @@ _NANOGPT_KEYS = ("transformer.wte.weight", "transformer.h.0.attn.c_attn.weight",
 
 def is_nanogpt_dict(obj: Any) -> bool:
     """A training-checkpoint dict in nanoGPT's shape: a ``model`` state dict and ``model_args``."""
-    return isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and isinstance(obj.get("model_args"), Mapping)
+    return (isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping)
+            and isinstance(obj.get("model_args"), Mapping))
 
 
 def _plain(v: Any, depth: int = 0) -> Any:

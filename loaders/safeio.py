@@ -22,6 +22,8 @@ import json
 import math
 import os
 import stat
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -39,8 +41,11 @@ __all__ = [
     "iter_lines",
     "iter_line_batches",
     "parse_json_line",
+    "coerce_step",
     "coerce_steps",
+    "STEP_REASONS",
     "resolve_rewinds",
+    "rewind_keep",
 ]
 
 MAX_LINE = 1 << 20          # longest accepted log line (bytes); longer lines are skipped
@@ -320,6 +325,18 @@ class _DupKeys:
         return d
 
 
+_LOCAL = threading.local()
+
+
+def _decoder() -> tuple[json.JSONDecoder, _DupKeys]:
+    """One decoder per thread: ``json.loads(..., object_pairs_hook=)`` would build one per call."""
+    d = getattr(_LOCAL, "decoder", None)
+    if d is None:
+        hook = _DupKeys()
+        d = _LOCAL.decoder = (json.JSONDecoder(object_pairs_hook=hook), hook)
+    return d
+
+
 def parse_json_line(text: str, warnings: DataWarnings, path: str | os.PathLike[str],
                     lineno: int | None) -> dict[str, Any] | None:
     """Parse one JSONL record; ``None`` (with a warning naming file and line) if unusable.
@@ -330,9 +347,10 @@ def parse_json_line(text: str, warnings: DataWarnings, path: str | os.PathLike[s
     """
     if not text.strip():
         return None
-    hook = _DupKeys()
+    decoder, hook = _decoder()
+    hook.dups.clear()
     try:
-        obj = json.loads(text, object_pairs_hook=hook)
+        obj = decoder.decode(text)
     except json.JSONDecodeError as e:
         warnings.add(path, f"not valid JSON ({e.msg} at column {e.colno}), skipped", line=lineno)
         return None
@@ -348,7 +366,7 @@ def parse_json_line(text: str, warnings: DataWarnings, path: str | os.PathLike[s
     return obj
 
 
-def _coerce_one(v: Any) -> tuple[int | None, str | None]:
+def coerce_step(v: Any) -> tuple[int | None, str | None]:
     """One step value -> (int, None) or (None, reason)."""
     if isinstance(v, bool) or v is None:
         return None, "non-numeric"
@@ -371,7 +389,7 @@ def _coerce_one(v: Any) -> tuple[int | None, str | None]:
                 f = float(s)
             except ValueError:
                 return None, "non-numeric"
-            return _coerce_one(f)
+            return coerce_step(f)
     else:
         return None, "non-numeric"
     if v > _INT64_MAX or v < -_INT64_MAX - 1:
@@ -381,7 +399,7 @@ def _coerce_one(v: Any) -> tuple[int | None, str | None]:
     return v, None
 
 
-_REASONS = {
+STEP_REASONS = {
     "non-numeric": "with a missing or non-numeric step skipped",
     "non-integer": "with a non-integer step skipped",
     "out of range": "with step out of range (beyond int64) skipped",
@@ -419,11 +437,23 @@ def coerce_steps(values: Any, path: str | os.PathLike[str], warnings: DataWarnin
                    "out of range": int((~np.isnan(arr) & ~inrange).sum()),
                    "non-integer": int((inrange & ~whole).sum()), "negative": int(neg.sum())}
     else:
+        values_list = arr.tolist()
+        kinds = set(map(type, values_list))
+        if kinds and (kinds <= {int} or kinds <= {str}):
+            try:  # fast path: all Python ints or all integer strings
+                steps = np.array(values_list, dtype=np.int64)
+                keep = steps >= 0
+                n_neg = int((~keep).sum())
+                if n_neg:
+                    warnings.add(path, f"{n_neg} row{'s' if n_neg > 1 else ''} {STEP_REASONS['negative']}")
+                return steps, keep
+            except (ValueError, OverflowError, TypeError):
+                pass
         steps = np.zeros(n, dtype=np.int64)
         keep = np.zeros(n, dtype=bool)
         reasons = {}
-        for i, v in enumerate(arr.tolist()):
-            s, why = _coerce_one(v)
+        for i, v in enumerate(values_list):
+            s, why = coerce_step(v)
             if why is None:
                 steps[i] = s
                 keep[i] = True
@@ -431,7 +461,7 @@ def coerce_steps(values: Any, path: str | os.PathLike[str], warnings: DataWarnin
                 reasons[why] = reasons.get(why, 0) + 1
     for why, count in reasons.items():
         if count:
-            warnings.add(path, f"{count} row{'s' if count > 1 else ''} {_REASONS[why]}")
+            warnings.add(path, f"{count} row{'s' if count > 1 else ''} {STEP_REASONS[why]}")
     return steps, keep
 
 
@@ -446,10 +476,42 @@ def _rewinds(steps: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
     if n > 1:
         later_min[:-1] = np.minimum.accumulate(steps[::-1])[::-1][1:]
     keep = steps < later_min
-    run_max = np.maximum.accumulate(steps)
     points = np.flatnonzero(steps[1:] <= steps[:-1]) + 1  # the step goes back or repeats
-    events = [(int(steps[p]), int(run_max[p - 1])) for p in points]
+    # The timeline just before a resume is the segment since the previous resume (older rows at
+    # or above that segment's first step were overwritten already), so its maximum ends the overlap.
+    starts = np.concatenate(([0], points))[:-1]
+    events = [(int(steps[p]), int(steps[a:p].max())) for a, p in zip(starts, points, strict=True)]
     return keep, events
+
+
+def rewind_keep(steps_raw: Any, codes: np.ndarray | None, path: str | os.PathLike[str],
+                warnings: DataWarnings) -> tuple[np.ndarray, np.ndarray]:
+    """Numpy core of ``resolve_rewinds``: (indices of surviving rows in file order, their int64 steps).
+
+    ``codes``: an int group code per row (e.g. the series), or None for one group.
+    """
+    steps, ok = coerce_steps(steps_raw, path, warnings)
+    idx_ok = np.flatnonzero(ok)
+    s = steps[idx_ok]
+    events: list[tuple[int, int]] = []
+    if codes is None:
+        keep, events = _rewinds(s)
+    else:
+        c = np.asarray(codes)[idx_ok]
+        keep = np.ones(s.shape[0], dtype=bool)
+        merged: Counter[tuple[int, int]] = Counter()
+        for g in np.unique(c):
+            idx = np.flatnonzero(c == g)
+            k, ev = _rewinds(s[idx])
+            keep[idx] = k
+            merged |= Counter(ev)  # the same resume seen by several series is reported once
+        events = sorted(merged.elements())
+    for a, b in events[:_MAX_REWIND_WARNINGS]:
+        warnings.add(path, f"resume at step {a} (overlap {a}-{b})" if a != b else
+                     f"resume at step {a} (overlap {a})")
+    if len(events) > _MAX_REWIND_WARNINGS:
+        warnings.add(path, f"{len(events) - _MAX_REWIND_WARNINGS} more resumes (later values kept)")
+    return idx_ok[keep], s[keep]
 
 
 def resolve_rewinds(df: pd.DataFrame, path: str | os.PathLike[str], warnings: DataWarnings, *,
@@ -462,30 +524,8 @@ def resolve_rewinds(df: pd.DataFrame, path: str | os.PathLike[str], warnings: Da
     ``"series"``) the policy is applied within each group and identical warnings are merged.
     Returns a new frame in file order with an int64 step column.
     """
-    if df.empty:
-        out = df.copy()
-        out[step_col] = out[step_col].astype("int64") if out[step_col].dtype.kind in "iuf" else \
-            pd.Series(dtype="int64")
-        return out.reset_index(drop=True)
-    steps, ok = coerce_steps(df[step_col].to_numpy(), path, warnings)
-    df = df.loc[ok].copy()
-    df[step_col] = steps[ok]
-    s = df[step_col].to_numpy()
-    keep = np.ones(s.shape[0], dtype=bool)
-    events: list[tuple[int, int]] = []
-    if by is None:
-        keep, events = _rewinds(s)
-    else:
-        codes, _ = pd.factorize(df[by], use_na_sentinel=False)
-        for g in range(int(codes.max()) + 1 if codes.size else 0):
-            idx = np.flatnonzero(codes == g)
-            k, ev = _rewinds(s[idx])
-            keep[idx] = k
-            events.extend(e for e in ev if e not in events)
-        events.sort()
-    for a, b in events[:_MAX_REWIND_WARNINGS]:
-        warnings.add(path, f"resume at step {a} (overlap {a}-{b})" if a != b else
-                     f"resume at step {a} (overlap {a})")
-    if len(events) > _MAX_REWIND_WARNINGS:
-        warnings.add(path, f"{len(events) - _MAX_REWIND_WARNINGS} more resumes (later values kept)")
-    return df.loc[keep].reset_index(drop=True)
+    codes = None if by is None else pd.factorize(df[by], use_na_sentinel=False)[0]
+    rows, steps = rewind_keep(df[step_col].to_numpy(), codes, path, warnings)
+    out = df.iloc[rows].reset_index(drop=True)
+    out[step_col] = steps
+    return out

@@ -109,11 +109,11 @@ def iter_records(path: str | os.PathLike[str], warnings: DataWarnings, *,
             k += 1
 
 
-def _event_pb2() -> Any:
+def _event_pb2(path: str | os.PathLike[str] | None = None) -> Any:
     try:
         from tensorboard.compat.proto import event_pb2
     except ImportError:
-        raise TrainauditError(None, INSTALL_HINT) from None
+        raise TrainauditError(path, INSTALL_HINT) from None
     return event_pb2
 
 
@@ -134,10 +134,10 @@ def _tensor_scalar(v: Any) -> float | None:
     return None
 
 
-def read_event_scalars(path: str | os.PathLike[str], warnings: DataWarnings, *, root: str | os.PathLike[str] | None = None,
-                       tag_prefix: str = "") -> list[tuple[int, str, float, float]]:
+def read_event_scalars(path: str | os.PathLike[str], warnings: DataWarnings, *,
+                       root: str | os.PathLike[str] | None = None, tag_prefix: str = "") -> list[tuple[int, str, float, float]]:
     """All scalar values of one event file: ``(step, tag, value, wall_time)`` in file order."""
-    event_pb2 = _event_pb2()
+    event_pb2 = _event_pb2(path)
     from google.protobuf.message import DecodeError
 
     out: list[tuple[int, str, float, float]] = []
@@ -202,7 +202,7 @@ def read_tensorboard(path: str | os.PathLike[str], *, warnings: DataWarnings | N
     """One event file, or a folder of them (one resumed run: merged in time order) -> ``Run``."""
     p = Path(path)
     warnings = warnings if warnings is not None else DataWarnings()
-    _event_pb2()
+    _event_pb2(p)
     files = [p] if p.is_file() else find_event_files(p)
     if not files:
         raise TrainauditError(p, "no TensorBoard event files (names containing 'tfevents')")
@@ -215,7 +215,7 @@ def read_tensorboard(path: str | os.PathLike[str], *, warnings: DataWarnings | N
         try:
             rows.extend(read_event_scalars(f, warnings, root=root, tag_prefix=prefix))
         except TrainauditError as e:
-            if e.path is None:
+            if e.problem == INSTALL_HINT:
                 raise
             warnings.add(f, e.problem)
     tags = sorted({t for _, t, _, _ in rows})

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from loaders.errors import DataWarnings, TrainauditError
-from loaders.lightning_csv import STEP_KEYS, _records_to_run, read_metrics_csv
-from loaders.longtables import Triples, build_run, to_float
+from loaders.lightning_csv import STEP_KEYS, read_metrics_csv, wide_to_run
+from loaders.longtables import Triples, WideLog, build_run, to_float
 from loaders.run import Run
 from loaders.safeio import iter_line_batches, parse_json_line, read_bounded
 
@@ -102,12 +102,14 @@ def read_llmc(path: str | os.PathLike[str], *, warnings: DataWarnings | None = N
                     first_other = first_other or start + i
                 continue
             step, vals = parsed
+            if step.isdigit():
+                step = int(step)  # the common case; anything else goes through coerce_steps
             for kind, series, v in vals:
                 (train if kind == "train" else evals).add(step, series, v)
     notes = []
     if other:
         notes.append(f"{other} lines that are not loss records skipped (first at line {first_other})")
-    if not train.steps and not evals.steps:
+    if len(train) == 0 and len(evals) == 0:
         raise TrainauditError(p, "no loss records found (expected llm.c lines like 's:N trl:X')")
     return build_run(p, "llmc", train=train, evals=evals, warnings=warnings, notes=notes,
                      meta={"log_file": str(p)})
@@ -115,23 +117,22 @@ def read_llmc(path: str | os.PathLike[str], *, warnings: DataWarnings | None = N
 
 def read_jsonl(path: str | os.PathLike[str], *, warnings: DataWarnings | None = None,
                root: str | os.PathLike[str] | None = None) -> Run:
-    """JSON Lines of ``{"step": ..., "loss": ..., "val_loss": ...}`` records -> ``Run``."""
+    """JSON Lines of ``{"step": ..., "loss": ..., "val_loss": ...}`` records -> ``Run``.
+
+    Records are streamed into a column store (``WideLog``): memory grows with the numeric
+    cells (16 bytes each), not with the text.
+    """
     p = Path(path)
     warnings = warnings if warnings is not None else DataWarnings()
-    records: list[tuple[int, dict[str, Any]]] = []
-    cols: dict[str, None] = {}
+    log = WideLog(STEP_KEYS)
     for start, lines in iter_line_batches(p, warnings, root=root):
         for i, line in enumerate(lines):
             rec = parse_json_line(line, warnings, p, start + i)
-            if rec is None:
-                continue
-            flat = _flatten(rec)
-            cols.update(dict.fromkeys(flat))
-            records.append((start + i, flat))
-    if not records:
+            if rec is not None:
+                log.add(_flatten(rec))
+    if log.n == 0:
         raise TrainauditError(p, "no JSON records found")
-    return _records_to_run(p, records, list(cols), warnings, source_format="jsonl", run_path=p, meta=None,
-                           checkpoints=None)
+    return wide_to_run(p, log, warnings, source_format="jsonl", run_path=p)
 
 
 def read_csv_log(path: str | os.PathLike[str], *, warnings: DataWarnings | None = None,
@@ -157,12 +158,10 @@ def read_json_log(path: str | os.PathLike[str], *, warnings: DataWarnings | None
         raise TrainauditError(p, f"not valid JSON ({type(e).__name__})") from None
     notes: list[str] = []
     if isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
-        records = [(i + 1, _flatten(r)) for i, r in enumerate(obj)]
-        cols: dict[str, None] = {}
-        for _, r in records:
-            cols.update(dict.fromkeys(r))
-        return _records_to_run(p, records, list(cols), warnings, source_format="json", run_path=p, meta=None,
-                               checkpoints=None)
+        log = WideLog(STEP_KEYS)
+        for r in obj:
+            log.add(_flatten(r))
+        return wide_to_run(p, log, warnings, source_format="json", run_path=p)
     train, evals = Triples(), Triples()
     if isinstance(obj, list):
         if not obj or to_float(obj[0]) is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import math
 from collections.abc import Sequence
 
 import matplotlib
@@ -21,6 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
 
 __all__ = [
     "DPI", "label", "new_figure", "fig_to_data_uri", "plot_loss", "plot_spikes", "plot_grad_norm",
@@ -238,8 +238,9 @@ def plot_attention_entropy(table: pd.DataFrame, ax: Axes) -> None:
     """Panel 6b: mean normalised attention entropy per head over checkpoints (0 = one key, 1 = uniform)."""
     t = table.assign(head_name=[f"L{layer} H{head}" for layer, head in zip(table["layer"], table["head"])])
     for i, (name, g) in enumerate(_series(t, "head_name", "mean_norm_entropy", order_by_last=False)):
+        shown = i < MAX_LINES
         ax.plot(g["step"], g["mean_norm_entropy"].astype(float), lw=1.2, marker="o", ms=2,
-                color=PALETTE[i % len(PALETTE)] if i < MAX_LINES else "#b0b0b0", label=label(name) if i < MAX_LINES else None)
+                color=PALETTE[i % len(PALETTE)] if shown else "#b0b0b0", label=label(name) if shown else None)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("checkpoint step")
     ax.set_ylabel("mean H_q / log(keys)")
@@ -270,7 +271,7 @@ def plot_attention_heads(table: pd.DataFrame, ax: Axes) -> None:
             ax.text(j, i, f"{v:.2f}" + ("\ndead" if dead[i, j] else ""), ha="center", va="center", fontsize=7,
                     color="white" if not np.isfinite(v) or v < np.nanmax(grid) * 0.6 else "black")
     for i, j in zip(*np.nonzero(dead)):
-        ax.add_patch(matplotlib.patches.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="#d62728", lw=2))
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="#d62728", lw=2))
     ax.set_title(f"step {int(table['step'].max())}", fontsize=9)
 
 
@@ -315,8 +316,9 @@ def plot_tau(table: pd.DataFrame, ax: Axes, *, expected: bool = False, last_step
                 lo_s, hi_s = 0.8 * end, end
             if lo_s > end:
                 continue
-            ax.add_patch(matplotlib.patches.Rectangle((lo_s, lo), min(hi_s, end) - lo_s, hi - lo, color="#999999",
-                                                      alpha=0.25, lw=0, label="sheet's expected tau" if i == 0 else None))
+            box = Rectangle((lo_s, lo), min(hi_s, end) - lo_s, hi - lo, color="#999999",
+                                               alpha=0.25, lw=0, label="sheet's expected tau" if i == 0 else None)
+            ax.add_patch(box)
     tr = table[table["source"] == "train"].sort_values("step")
     if len(tr):
         t, se = tr["tau"].to_numpy(float), np.nan_to_num(tr["se"].to_numpy(float))
@@ -379,10 +381,3 @@ def plot_logits(attn_logits: pd.DataFrame, eval_set: pd.DataFrame, axes: Sequenc
         ax.set_xlabel("checkpoint step")
     _legend(ax2)
 
-
-def finite_or_none(x: object) -> float | None:
-    try:
-        v = float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None

@@ -16,7 +16,7 @@ import hashlib
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +29,6 @@ from markupsafe import Markup
 
 from analyze.tables import TABLE_COLUMNS
 from loaders.errors import TrainauditError
-from reports import figures as F
 
 __all__ = ["render_report", "write_report", "write_text_atomic", "clean_text", "short_name", "CSP", "Panel"]
 
@@ -139,10 +138,10 @@ class FigureCache:
         self.hits = 0
 
     @staticmethod
-    def key(draw: Callable[..., None], args: tuple, kwargs: dict) -> str:
+    def key(draw: str, args: tuple, kwargs: dict) -> str:
         h = hashlib.sha256()
-        src = Path(F.__file__).stat()
-        h.update(f"{draw.__name__}|{src.st_size}|{src.st_mtime_ns}|{FIGURE_VERSION}".encode())
+        src = FIGURES_SOURCE.stat()  # a change to the drawing code redraws everything
+        h.update(f"{draw}|{src.st_size}|{src.st_mtime_ns}|{FIGURE_VERSION}".encode())
         for a in args:
             if isinstance(a, pd.DataFrame):
                 h.update(repr((list(a.columns), a.shape)).encode())
@@ -186,19 +185,23 @@ class FigureCache:
 
 
 FIGURE_VERSION = 1
+FIGURES_SOURCE = Path(__file__).with_name("figures.py")
 _NO_CACHE = FigureCache(None)
 
 
-def _figure(draw: Callable[..., None], *args: Any, nrows: int = 1, ncols: int = 1, height: float = 3.2,
+def _figure(draw: str, *args: Any, nrows: int = 1, ncols: int = 1, height: float = 3.2,
             width: float = 8.0, sharex: bool = False, **kwargs: Any) -> str:
-    fig, axes = F.new_figure(nrows, ncols, width=width, height=height, sharex=sharex)
+    """Draw `reports.figures.<draw>` on a new figure and return it as a data URI. matplotlib is
+    imported here, on the first figure that is not in the cache."""
+    from reports import figures
+
+    fig, axes = figures.new_figure(nrows, ncols, width=width, height=height, sharex=sharex)
     target = axes.flat[0] if nrows * ncols == 1 else list(axes.flat)
-    draw(*args, target, **kwargs)
-    return F.fig_to_data_uri(fig)
+    getattr(figures, draw)(*args, target, **kwargs)
+    return figures.fig_to_data_uri(fig)
 
 
-def _safe_figure(panel: Panel, cache: FigureCache, alt: str, draw: Callable[..., None], *args: Any,
-                 **kwargs: Any) -> None:
+def _safe_figure(panel: Panel, cache: FigureCache, alt: str, draw: str, *args: Any, **kwargs: Any) -> None:
     """Draw one figure (or take it from the cache); a drawing failure becomes a line in the panel
     instead of a lost report."""
     key = FigureCache.key(draw, args, kwargs) if cache.folder is not None else ""
@@ -243,7 +246,8 @@ def _spectral_tables(t: pd.DataFrame) -> tuple[list[Table], list[str]]:
                          f"{fmt_num(np.nanmax(rel), 2)} (target 1e-3), largest own error bound "
                          f"{fmt_num(ok['err_bound'].astype(float).max(), 2)}; the sheet's power iteration max relative "
                          f"error {fmt_num(np.nanmax(prel), 2)}, above 1e-3 on {int((prel > 1e-3).sum())} of {n}. "
-                         f"Warm-started from the previous checkpoint's vector: {warm} of {n} default estimates, {pwarm} of {n} "
+                         f"Warm-started from the previous checkpoint's vector: {warm} of {n} default estimates, "
+                         f"{pwarm} of {n} "
                          "power iterations.")
         else:
             lines.append(f"Exact SVD was off, so the estimates are not validated here (largest own error bound "
@@ -290,7 +294,7 @@ def build_panels(result: Any, cache: FigureCache = _NO_CACHE) -> list[Panel]:
     else:
         if "overfitting" in result.headlines:
             p.lines.append("Verdict: " + result.headlines["overfitting"])
-        _safe_figure(p, cache, "training and validation loss", F.plot_loss, T["train"], T["evals"],
+        _safe_figure(p, cache, "training and validation loss", "plot_loss", T["train"], T["evals"],
                      divergence_step=of.get("divergence_step"), val_min_step=of.get("val_min_step"),
                      gl_step=of.get("gl5_step"), val_series=of.get("val_series"), height=3.6)
         facts = _of_facts(result)
@@ -308,14 +312,14 @@ def build_panels(result: Any, cache: FigureCache = _NO_CACHE) -> list[Panel]:
         p.reason = why["spikes"]
     else:
         p.lines.append(result.headlines.get("spikes", ""))
-        _safe_figure(p, cache, "loss and grad-norm spikes", F.plot_spikes, T["train"], nrows=2, height=2.4, sharex=True)
+        _safe_figure(p, cache, "loss and grad-norm spikes", "plot_spikes", T["train"], nrows=2, height=2.4, sharex=True)
         sp = T["spikes"]
         if len(sp):
-            p.tables.append(Table("Spike events", [("series", "series", "text"), ("kind", "kind", "text"),
-                                                   ("first_step", "first step", "num"), ("peak_step", "peak step", "num"),
-                                                   ("height_mad", "height (robust sigmas)", "num"),
-                                                   ("length", "length (logged steps)", "num")],
-                                  _records(sp, 50), note=f"{len(sp) - 50} more in tables/spikes.csv" if len(sp) > 50 else ""))
+            cols = [("series", "series", "text"), ("kind", "kind", "text"), ("first_step", "first step", "num"),
+                    ("peak_step", "peak step", "num"), ("height_mad", "height (robust sigmas)", "num"),
+                    ("length", "length (logged steps)", "num")]
+            more = f"{len(sp) - 50} more in tables/spikes.csv" if len(sp) > 50 else ""
+            p.tables.append(Table("Spike events", cols, _records(sp, 50), note=more))
     panels.append(p)
 
     p = Panel("grad_norm", "3", "Global gradient norm",
@@ -324,7 +328,7 @@ def build_panels(result: Any, cache: FigureCache = _NO_CACHE) -> list[Panel]:
     if why.get("grad_norm"):
         p.reason = why["grad_norm"]
     else:
-        _safe_figure(p, cache, "global gradient norm", F.plot_grad_norm, T["train"])
+        _safe_figure(p, cache, "global gradient norm", "plot_grad_norm", T["train"])
     panels.append(p)
 
     p = Panel("activations", "4", "Activation magnitude per layer",
@@ -333,7 +337,7 @@ def build_panels(result: Any, cache: FigureCache = _NO_CACHE) -> list[Panel]:
     if why.get("activations"):
         p.reason = why["activations"]
     else:
-        _safe_figure(p, cache, "activation magnitude", F.plot_activations, T["activations"])
+        _safe_figure(p, cache, "activation magnitude", "plot_activations", T["activations"])
         p.lines.append("Mean |A| of each block's output on the stored evaluation set; the band is +-1 sigma "
                        "over evaluation batches (Welford).")
     panels.append(p)
@@ -344,19 +348,20 @@ def build_panels(result: Any, cache: FigureCache = _NO_CACHE) -> list[Panel]:
     if why.get("spectral"):
         p.reason = why["spectral"]
     else:
-        _safe_figure(p, cache, "spectral norm per weight matrix", F.plot_spectral, T["spectral"], height=3.6)
+        _safe_figure(p, cache, "spectral norm per weight matrix", "plot_spectral", T["spectral"], height=3.6)
         tables, lines = _spectral_tables(T["spectral"])
         p.lines += lines
         p.tables += tables
     panels.append(p)
 
     p = Panel("dead_neurons", "6a", "Dead FFN units",
-              "Healthy: no dead units (a unit is dead when |H| < eps on every evaluation token) and few near-dead ones.")
+              "Healthy: no dead units (a unit is dead when |H| < eps on every evaluation token) and few "
+              "near-dead ones.")
     if why.get("dead_neurons"):
         p.reason = why["dead_neurons"]
     else:
         dn = T["dead_neurons"]
-        _safe_figure(p, cache, "dead FFN units", F.plot_dead_neurons, dn, height=3.0)
+        _safe_figure(p, cache, "dead FFN units", "plot_dead_neurons", dn, height=3.0)
         last = dn[dn["step"] == dn["step"].max()]
         for r in last.itertuples(index=False):
             p.lines.append(f"{r.layer}: {int(r.dead_count)} of {int(r.d_ff)} units dead on {int(r.n_tokens):,} tokens "
@@ -372,8 +377,9 @@ def build_panels(result: Any, cache: FigureCache = _NO_CACHE) -> list[Panel]:
         p.reason = why["attention"]
     else:
         at = T["attention"]
-        _safe_figure(p, cache, "attention entropy per head over checkpoints", F.plot_attention_entropy, at, height=3.0)
-        _safe_figure(p, cache, "attention entropy per layer and head", F.plot_attention_heads, at, height=2.6, width=6.5)
+        _safe_figure(p, cache, "attention entropy per head over checkpoints", "plot_attention_entropy", at, height=3.0)
+        _safe_figure(p, cache, "attention entropy per layer and head", "plot_attention_heads", at, height=2.6,
+                     width=6.5)
         last = at[at["step"] == at["step"].max()].sort_values(["layer", "head"])
         p.tables.append(Table(f"Heads at step {int(at['step'].max())}", [
             ("layer", "layer", "num"), ("head", "head", "num"), ("mean_entropy", "mean H (nats)", "num"),
@@ -390,11 +396,12 @@ def build_panels(result: Any, cache: FigureCache = _NO_CACHE) -> list[Panel]:
         p.reason = why["class_losses"]
     else:
         cl = T["class_losses"]
-        _safe_figure(p, cache, "per-class loss", F.plot_class_losses, cl)
+        _safe_figure(p, cache, "per-class loss", "plot_class_losses", cl)
         if "tau" in result.headlines:
             p.lines.append(result.headlines["tau"])
         if len(T["tau"]):
-            _safe_figure(p, cache, "tau with 2-SE band", F.plot_tau, T["tau"], expected=bool(info.get("builtin_corpus")),
+            _safe_figure(p, cache, "tau with 2-SE band", "plot_tau", T["tau"],
+                         expected=bool(info.get("builtin_corpus")),
                          last_step=float(T["train"]["step"].max()) if len(T["train"]) else None)
             if info.get("builtin_corpus"):
                 p.lines.append("Grey boxes: the sheet's expected tau on the built-in corpus (near 0 at the start, "
@@ -416,12 +423,12 @@ def build_panels(result: Any, cache: FigureCache = _NO_CACHE) -> list[Panel]:
         p.reason = why["grad_ratio"]
     else:
         if len(T["grad_ratio"]):
-            _safe_figure(p, cache, "grad-to-weight ratio", F.plot_grad_ratio, T["grad_ratio"], height=3.4)
+            _safe_figure(p, cache, "grad-to-weight ratio", "plot_grad_ratio", T["grad_ratio"], height=3.4)
             p.lines.append("rho from one backward pass on an evaluation batch at each checkpoint (offline).")
         elif why.get("activations"):
             p.lines.append(f"No offline rho: {why['activations']}")
         if len(T["update_ratio"]):
-            _safe_figure(p, cache, "update ratio per step", F.plot_update_ratio, T["update_ratio"], height=3.4)
+            _safe_figure(p, cache, "update ratio per step", "plot_update_ratio", T["update_ratio"], height=3.4)
         gr = T["grad_ratio"]
         if len(gr):
             last = gr[gr["step"] == gr["step"].max()].sort_values("rho", ascending=False)
@@ -436,7 +443,7 @@ def build_panels(result: Any, cache: FigureCache = _NO_CACHE) -> list[Panel]:
     if why.get("logits"):
         p.reason = why["logits"]
     elif len(T["attention_logits"]) or len(T["eval_set"]):
-        _safe_figure(p, cache, "max attention logit and log Z", F.plot_logits, T["attention_logits"], T["eval_set"],
+        _safe_figure(p, cache, "max attention logit and log Z", "plot_logits", T["attention_logits"], T["eval_set"],
                      ncols=2, height=3.0, width=9.0)
         es = T["eval_set"]
         if len(es):

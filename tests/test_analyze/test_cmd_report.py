@@ -18,9 +18,22 @@ REQUIRED_SPECTRAL = ("step", "tensor", "shape", "method", "sigma_est", "err_boun
                      "rel_err", "power_rel_err", "iterations", "warm_start", "sigma_ratio")
 
 
+def shared_report_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One report folder of the tiny demo run per session (test_browser.py reuses it, cached)."""
+    return tmp_path_factory.getbasetemp() / "tiny-demo-report"
+
+
+def seed_figures(src: Path, dst: Path) -> None:
+    """Copy drawn figures from an earlier report: figures are keyed by their tables' content, so
+    unchanged panels are not drawn again (keeps these tests fast; the cache itself is tested)."""
+    if (src / "cache" / "figures").is_dir():
+        shutil.copytree(src / "cache" / "figures", dst / "cache" / "figures", dirs_exist_ok=True)
+
+
 @pytest.fixture(scope="module")
 def reported(tiny_demo_run: Path, tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("report")
+    out = shared_report_dir(tmp_path_factory)
+    shutil.rmtree(out, ignore_errors=True)  # this fixture times a cold run
     first = CliRunner().invoke(main, ["report", str(tiny_demo_run), "--out", str(out)])
     second = CliRunner().invoke(main, ["report", str(tiny_demo_run), "--out", str(out)])
     return out, first, second
@@ -85,29 +98,37 @@ def test_unreadable_input_exits_2_with_one_line(tmp_path: Path) -> None:
     res = CliRunner().invoke(report, [str(empty)])
     assert res.exit_code == 2 and res.stderr.strip().count("\n") == 0, res.output
     assert "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["report", str(empty), "--format", "no-such-format"])
+    assert res.exit_code == 2 and "no-such-format" in res.stderr and res.stderr.strip().count("\n") == 0
 
 
-def test_strict_turns_data_warnings_into_exit_2(tiny_demo_run: Path, tmp_path: Path) -> None:
+def test_strict_turns_data_warnings_into_exit_2(reported, tiny_demo_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(tiny_demo_run, run, ignore=shutil.ignore_patterns("report"))
     with open(run / "train.csv", "a") as f:
         f.write("41,0.5,1.0")  # a torn last line: the reader skips it with a warning
-    res = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / "o1")])
+    out = tmp_path / "o"
+    seed_figures(reported[0], out)
+    res = CliRunner().invoke(main, ["report", str(run), "--out", str(out)])
     assert res.exit_code == 0, res.output
-    html = (tmp_path / "o1" / "report.html").read_text(encoding="utf-8")
+    html = (out / "report.html").read_text(encoding="utf-8")
     assert "incomplete final line" in html and "Data issues" in html
-    strict = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / "o2"), "--strict"])
+    (out / "report.html").unlink()
+    (out / "summary.json").unlink()
+    strict = CliRunner().invoke(main, ["report", str(run), "--out", str(out), "--strict"])
     assert strict.exit_code == 2
-    assert (tmp_path / "o2" / "report.html").exists() and (tmp_path / "o2" / "summary.json").exists()
-    summary = json.loads((tmp_path / "o2" / "summary.json").read_text())
+    assert "(--strict)" in strict.stderr
+    assert (out / "report.html").exists() and (out / "summary.json").exists()  # written before exiting
+    summary = json.loads((out / "summary.json").read_text())
     assert any("incomplete final line" in n for n in summary["notes"])
 
 
-def test_default_out_dir_and_no_exact_svd(tiny_demo_run: Path, tmp_path: Path) -> None:
+def test_default_out_dir_and_no_exact_svd(reported, tiny_demo_run: Path, tmp_path: Path) -> None:
     assert default_out_dir(tiny_demo_run) == tiny_demo_run / "report"
     f = tmp_path / "trainer_state.json"
     f.write_text("{}")
     assert default_out_dir(f) == tmp_path / "trainer_state-report"
+    seed_figures(reported[0], tmp_path / "o")
     files = write_full_report(tiny_demo_run, tmp_path / "o", exact_svd=False)
     sp = pd.read_csv(files.tables_dir / "spectral.csv")
     assert sp["sigma_exact"].isna().all() and sp["sigma_est"].notna().all()
@@ -119,3 +140,28 @@ def test_report_help_lists_the_contract_options() -> None:
     assert res.exit_code == 0
     for opt in ("--out", "--exact-svd / --no-exact-svd", "--strict", "--format", "--model", "--workers"):
         assert opt in res.output
+
+
+def test_user_model_only_through_explicit_model_option(tiny_demo_run: Path, tmp_path: Path, monkeypatch) -> None:
+    from analyze.config import AnalysisConfig
+    from analyze.pipeline import analyze_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_demo_run, run, ignore=shutil.ignore_patterns("report", "checkpoints"))
+    (run / "checkpoints").mkdir()
+    shutil.copy(tiny_demo_run / "checkpoints" / "step_00000040.safetensors", run / "checkpoints")
+    meta = json.loads((run / "run.json").read_text())
+    meta["model"] = None  # the run names no model: nothing may be imported on its behalf
+    (run / "run.json").write_text(json.dumps(meta))
+    res = analyze_run(run)
+    assert "--model" in res.panels["activations"] and res.tables["activations"].empty
+    (tmp_path / "my_factory_mod.py").write_text(
+        "from analyze.demo import corpus\n"
+        "from analyze.demo.model import MiniGPT, MiniGPTConfig\n"
+        "def build(config):\n"
+        "    return MiniGPT(MiniGPTConfig(vocab_size=len(corpus.vocabulary()), context=corpus.CONTEXT))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    res = analyze_run(run, AnalysisConfig(model_factory="my_factory_mod:build"))
+    assert res.panels["activations"] == "" and len(res.tables["activations"]) == 2
+    bad = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / "o"), "--model", "nope_mod:f"])
+    assert bad.exit_code == 2 and "--model nope_mod:f" in bad.stderr and "Traceback" not in bad.output

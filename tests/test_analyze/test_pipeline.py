@@ -19,9 +19,6 @@ from analyze.pipeline import analyze_run
 from analyze.tables import TABLE_COLUMNS, validate_summary
 from loaders.run import CheckpointRef, Run
 
-RNG = np.random.default_rng(1234)
-
-
 def _matrix(m: int, n: int, s: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     u, _ = np.linalg.qr(rng.standard_normal((m, m)))
     v, _ = np.linalg.qr(rng.standard_normal((n, n)))
@@ -161,12 +158,21 @@ def test_nonfinite_loss_and_unreadable_checkpoint(tmp_path: Path) -> None:
     bad = tmp_path / "checkpoints" / "step_00000999.safetensors"
     bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
     run.checkpoints.insert(1, CheckpointRef(140, bad, "safetensors"))
+    nan_w = torch.ones(8, 4)
+    nan_w[2, 1] = float("nan")
+    nan_ck = tmp_path / "checkpoints" / "step_00000400.safetensors"
+    save_file({"layer.weight": nan_w}, str(nan_ck))
+    run.checkpoints.append(CheckpointRef(400, nan_ck, "safetensors"))
     res = analyze_run(run, AnalysisConfig(exact_svd=True))
+    bad_w = [f for f in res.findings if f.code == "nonfinite_weights"]
+    assert [(f.severity, f.tensor, f.step) for f in bad_w] == [("error", "layer.weight", 400)]
+    row = res.tables["spectral"].query("step == 400").iloc[0]
+    assert not row["finite"] and np.isnan(float(row["sigma_est"]))
     nonfin = [f for f in res.findings if f.code == "nonfinite_loss"]
     assert len(nonfin) == 1 and nonfin[0].step == 250 and nonfin[0].severity == "error"
     assert res.findings[0].severity == "error"  # errors are listed first
     # partial kept: the corrupt checkpoint is a data warning, the other three are analysed
-    assert sorted(res.tables["spectral"]["step"]) == [0, 150, 300]
+    assert sorted(res.tables["spectral"]["step"]) == [0, 150, 300, 400]
     assert any("step 140 skipped" in w for w in res.data_warnings)
     assert any(f.code == "data_warnings" for f in res.findings)
 

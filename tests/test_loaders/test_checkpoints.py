@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import json
 import os
 import pickle
@@ -526,4 +525,3 @@ def test_torch_zip_bytes_are_not_unpickled_by_the_listing(tmp_path: Path) -> Non
     with pytest.raises(TrainauditError):
         checkpoint_info(p)
     assert not mark.exists()
-    assert io is not None

@@ -18,7 +18,8 @@ from loaders.errors import DataWarnings, TrainauditError
 from loaders.lightning_csv import read_lightning, read_metrics_csv
 
 
-def lightning_rows(epochs: int = 3, steps_per_epoch: int = 100, log_every: int = 25) -> list[dict]:  # type: ignore[type-arg]
+def lightning_rows(epochs: int = 3, steps_per_epoch: int = 100,
+                   log_every: int = 25) -> list[dict]:  # type: ignore[type-arg]
     """The rows a fit() with on_step+on_epoch training loss and per-epoch validation logs."""
     rows = []
     g = 0
@@ -32,7 +33,8 @@ def lightning_rows(epochs: int = 3, steps_per_epoch: int = 100, log_every: int =
     return rows
 
 
-def write_lightning_csv(path: Path, rows: list[dict], extra_lines: dict[int, str] | None = None) -> Path:  # type: ignore[type-arg]
+def write_lightning_csv(path: Path, rows: list[dict],  # type: ignore[type-arg]
+                        extra_lines: dict[int, str] | None = None) -> Path:
     keys = sorted({k for r in rows for k in r})
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys)

@@ -30,7 +30,8 @@ MODEL_ARGS = {"n_layer": 2, "n_head": 2, "n_embd": 8, "block_size": 6, "bias": F
               "dropout": 0.0}
 
 
-def save_ckpt(p: Path, sd: dict[str, torch.Tensor], model_args: dict | None = None, **extra) -> Path:  # type: ignore[no-untyped-def,type-arg]
+def save_ckpt(p: Path, sd: dict[str, torch.Tensor], model_args: dict | None = None,  # type: ignore[type-arg]
+              **extra) -> Path:  # type: ignore[no-untyped-def]
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
     ckpt = {"model": sd, "optimizer": opt.state_dict(), "model_args": model_args or MODEL_ARGS,
             "iter_num": 2000, "best_val_loss": torch.tensor(1.5052),

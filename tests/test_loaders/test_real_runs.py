@@ -13,7 +13,8 @@ import pytest
 from loaders.detect import open_run
 
 REAL = Path(__file__).resolve().parents[3] / "shared" / "real-runs"
-FILES = sorted(p.name for p in REAL.iterdir() if p.name not in ("README.md", "_provenance.json")) if REAL.is_dir() else []
+FILES = (sorted(p.name for p in REAL.iterdir() if p.name not in ("README.md", "_provenance.json"))
+         if REAL.is_dir() else [])
 
 pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason="../shared/real-runs is absent")
 

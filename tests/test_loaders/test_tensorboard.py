@@ -174,3 +174,14 @@ def test_keras_style_split_folders(tmp_path: Path) -> None:
     run = read_tensorboard(tmp_path)
     assert run.series("loss")["value"].tolist() == [1.0, 2.0, 3.0]
     assert run.evals["series"].unique().tolist() == ["validation/epoch_loss"]
+
+
+def test_missing_tensorboard_gives_an_install_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from loaders.errors import TrainauditError
+    f = write_run(tmp_path, range(3))
+    monkeypatch.setitem(sys.modules, "tensorboard.compat.proto", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "tensorboard.compat.proto.event_pb2", None)
+    with pytest.raises(TrainauditError, match=r"pip install trainaudit\[tensorboard\]"):
+        read_tensorboard(f)

@@ -163,7 +163,7 @@ def test_harness_sees_requests_and_errors(tmp_path: Path) -> None:
 def report_file(tiny_demo_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from analyze.cli import main
 
-    out = tmp_path_factory.mktemp("browser-report")
+    out = tmp_path_factory.getbasetemp() / "tiny-demo-report"  # shared with test_cmd_report.py: cached there
     res = CliRunner().invoke(main, ["report", str(tiny_demo_run), "--out", str(out)])
     assert res.exit_code == 0, res.output
     return out / "report.html"

@@ -77,9 +77,11 @@ def hostile_run(tmp: Path, *, name: str = EVIL) -> Run:
     ck = tmp / "ck"
     ck.mkdir(parents=True, exist_ok=True)
     refs = []
+    gen = torch.Generator().manual_seed(0)
     for j, step in enumerate((0, 60, 119)):
         p = ck / f"{j}.safetensors"
-        save_file({"<script>alert(1)</script>": torch.randn(16, 8) * (1 + j), "x.bias": torch.zeros(3)}, str(p))
+        w = torch.randn(16, 8, generator=gen) * (1 + j)
+        save_file({"<script>alert(1)</script>": w, "x.bias": torch.zeros(3)}, str(p))
         refs.append(CheckpointRef(step, p, "safetensors"))
     return Run(path=tmp / EVIL, name=name, source_format="synthetic", scalars=scalars, evals=evals, class_losses=cls,
                checkpoints=refs, class_names=["<script>", "ok"],
@@ -88,10 +90,15 @@ def hostile_run(tmp: Path, *, name: str = EVIL) -> Run:
 
 
 @pytest.fixture(scope="module")
-def hostile_html(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, object]:
+def fig_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("figures")
+
+
+@pytest.fixture(scope="module")
+def hostile_html(tmp_path_factory: pytest.TempPathFactory, fig_cache: Path) -> tuple[str, object]:
     tmp = tmp_path_factory.mktemp("hostile")
     res = analyze_run(hostile_run(tmp), AnalysisConfig(exact_svd=True))
-    return H.render_report(res, {"<i>extra</i>": "<u>v</u>"}), res
+    return H.render_report(res, {"<i>extra</i>": "<u>v</u>"}, figure_cache=fig_cache), res
 
 
 def test_checker_catches_live_markup() -> None:
@@ -141,11 +148,11 @@ def test_self_contained_and_csp(hostile_html) -> None:
     assert "url(" not in p.style
 
 
-def test_unicode_tricks_are_neutralised(tmp_path: Path) -> None:
+def test_unicode_tricks_are_neutralised(tmp_path: Path, hostile_html, fig_cache: Path) -> None:
     long_tail = "x" * 1_000_000
     name = "a\x00b\ud800c\u202ed" + long_tail
-    res = analyze_run(hostile_run(tmp_path, name=name), AnalysisConfig(exact_svd=False))
-    doc = H.render_report(res)
+    res = analyze_run(hostile_run(tmp_path, name=name), AnalysisConfig(exact_svd=True))
+    doc = H.render_report(res, figure_cache=fig_cache)  # same tables as hostile_html: figures from the cache
     doc.encode("utf-8")  # no lone surrogate survives (strict encoding would raise)
     assert "\x00" not in doc and "\u202e" not in doc and "[U+202E]" in doc
     p = _Collect()
@@ -174,14 +181,13 @@ def test_write_is_atomic_and_disk_full_leaves_old_report(tmp_path: Path, monkeyp
     assert target.read_text() == "new report"
 
 
-def test_figure_cache_draws_nothing_the_second_time(hostile_html, tmp_path: Path, monkeypatch) -> None:
-    _, res = hostile_html
-    first = H.render_report(res, figure_cache=tmp_path / "fig")
-    n = len(list((tmp_path / "fig").glob("*.b64")))
-    assert n >= 5
+def test_figure_cache_draws_nothing_the_second_time(hostile_html, fig_cache: Path, monkeypatch) -> None:
+    first, res = hostile_html
+    n_img = first.count('<img src="data:image/png;base64,')
+    assert n_img >= 5 and len(list(fig_cache.glob("*.b64"))) == n_img
     calls = []
     monkeypatch.setattr(H, "_figure", lambda *a, **k: calls.append(a) or "data:image/png;base64,")
-    second = H.render_report(res, figure_cache=tmp_path / "fig")
+    second = H.render_report(res, {"<i>extra</i>": "<u>v</u>"}, figure_cache=fig_cache)
     assert calls == []
     strip = lambda s: re.sub(r"on \d{4}-\d\d-\d\d \d\d:\d\d UTC", "", s)  # noqa: E731
     assert strip(first) == strip(second)
@@ -194,3 +200,15 @@ def test_fmt_num_and_names() -> None:
     assert H.clean_text("a\x00\x07b") == "a\ufffd\ufffdb"
     s = H.short_name("n" * 500)
     assert len(s) == 80 and "\u2026" in s
+
+
+def test_template_quotes_every_attribute_and_builds_no_url_from_input() -> None:
+    text = (H.TEMPLATES / "report.html.j2").read_text(encoding="utf-8")
+    tags = re.findall(r"<[a-zA-Z][^<>]*>", re.sub(r"\{#.*?#\}", "", text, flags=re.S))
+    assert len(tags) > 30
+    for tag in tags:
+        # every name=value has its value in double quotes (autoescape does not protect unquoted ones)
+        for m in re.finditer(r"""\s([\w-]+)=("[^"]*"|'[^']*'|[^\s"'>]+)""", tag):
+            assert m.group(2).startswith('"'), tag
+    # the only src is the figure data URI the report draws itself; no href at all
+    assert re.findall(r'\b(?:src|href)="([^"]*)"', text) == ["{{ uri }}"]
