@@ -14,6 +14,7 @@ from torch import Tensor
 __all__ = [
     "RHO_HEALTHY",
     "classify_rho",
+    "frobenius_norm",
     "global_grad_norm",
     "grad_to_weight_ratio",
     "update_ratio",
@@ -48,8 +49,34 @@ def global_grad_norm(tensors: Sequence[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(stacked)
 
 
-def _fro(x: Tensor) -> float:
-    return float(torch.linalg.vector_norm(x.detach().to(torch.float64)))
+_BLOCK_ELEMENTS = 1 << 20  # ~4 MB of float32 per block: bounded temporaries on any tensor
+
+
+def _blocks(x: Tensor) -> Tensor:
+    """x as (rows, cols) with rows of <= 4096 elements, for blockwise reductions."""
+    flat = x.detach().reshape(-1)
+    cols = 4096 if flat.numel() >= 4096 else max(1, flat.numel())
+    pad = (-flat.numel()) % cols
+    if pad:  # rare (sizes not a multiple of 4096): one padded copy of the tail only
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, cols)
+
+
+def frobenius_norm(x: Tensor) -> float:
+    """||x||_F in float64 without a float64 copy of the whole tensor: blocks of ~1M elements
+    are upcast one at a time (an 8 MB temporary instead of 2x the tensor)."""
+    if x.numel() == 0:
+        return 0.0
+    rows = _blocks(x)
+    step = max(1, _BLOCK_ELEMENTS // rows.shape[1])
+    total = 0.0
+    for i in range(0, rows.shape[0], step):
+        block = rows[i: i + step].to(torch.float64)
+        total += float(torch.sum(block * block))
+    return math.sqrt(total)
+
+
+_fro = frobenius_norm
 
 
 def grad_to_weight_ratio(grad: Tensor, weight: Tensor) -> float:
@@ -65,9 +92,16 @@ def update_ratio(w_new: Tensor, w_old: Tensor) -> float:
     """
     if w_new.shape != w_old.shape:
         raise ValueError(f"update_ratio: shapes differ {tuple(w_new.shape)} vs {tuple(w_old.shape)}")
-    old = w_old.detach().to(torch.float64)
-    denom = _fro(old)
-    return _fro(w_new.detach().to(torch.float64) - old) / denom if denom > 0 else math.nan
+    denom = frobenius_norm(w_old)
+    if not denom > 0:
+        return math.nan
+    new, old = _blocks(w_new), _blocks(w_old)
+    step = max(1, _BLOCK_ELEMENTS // new.shape[1])
+    total = 0.0
+    for i in range(0, new.shape[0], step):  # blocks of rows: one ~4 MB difference at a time
+        diff = new[i: i + step].to(torch.float64) - old[i: i + step].to(torch.float64)
+        total += float(torch.sum(diff * diff))
+    return math.sqrt(total) / denom
 
 
 def classify_rho(rho: float) -> str:

@@ -205,8 +205,9 @@ def stable_rank(w: Tensor, sigma1: float) -> float:
     """||W||_F^2 / sigma_1^2 (§12), with W reshaped like `as_matrix`; NaN when sigma_1 = 0."""
     if not sigma1 > 0:
         return math.nan
-    fro2 = float(torch.linalg.vector_norm(w.detach().to(torch.float64)) ** 2)
-    return fro2 / (sigma1 * sigma1)
+    from analyze.gradients import frobenius_norm
+
+    return frobenius_norm(w) ** 2 / (sigma1 * sigma1)
 
 
 def spectral_growth(sigma_start: float, sigma_end: float) -> float:
