@@ -4,7 +4,9 @@ A checkpoint's rows (spectral, activations, dead units, attention, ...) and the 
 vectors it hands to the next checkpoint are stored under a key made of the checkpoint's
 path, size and mtime_ns, the analysis config hash and the previous checkpoint's key (the
 warm start chains checkpoints, so a changed earlier checkpoint invalidates the later ones).
-A second report on an unchanged run recomputes nothing.
+A second report on an unchanged run recomputes nothing. A checkpoint that could not be read is
+cached as failed (its warnings and the error), so it is not re-read either; it does not move the
+chain (the next checkpoint's key uses the last readable one), exactly like the analysis itself.
 
 Files: `<folder>/step_XXXXXXXX-<key>.safetensors` (vectors) and `.json` (rows), the JSON
 written last, both atomically, so a half-written entry is never read.
@@ -32,6 +34,7 @@ class CachedCheckpoint:
     vectors: dict[str, torch.Tensor]
     notes: list[str]
     warnings: list[str]
+    failed: str = ""  # the checkpoint was unreadable: the error, and nothing else is stored
 
 
 def checkpoint_fingerprint(path: Path) -> str:
@@ -95,15 +98,21 @@ class CheckpointCache:
                 raise ValueError("key mismatch")
             entry = CachedCheckpoint(rows={k: list(v) for k, v in doc["rows"].items()},
                                      vectors=dict(vectors), notes=[str(n) for n in doc.get("notes", [])],
-                                     warnings=[str(w) for w in doc.get("warnings", [])])
+                                     warnings=[str(w) for w in doc.get("warnings", [])],
+                                     failed=str(doc.get("failed") or ""))
         except (OSError, ValueError, KeyError, TypeError, RuntimeError):
             self.misses += 1
             return None
         self.hits += 1
         return entry
 
+    def count_misses(self, n: int) -> None:
+        """Count `n` checkpoints recomputed without a lookup (after the first miss the chain is new)."""
+        self.misses += max(0, n)
+
     def store(self, step: int, key: str, rows: Mapping[str, list[dict[str, Any]]],
-              vectors: Mapping[str, torch.Tensor], notes: list[str], warnings: list[str] = ()) -> None:
+              vectors: Mapping[str, torch.Tensor], notes: list[str], warnings: list[str] = (),
+              failed: str = "") -> None:
         """Write one entry (vectors, then the JSON that makes it visible) and drop stale ones."""
         if self.folder is None:
             return
@@ -114,7 +123,7 @@ class CheckpointCache:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in vectors.items()}
         _write_atomic(vpath, save(tensors))
         doc = {"key": key, "step": int(step), "rows": {k: list(v) for k, v in rows.items()}, "notes": list(notes),
-               "warnings": list(warnings)}
+               "warnings": list(warnings), "failed": failed}
         _write_atomic(jpath, json.dumps(doc, default=_default).encode())
         for old in self.folder.glob(f"step_{int(step):08d}-*"):
             if key not in old.name:

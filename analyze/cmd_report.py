@@ -1,6 +1,8 @@
-"""`trainaudit report RUN`: analyse a run and write report.html, summary.json and tables/*.csv.
+"""`trainaudit report RUN`: analyse a run and write report.html, summary.json and tables/*.csv;
+`trainaudit report RUN1 RUN2 ...` (or a folder of runs): each run's report plus a comparison page.
 
-`write_full_report` is the library function behind the command (`trainaudit demo` calls it too).
+`write_full_report` is the library function behind the one-run command (`trainaudit demo` calls it
+too); `analyze.compare.write_comparison` the one behind several runs.
 """
 from __future__ import annotations
 
@@ -49,11 +51,12 @@ def _mkdir(path: Path) -> None:
 
 def write_full_report(run_path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None, *,
                       exact_svd: bool | None = None, fmt: str | None = None, model: str | None = None,
-                      workers: int = 1, progress: Callable[[str], None] | None = None,
-                      config: Any = None) -> ReportFiles:
+                      workers: int | None = None, scheduler: str | None = None,
+                      progress: Callable[[str], None] | None = None, config: Any = None) -> ReportFiles:
     """Load `run_path`, analyse it (per-checkpoint results cached in OUT/cache/) and write
-    OUT/report.html, OUT/summary.json and OUT/tables/<name>.csv. Raises TrainauditError on
-    unreadable input or an unwritable output folder."""
+    OUT/report.html, OUT/summary.json and OUT/tables/<name>.csv. `workers`: processes for the
+    per-checkpoint tasks (None: one per CPU core); `scheduler`: a Dask scheduler address to run
+    them on instead. Raises TrainauditError on unreadable input or an unwritable output folder."""
     from analyze.config import AnalysisConfig
     from analyze.pipeline import analyze_run
     from analyze.tables import validate_summary
@@ -65,7 +68,10 @@ def write_full_report(run_path: str | os.PathLike[str], out_dir: str | os.PathLi
         raise TrainauditError(run_path, "no such file or directory")
     out = Path(out_dir) if out_dir is not None else default_out_dir(run_path)
     if config is None:
-        config = AnalysisConfig(exact_svd=exact_svd, model_factory=model, workers=workers)
+        from analyze.parallel import default_workers
+
+        config = AnalysisConfig(exact_svd=exact_svd, model_factory=model, scheduler=scheduler,
+                                workers=default_workers() if workers is None else workers)
     try:
         run = load_run(run_path, format=fmt)
     except ImportError as exc:  # the foreign-format readers are another module
@@ -89,9 +95,10 @@ def write_full_report(run_path: str | os.PathLike[str], out_dir: str | os.PathLi
 
 
 @click.command("report")
-@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("runs", nargs=-1, required=True, metavar="RUN...", type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Output folder [default: RUN/report/, or <file>-report/ beside a single file].")
+              help="Output folder [default: RUN/report/ for one run folder, <file>-report/ beside a single "
+                   "file; ./trainaudit-compare/ for several runs or a folder of runs].")
 @click.option("--exact-svd/--no-exact-svd", "exact_svd", default=None,
               help="Exact SVD beside the spectral estimators [default: on up to ~10M parameters].")
 @click.option("--strict", is_flag=True, help="Exit 2 when the run's files had any data warning (after writing).")
@@ -99,19 +106,39 @@ def write_full_report(run_path: str | os.PathLike[str], out_dir: str | os.PathLi
               help="Read RUN as this format instead of detecting it.")
 @click.option("--model", "model", default=None, metavar="MODULE:FUNCTION",
               help="Your own model factory for the activation panels (called with the run's model config).")
-@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
-              help="Threads for the per-checkpoint model passes.")
-def report(run: Path, out: Path | None, exact_svd: bool | None, strict: bool, fmt: str | None,
-           model: str | None, workers: int) -> None:
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="Worker processes for the per-checkpoint tasks (1: all in this process) "
+                   "[default: number of CPU cores].")
+@click.option("--scheduler", default=None, metavar="ADDRESS",
+              help="Run the per-checkpoint tasks on this Dask scheduler (e.g. tcp://host:8786) instead of "
+                   "local processes; needs pip install 'trainaudit[dask]', and every worker must see the "
+                   "run's files at the same paths.")
+def report(runs: tuple[Path, ...], out: Path | None, exact_svd: bool | None, strict: bool, fmt: str | None,
+           model: str | None, workers: int | None, scheduler: str | None) -> None:
     """Analyse RUN (a trainaudit run directory, or any run or log file trainaudit reads) and write
     report.html, summary.json and tables/*.csv. Progress goes to stderr. Exit 0 on success, 2 on
-    unreadable input (or, with --strict, on any data warning)."""
+    unreadable input (or, with --strict, on any data warning).
+
+    \b
+    Several runs - RUN1 RUN2 ..., or one folder whose sub-folders are runs - are compared: each
+    run's full report goes to OUT/runs/NN-<name>/, and OUT/comparison.html (final losses, verdicts,
+    divergence steps, tau, spikes and spectral-norm growth side by side, linked to each report)
+    and OUT/comparison.json are written next to it. Exit 2 when any run could not be read.
+    """
     def progress(msg: str) -> None:
         click.echo(f"  {msg}", err=True)
 
+    from analyze.compare import expand_runs
+
+    paths = expand_runs(runs)
+    if len(runs) > 1 or len(paths) > 1 or paths[0] != runs[0]:
+        _compare(paths, out, exact_svd=exact_svd, strict=strict, fmt=fmt, model=model, workers=workers,
+                 scheduler=scheduler, progress=progress)
+        return
+    run = runs[0]
     try:
         files = write_full_report(run, out, exact_svd=exact_svd, fmt=fmt, model=model, workers=workers,
-                                  progress=progress)
+                                  scheduler=scheduler, progress=progress)
     except TrainauditError as exc:
         click.echo(f"trainaudit: error: {exc}", err=True)
         raise click.exceptions.Exit(2) from None
@@ -125,6 +152,30 @@ def report(run: Path, out: Path | None, exact_svd: bool | None, strict: bool, fm
         if strict:
             click.echo(f"trainaudit: error: {run}: {files.n_data_warnings} data warning(s) (--strict)", err=True)
             raise click.exceptions.Exit(2)
+
+
+def _compare(paths: list[Path], out: Path | None, *, strict: bool, progress: Callable[[str], None],
+             **options: Any) -> None:
+    from analyze.compare import write_comparison
+
+    try:
+        files = write_comparison(paths, out, progress=progress, **options)
+    except TrainauditError as exc:
+        click.echo(f"trainaudit: error: {exc}", err=True)
+        raise click.exceptions.Exit(2) from None
+    ok = [r for r in files.rows if r.ok]
+    click.echo(f"comparison: {files.html} ({len(ok)} of {len(files.rows)} run(s) analysed)")
+    click.echo(f"summary: {files.json}")
+    for r in files.rows:
+        if not r.ok:
+            click.echo(f"trainaudit: error: {r.error}", err=True)
+    n_warn = sum(r.data_warnings for r in ok)
+    if n_warn:
+        click.echo(f"{n_warn} data warning(s) across the runs: see 'Data issues' in each report", err=True)
+    if len(ok) < len(files.rows) or (strict and n_warn):
+        if strict and n_warn:
+            click.echo(f"trainaudit: error: {n_warn} data warning(s) (--strict)", err=True)
+        raise click.exceptions.Exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 __all__ = ["AnalysisConfig", "EXACT_SVD_AUTO_MAX_PARAMS", "CACHE_VERSION"]
 
 EXACT_SVD_AUTO_MAX_PARAMS = 10_000_000  # exact SVD beside the estimators up to ~10M parameters
-CACHE_VERSION = 1  # bump when the per-checkpoint rows change shape or meaning
+CACHE_VERSION = 2  # bump when the per-checkpoint rows change shape or meaning
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,8 @@ class AnalysisConfig:
     max_eval_examples: int | None = None  # cap on eval examples (None = all)
     grad_batch_size: int = 32            # examples in the one backward pass for rho (§11)
     model_factory: str | None = None     # "module:function" for a user's own model (explicit only)
-    workers: int = 1                     # threads for per-checkpoint forward passes
+    workers: int = 1                     # processes for the per-checkpoint tasks (1: in this process)
+    scheduler: str | None = None         # Dask scheduler address: run the tasks there instead
     seed: int = 0                        # cold-start vectors of the estimators
 
     def __post_init__(self) -> None:
@@ -63,8 +64,8 @@ class AnalysisConfig:
         return self.exact_svd if self.exact_svd is not None else n_params <= EXACT_SVD_AUTO_MAX_PARAMS
 
     def cache_key(self) -> str:
-        """Hash of the fields that change per-checkpoint results (not workers, not log-only knobs)."""
-        skip = {"workers", "spike_window", "spike_k", "gl_alpha", "divergence_delta",
+        """Hash of the fields that change per-checkpoint results (not where they run, not log-only knobs)."""
+        skip = {"workers", "scheduler", "spike_window", "spike_k", "gl_alpha", "divergence_delta",
                 "class_window", "class_pair", "spectral_growth", "rho_low", "rho_high",
                 "update_ratio_low", "update_ratio_high", "estimator_rel_tol"}
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}

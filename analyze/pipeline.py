@@ -7,7 +7,9 @@ Thin orchestration over the metric modules (no formula lives here):
 2. per checkpoint, in step order: tensors one at a time -> both spectral estimators warm-started
    from the previous checkpoint's vectors, exact SVD beside them, stable rank, update ratio
    (§4, §11, §12); then, when the run names a built-in model (or `--model` gives one) and stores
-   an evaluation set, a forward pass with hooks and one backward pass (`analyze.probe`);
+   an evaluation set, a forward pass with hooks and one backward pass (`analyze.probe`). This
+   work is a set of tasks (`analyze.parallel`) run in process, on a process pool or on Dask,
+   with identical results;
 3. findings from the tables (`analyze.findings`) and the summary.json object.
 
 Per-checkpoint results are cached in the output folder (`analyze.cache`), so a second run on an
@@ -15,12 +17,9 @@ unchanged run recomputes nothing.
 """
 from __future__ import annotations
 
-import math
 import os
-import queue
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,17 +33,15 @@ from analyze.cache import CheckpointCache
 from analyze.config import AnalysisConfig
 from analyze.losses import ClassLossState, gaps_to_mean, tau
 from analyze.overfitting import Overfitting, analyze_overfitting
-from analyze.spectral import (as_matrix, estimate_spectral_norm, exact_top_singular_values, is_finite_tensor,
-                              matrix_skip_reason, power_iteration, sigma_ratio, stable_rank)
+from analyze.parallel import CheckpointOutcome, ProbeSpec, make_runner, plan_checkpoint, probe_reason, run_checkpoints
 from analyze.spikes import SpikeReport, detect_spikes
 from analyze.tables import TABLE_COLUMNS, Finding, build_summary
-from loaders.errors import DataWarnings, TrainauditError
+from loaders.errors import TrainauditError
 from loaders.run import CheckpointRef, Run
 
 __all__ = ["analyze_run", "AnalysisResult", "PANELS", "VAL_SERIES_PREFERENCE", "BUILTIN_CLASS_PAIR"]
 
 Progress = Callable[[str], None]
-SMALL_MODEL_PARAMS = 10_000_000  # below this the checkpoint passes run on one intra-op thread per worker
 
 VAL_SERIES_PREFERENCE = ("eval_loss", "val_loss", "eval/loss")  # issue 5: the overfitting block's series
 TRAIN_EVAL_SERIES = ("train", "train_eval", "eval_train")          # eval-mode loss on a training subset (§10)
@@ -99,13 +96,6 @@ def _frame(name: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
 def _say(progress: Progress | None, msg: str) -> None:
     if progress is not None:
         progress(msg)
-
-
-def _iter_tensors(ref: CheckpointRef, warnings: DataWarnings) -> Iterator[tuple[str, torch.Tensor]]:
-    """One tensor at a time from any checkpoint kind (loaders.checkpoints), names normalised."""
-    from loaders.checkpoints import iter_tensors
-
-    yield from iter_tensors(ref, warnings=warnings)
 
 
 def _param_count(ref: CheckpointRef) -> tuple[int | None, str]:
@@ -284,145 +274,27 @@ def _class_rows(source: str, step: int, step_start: int, st: ClassLossState, nam
 # --------------------------------------------------------------------------- checkpoints
 
 
-@dataclass
-class _Chain:
-    """Warm-start vectors per tensor name, carried from one checkpoint to the next."""
+def _probe_spec(run: Run, cfg: AnalysisConfig) -> ProbeSpec:
+    import json
 
-    est: dict[str, torch.Tensor] = field(default_factory=dict)
-    power: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def to_flat(self) -> dict[str, torch.Tensor]:
-        return {**{f"est:{k}": v for k, v in self.est.items()}, **{f"pow:{k}": v for k, v in self.power.items()}}
-
-    @staticmethod
-    def from_flat(flat: dict[str, torch.Tensor]) -> _Chain:
-        c = _Chain()
-        for k, v in flat.items():
-            kind, _, name = k.partition(":")
-            (c.est if kind == "est" else c.power)[name] = v
-        return c
-
-
-def _fit(v: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    return v if v is not None and v.numel() == n else None
-
-
-def _weights_pass(ref: CheckpointRef, prev: CheckpointRef | None, chain: _Chain, cfg: AnalysisConfig,
-                  exact: bool, keep_state: bool, warnings: DataWarnings,
-                  ) -> tuple[dict[str, list[dict]], _Chain, list[str], dict | None]:
-    """Spectral rows (both estimators + exact), update ratios; the state dict when a probe needs it."""
-    spectral, updates, skipped, notes = [], [], [], []
-    new = _Chain()
-    state: dict[str, torch.Tensor] | None = {} if keep_state else None
-    prev_iter = _iter_tensors(prev, DataWarnings()) if prev is not None else iter(())
-    prev_buf: dict[str, torch.Tensor] = {}
-    gen = torch.Generator().manual_seed(cfg.seed)
-    for name, t in _iter_tensors(ref, warnings):
-        if state is not None:
-            state[name] = t
-        m = as_matrix(t)
-        if m is None:
-            skipped.append((name, matrix_skip_reason(t) or "no spectral norm"))
-            continue
-        row: dict[str, Any] = {"step": ref.step, "tensor": name, "shape": "x".join(map(str, t.shape))}
-        if not is_finite_tensor(m):
-            row.update({"method": "", "finite": False})
-            spectral.append(row)
-            continue
-        n = m.shape[1]
-        est = estimate_spectral_norm(m, _fit(chain.est.get(name), n), generator=gen)
-        pw = power_iteration(m, _fit(chain.power.get(name), n), tol=cfg.power_tol, max_iter=cfg.power_max_iter,
-                             generator=gen)
-        new.est[name], new.power[name] = est.v.detach().cpu(), pw.v.detach().cpu()
-        ex = exact_top_singular_values(m) if exact else None
-        s1 = ex.sigma1 if ex is not None else est.sigma
-        row.update({
-            "method": est.method, "sigma_est": est.sigma, "err_bound": est.err_bound, "sigma_power": pw.sigma,
-            "sigma_exact": ex.sigma1 if ex else math.nan, "sigma2_exact": ex.sigma2 if ex else math.nan,
-            "rel_err": abs(est.sigma - ex.sigma1) / ex.sigma1 if ex and ex.sigma1 > 0 else math.nan,
-            "power_rel_err": abs(pw.sigma - ex.sigma1) / ex.sigma1 if ex and ex.sigma1 > 0 else math.nan,
-            "iterations": est.iterations, "power_iterations": pw.iterations, "warm_start": est.warm_start,
-            "power_warm_start": pw.warm_start, "power_converged": pw.converged,
-            "sigma_ratio": sigma_ratio(ex) if ex else math.nan, "stable_rank": stable_rank(m, s1),
-            "frobenius": float(torch.linalg.vector_norm(m.double())), "finite": True})
-        spectral.append(row)
-        if prev is not None:
-            while name not in prev_buf:
-                nxt = next(prev_iter, None)
-                if nxt is None:
-                    break
-                prev_buf[nxt[0]] = nxt[1]
-            old = prev_buf.pop(name, None)
-            if old is not None and old.shape == t.shape:
-                from analyze.gradients import update_ratio
-
-                r = update_ratio(t, old)
-                elapsed = ref.step - prev.step
-                updates.append({"step": ref.step, "prev_step": prev.step, "tensor": name, "update_ratio": r,
-                                "update_ratio_per_step": r / elapsed if elapsed > 0 else math.nan})
-    if skipped:
-        shown = ", ".join(f"{n} ({why})" for n, why in skipped[:6])
-        more = f" and {len(skipped) - 6} more" if len(skipped) > 6 else ""
-        notes.append(f"{len(skipped)} tensor(s) have no spectral norm and were skipped: {shown}{more}")
-    return {"spectral": spectral, "update_ratio": updates}, new, notes, state
-
-
-@dataclass
-class _ProbeCtx:
-    reason: str                      # "" when the model panels can run
-    probes: queue.Queue | None = None
-
-
-def _probe_context(run: Run, cfg: AnalysisConfig) -> _ProbeCtx:
-    """Build one ModelProbe per worker, or say why the model panels cannot run."""
-    if not run.checkpoints:
-        return _ProbeCtx("the run has no checkpoints")
-    from analyze.probe import ModelProbe, build_run_model, load_eval_set
-
-    name = run.model.name if run.model else None
     config = run.model.config if run.model else {}
-    models = []
-    for _ in range(cfg.workers):
-        model, why = build_run_model(name, config, cfg.model_factory)
-        if model is None:
-            return _ProbeCtx(why)
-        models.append(model)
-    if run.eval_set_path is None:
-        return _ProbeCtx("the run stores no evaluation set to run the model on (RunLogger.save_eval_set writes one)")
-    data = load_eval_set(Path(run.eval_set_path), cfg.max_eval_examples)
-    names = [str(c) for c in run.class_names]
-    if data.class_ids is not None and names and int(data.class_ids.max()) >= len(names):
-        data = type(data)(data.input_ids, data.targets, data.target_mask, data.attention_mask, None)
-    q: queue.Queue = queue.Queue()
-    for model in models:
-        probe = ModelProbe(model, data, names, eps=cfg.dead_eps, batch_size=cfg.eval_batch_size,
-                           grad_batch_size=cfg.grad_batch_size)
-        missing = probe.missing_hooks()
-        if len(missing) == 3:
-            return _ProbeCtx("the model has none of the hook points the activation panels read "
-                             "(blocks.<i>, mlp.act, attn.probs)")
-        q.put(probe)
-    return _ProbeCtx("", q)
-
-
-def _run_probe(ctx: _ProbeCtx, state: dict[str, torch.Tensor], step: int) -> tuple[dict[str, list[dict]], list[str]]:
-    assert ctx.probes is not None
-    probe = ctx.probes.get()
-    try:
-        problems = probe.load(state)
-        if problems:
-            return {}, [f"step {step}: model panels skipped: {problems[0]}"]
-        try:
-            return probe.run(step), []
-        except (RuntimeError, ValueError, TrainauditError) as exc:
-            return {}, [f"step {step}: model pass failed: {' '.join(str(exc).split())[:300]}"]
-    finally:
-        ctx.probes.put(probe)
+    return ProbeSpec(model_name=run.model.name if run.model else None,
+                     model_config_json=json.dumps(dict(config), sort_keys=True, default=str),
+                     model_factory=cfg.model_factory,
+                     eval_set_path=None if run.eval_set_path is None else str(run.eval_set_path),
+                     class_names=tuple(str(c) for c in run.class_names), dead_eps=cfg.dead_eps,
+                     eval_batch_size=cfg.eval_batch_size, grad_batch_size=cfg.grad_batch_size,
+                     max_eval_examples=cfg.max_eval_examples)
 
 
 def _checkpoints(run: Run, cfg: AnalysisConfig, cache: CheckpointCache, progress: Progress | None,
                  ) -> tuple[dict[str, list[dict]], list[str], list[str], str, bool | None]:
-    """All per-checkpoint rows (cached or computed), notes, data warnings, probe reason, exact flag."""
+    """All per-checkpoint rows (cached or computed), notes, data warnings, probe reason, exact flag.
+
+    The longest prefix of checkpoints found in the cache is replayed; the rest runs as tasks
+    (`analyze.parallel`) serially, on a process pool (cfg.workers) or on Dask (cfg.scheduler), and
+    each finished checkpoint is cached as soon as it and every one before it are done.
+    """
     refs = sorted(run.checkpoints, key=lambda r: r.step)
     rows: dict[str, list[dict]] = {}
     notes: list[str] = []
@@ -434,7 +306,6 @@ def _checkpoints(run: Run, cfg: AnalysisConfig, cache: CheckpointCache, progress
     if cfg.exact_svd is None:
         notes.append(f"exact SVD {'on' if exact else 'off'} (auto: {n_params:,} parameters by {how}; "
                      f"on up to 10,000,000)" if n_params is not None else "exact SVD on (auto: size unknown)")
-    ctx: _ProbeCtx | None = None
     # What else changes a checkpoint's rows: the model the run names, its classes and the eval set.
     from analyze.cache import checkpoint_fingerprint
 
@@ -442,77 +313,68 @@ def _checkpoints(run: Run, cfg: AnalysisConfig, cache: CheckpointCache, progress
                         repr(None if run.model is None else (run.model.name, sorted(run.model.config.items()))),
                         repr(list(run.class_names)),
                         checkpoint_fingerprint(Path(run.eval_set_path)) if run.eval_set_path else "-"))
-    threads = torch.get_num_threads()
-    if n_params is not None and n_params < SMALL_MODEL_PARAMS:
-        # Ops on small matrices finish faster on one thread than the intra-op pool can split them;
-        # on a busy 2-core machine a 2-thread pool made the 2000-step demo 5x slower (92 s vs 17 s).
-        torch.set_num_threads(1)
-    chain = _Chain()
-    prev_ok: CheckpointRef | None = None
-    prev_key: str | None = None
-    pool = ThreadPoolExecutor(max_workers=cfg.workers) if cfg.workers > 1 else None
-    pending: list[tuple[int, CheckpointRef, str, dict, list[str], Future, float]] = []
+    spec = _probe_spec(run, cfg)
 
     def add(part: dict[str, list[dict]]) -> None:
         for k, v in part.items():
             rows.setdefault(k, []).extend(v)
 
-    def finish(i: int, ref: CheckpointRef, key: str, wrows: dict, wnotes: list[str], mrows: dict,
-               mnotes: list[str], t0: float) -> None:
-        part = {**wrows, **mrows}
-        cache.store(ref.step, key, part, chain_out[ref.step].to_flat(), wnotes + mnotes, ck_warnings[ref.step])
-        add(part)
-        notes.extend(wnotes + mnotes)
-        _say(progress, f"checkpoint {i}/{len(refs)}: step {ref.step} done in {time.perf_counter() - t0:.1f}s")
+    # 1. the cached prefix: a failed checkpoint is cached too (as failed), and does not move the chain
+    vectors: dict[str, torch.Tensor] = {}
+    prev_ok: CheckpointRef | None = None
+    prev_key: str | None = None
+    first = 0
+    for i, ref in enumerate(refs, 1):
+        key = cache.key(Path(ref.path), cfg_key, prev_key)
+        hit = cache.load(ref.step, key)
+        if hit is None:
+            break
+        first = i
+        warns.extend(hit.warnings)
+        if hit.failed:
+            _say(progress, f"checkpoint {i}/{len(refs)}: step {ref.step} (cached: unreadable, skipped)")
+            continue
+        add(hit.rows)
+        notes.extend(hit.notes)
+        vectors, prev_ok, prev_key = hit.vectors, ref, key
+        _say(progress, f"checkpoint {i}/{len(refs)}: step {ref.step} (cached)")
+    todo = refs[first:]
+    if not todo:  # everything from the cache: say why model panels may be empty
+        reason = "" if rows.get("activations") or rows.get("dead_neurons") else probe_reason(spec)
+        return rows, notes, warns, reason, exact
+    cache.count_misses(len(todo) - 1)  # the first was counted by its failed load
 
-    chain_out: dict[int, _Chain] = {}
-    ck_warnings: dict[int, list[str]] = {}
+    # 2. the rest as tasks
+    reason = probe_reason(spec)
+    plans = [plan_checkpoint(ref) for ref in todo]
+    key_state = {"prev": prev_key}
+    done = {"n": first}
+
+    def on_done(out: CheckpointOutcome) -> None:
+        key = cache.key(Path(out.ref.path), cfg_key, key_state["prev"])
+        cache.store(out.ref.step, key, out.rows, out.vectors, out.notes, out.warnings, failed=out.error)
+        done["n"] += 1
+        warns.extend(out.warnings)
+        if out.error:
+            _say(progress, f"checkpoint {done['n']}/{len(refs)}: step {out.ref.step} unreadable, skipped")
+            return
+        key_state["prev"] = key
+        add(out.rows)
+        notes.extend(out.notes)
+        _say(progress, f"checkpoint {done['n']}/{len(refs)}: step {out.ref.step} done in {out.seconds:.1f}s")
+
+    runner = make_runner(cfg.workers, cfg.scheduler)
     try:
-        for i, ref in enumerate(refs, 1):
-            key = cache.key(Path(ref.path), cfg_key, prev_key)
-            hit = cache.load(ref.step, key)
-            if hit is not None:
-                add(hit.rows)
-                notes.extend(hit.notes)
-                warns.extend(hit.warnings)
-                chain = _Chain.from_flat(hit.vectors)
-                prev_ok, prev_key = ref, key
-                _say(progress, f"checkpoint {i}/{len(refs)}: step {ref.step} (cached)")
-                continue
-            t0 = time.perf_counter()
-            if ctx is None:
-                ctx = _probe_context(run, cfg)
-            ck_warn = DataWarnings()
-            try:
-                wrows, chain_new, wnotes, state = _weights_pass(ref, prev_ok, chain, cfg, exact,
-                                                                keep_state=not ctx.reason, warnings=ck_warn)
-            except TrainauditError as exc:
-                warns.extend(ck_warn)
-                warns.append(f"{exc} (checkpoint at step {ref.step} skipped; the others are analysed)")
-                continue
-            warns.extend(ck_warn)
-            ck_warnings[ref.step] = list(ck_warn)
-            chain_out[ref.step] = chain_new
-            chain, prev_ok, prev_key = chain_new, ref, key
-            if ctx.reason or state is None:
-                finish(i, ref, key, wrows, wnotes, {}, [], t0)
-            elif pool is None:
-                mrows, mnotes = _run_probe(ctx, state, ref.step)
-                finish(i, ref, key, wrows, wnotes, mrows, mnotes, t0)
-            else:
-                pending.append((i, ref, key, wrows, wnotes, pool.submit(_run_probe, ctx, state, ref.step), t0))
-                while len(pending) > cfg.workers:
-                    j, r, k, w, wn, fut, tt = pending.pop(0)
-                    finish(j, r, k, w, wn, *fut.result(), tt)
-        for j, r, k, w, wn, fut, tt in pending:
-            finish(j, r, k, w, wn, *fut.result(), tt)
+        if cfg.scheduler:
+            _say(progress, f"running {len(todo)} checkpoint(s) on the Dask cluster at {cfg.scheduler} "
+                           f"({runner.workers} worker thread(s))")
+        elif runner.workers > 1:
+            _say(progress, f"running {len(todo)} checkpoint(s) on {runner.workers} worker processes")
+        run_checkpoints(plans, cfg=cfg, exact=exact, init_vectors=vectors, init_prev=prev_ok,
+                        probe_spec=None if reason else spec, runner=runner, on_done=on_done)
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
-        torch.set_num_threads(threads)
-    if ctx is None:  # every checkpoint came from the cache: say why model panels may be empty
-        ctx = _ProbeCtx("" if rows.get("activations") or rows.get("dead_neurons") else _probe_context(run, cfg).reason)
-    return rows, notes, warns, ctx.reason, exact
+        runner.close()
+    return rows, notes, warns, reason, exact
 
 
 # --------------------------------------------------------------------------- entry point

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle  # for its exception type only: nothing here unpickles without weights_only
 import pickletools
 import re
 import warnings as _pywarnings
@@ -80,7 +81,14 @@ _GADGET_MODULES = frozenset({
     "io", "_io", "tempfile", "signal", "threading", "_thread", "urllib", "http", "ftplib", "smtplib",
     "commands", "popen2", "dill", "cloudpickle", "timeit", "trace", "cProfile", "profile", "bdb",
     "_posixsubprocess", "ensurepip", "pip", "setuptools", "distutils", "zipimport", "imp", "site",
-    "glob", "pathlib", "_operator", "_functools", "copyreg", "_codecs", "codecs", "gc", "weakref",
+    "_operator", "_functools", "copyreg", "_codecs", "codecs", "gc", "weakref",
+})
+# Callables that act on the world whatever module they come from (pathlib.Path.write_text, numpy.load).
+_GADGET_NAMES = frozenset({
+    "system", "popen", "exec", "execfile", "eval", "compile", "open", "write_text", "write_bytes", "unlink",
+    "rmdir", "rmtree", "remove", "rename", "replace", "chmod", "chown", "symlink_to", "hardlink_to", "touch",
+    "mkdir", "__import__", "getattr", "setattr", "delattr", "import_module", "load", "loads", "call",
+    "check_call", "check_output", "run", "spawn", "fork", "kill", "startfile", "__reduce__", "__reduce_ex__",
 })
 
 
@@ -311,38 +319,50 @@ def _st_iter(p: Path, names: list[str]) -> Iterator[tuple[str, Any]]:
 
 # --------------------------------------------------------------------------- torch.load
 
-def _pickle_globals(path: Path, limit: int = 64 << 20) -> list[str]:
-    """Globals named in a raw or legacy pickle, found statically with ``pickletools`` (no code runs)."""
-    import io
+def _allowed_by_torch() -> set[str]:
+    """Globals the weights-only unpickler accepts by default (private torch API; empty if it moves)."""
     try:
-        data = read_bounded(path, max_bytes=limit)
+        from torch import _weights_only_unpickler as wou
+        return set(wou._get_allowed_globals().keys())
+    except Exception:  # noqa: BLE001 - only used to word messages and pick placeholders
+        return set()
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """Globals named in a raw or legacy (non-zip) pickle, found statically with ``pickletools``.
+
+    Nothing is executed; at most the first six pickles are scanned (legacy ``torch.save`` writes
+    magic number, protocol, system info, the object, then storage keys, then raw bytes).
+    """
+    found: list[str] = []
+    try:
+        f = open_regular(path)
     except TrainauditError:
         return []
-    found: list[str] = []
-    buf = io.BytesIO(data)
-    for _ in range(6):  # legacy torch.save writes several pickles back to back
-        strings: list[str] = []
-        try:
-            for op, arg, _pos in pickletools.genops(buf):
-                if op.name in ("GLOBAL", "INST"):
-                    found.append(str(arg).replace(" ", "."))
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    found.append(f"{strings[-2]}.{strings[-1]}")
-                elif isinstance(arg, str):
-                    strings.append(arg)
-        except Exception:
-            break
-        if buf.tell() >= len(data):
-            break
+    with f:
+        for _ in range(6):
+            strings: list[str] = []
+            try:
+                for op, arg, _pos in pickletools.genops(f):
+                    if op.name in ("GLOBAL", "INST"):
+                        found.append(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+            except Exception:  # noqa: BLE001 - the end of the pickles (raw storage bytes) or damage
+                break
+    allowed = _allowed_by_torch()
     out: list[str] = []
     for g in found:
-        if g not in out:
+        if g not in out and g not in allowed:
             out.append(g)
     return out
 
 
 def _is_gadget(name: str) -> bool:
-    return name.split(".", 1)[0] in _GADGET_MODULES
+    """A global that only a file trying to run code would name (policy: refuse the whole file)."""
+    return name.split(".", 1)[0] in _GADGET_MODULES or name.rsplit(".", 1)[-1] in _GADGET_NAMES
 
 
 def _unsupported(names: list[str]) -> str:
@@ -368,12 +388,13 @@ def load_torch_object(path: str | os.PathLike[str], *, root: str | os.PathLike[s
     with open_regular(p, root) as f:
         magic = f.read(4)
     is_zip = magic == b"PK\x03\x04"
-    unsafe: list[str] = []
     if is_zip:
         try:
             unsafe = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(p)))
-        except Exception:
+        except Exception:  # noqa: BLE001 - a damaged archive
             raise TrainauditError(p, "truncated or corrupt checkpoint (zip archive unreadable)") from None
+    else:
+        unsafe = _pickle_globals(p)
     gadgets = [g for g in unsafe if _is_gadget(g)]
     if gadgets:
         raise TrainauditError(p, _unsupported(gadgets))
@@ -383,11 +404,10 @@ def load_torch_object(path: str | os.PathLike[str], *, root: str | os.PathLike[s
             _pywarnings.simplefilter("ignore")
             with torch.serialization.safe_globals(stubs):
                 obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=is_zip)
-    except __import__("pickle").UnpicklingError as e:
+    except pickle.UnpicklingError as e:
         msg = str(e)
         m = re.search(r"GLOBAL ([\w.]+)", msg)
-        names = [m.group(1)] if m else [g for g in _pickle_globals(p) if g not in ("torch._utils._rebuild_tensor_v2",
-                                                                                   "collections.OrderedDict")]
+        names = [m.group(1)] if m else unsafe
         if names:
             raise TrainauditError(p, _unsupported(names)) from None
         detail = next((ln.strip() for ln in msg.splitlines()

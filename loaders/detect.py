@@ -50,9 +50,12 @@ def _is_rundir(p: Path) -> bool:
         return False
     try:
         head = _peek(meta, 1 << 16)
+    except TrainauditError:
+        return False
+    try:
         obj = json.loads(head.decode("utf-8-sig"))
-    except (TrainauditError, ValueError, UnicodeDecodeError, RecursionError):
-        return b"format_version" in (head if "head" in locals() else b"")
+    except (ValueError, RecursionError):
+        return b'"format_version"' in head  # a damaged run.json is still ours: its reader says what is wrong
     return isinstance(obj, dict) and "format_version" in obj
 
 
@@ -144,7 +147,7 @@ def _single_log(p: Path, suffixes: tuple[str, ...]) -> Path:
     return p / logs[0]
 
 
-def _ckpt_step(f: Path, warnings: DataWarnings, index: int) -> int | None:
+def _ckpt_step(f: Path, warnings: DataWarnings) -> int | None:
     """A checkpoint file's step: safetensors metadata "step", else the file name."""
     if f.suffix == ".safetensors":
         try:
@@ -177,7 +180,7 @@ def read_checkpoints(path: str | os.PathLike[str], *, warnings: DataWarnings | N
                          and isinstance(obj.get(k), int)), None)
             del obj
         else:
-            step = _ckpt_step(p, warnings, 0)
+            step = _ckpt_step(p, warnings)
         if step is None:
             step = step_from_name(p.name) or 0
         ckpts.append(CheckpointRef(int(step), p, checkpoint_kind(p)))
@@ -189,7 +192,12 @@ def read_checkpoints(path: str | os.PathLike[str], *, warnings: DataWarnings | N
             warnings.add(p, f"skipped {', '.join(side)} (pickled object{'s' if len(side) > 1 else ''}, not needed)")
         ckpts.append(CheckpointRef(step_from_name(p.name) or 0, p, "hf-dir"))
     else:
-        files = sorted(n for n in os.listdir(p) if n.endswith((".safetensors", *TORCH_SUFFIXES)))
+        from loaders.checkpoints import skipped_side_files
+        side = set(skipped_side_files(p))
+        if side:
+            warnings.add(p, f"skipped {', '.join(sorted(side))} (pickled object{'s' if len(side) > 1 else ''}, "
+                            f"not needed)")
+        files = sorted(n for n in os.listdir(p) if n.endswith((".safetensors", *TORCH_SUFFIXES)) and n not in side)
         unknown = []
         for i, n in enumerate(files):
             f = p / n
@@ -198,7 +206,7 @@ def read_checkpoints(path: str | os.PathLike[str], *, warnings: DataWarnings | N
             except TrainauditError as e:
                 warnings.add(f, e.problem)
                 continue
-            s = _ckpt_step(f, warnings, i)
+            s = _ckpt_step(f, warnings)
             if s is None:
                 unknown.append(n)
                 s = i

@@ -208,7 +208,8 @@ class Triples:
         rank = np.argsort(np.argsort(np.asarray(names, dtype=object)))  # code -> position in sorted names
         order = np.lexsort((steps, rank[codes]))
         label = np.asarray(names, dtype=object)
-        return pd.DataFrame({"step": steps[order], "series": label[codes[order]], value_col: values[rows][order]})
+        return pd.DataFrame({"step": steps[order], "series": pd.Series(label[codes[order]], dtype=object),
+                             value_col: values[rows][order]})
 
 
 class WideLog:

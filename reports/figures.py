@@ -26,6 +26,7 @@ __all__ = [
     "DPI", "label", "new_figure", "fig_to_data_uri", "plot_loss", "plot_spikes", "plot_grad_norm",
     "plot_activations", "plot_spectral", "plot_dead_neurons", "plot_attention_entropy", "plot_attention_heads",
     "plot_class_losses", "plot_tau", "plot_grad_ratio", "plot_update_ratio", "plot_logits", "EXPECTED_TAU_BANDS",
+    "plot_compare_losses",
 ]
 
 DPI = 90
@@ -381,3 +382,40 @@ def plot_logits(attn_logits: pd.DataFrame, eval_set: pd.DataFrame, axes: Sequenc
         ax.set_xlabel("checkpoint step")
     _legend(ax2)
 
+
+
+# --------------------------------------------------------------------------- comparison page
+
+
+def plot_compare_losses(curves: pd.DataFrame, axes: Sequence[Axes]) -> None:
+    """Comparison page: every run's training loss (rolling mean over 1% of its logged steps) and its
+    validation loss, one colour per run on both axes (the first MAX_LINES runs; the rest grey)."""
+    runs = list(dict.fromkeys(curves["run"].astype(str)))
+    for ax, curve, title in zip(axes, ("train", "val"),
+                                ("training loss (rolling mean over 1% of the run)", "validation loss")):
+        ys = []
+        for i, name in enumerate(runs):
+            g = curves[(curves["run"].astype(str) == name) & (curves["curve"] == curve)].sort_values("step")
+            if g.empty:
+                continue
+            y = g["value"].to_numpy(float)
+            if curve == "train":
+                y = pd.Series(y).rolling(max(1, len(y) // 100), min_periods=1).mean().to_numpy()
+            ys.append(y[np.isfinite(y)])
+            if i < MAX_LINES:
+                ax.plot(g["step"].to_numpy(), y, lw=1.4, marker="o" if curve == "val" else "", ms=2.5,
+                        color=PALETTE[i % len(PALETTE)], label=label(name))
+            else:
+                ax.plot(g["step"].to_numpy(), y, lw=0.6, color="#b0b0b0", alpha=0.7)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss per token (nats)")
+        allv = np.concatenate(ys) if ys else np.array([])
+        if allv.size and allv.min() > 0 and allv.max() / allv.min() > 30:
+            ax.set_yscale("log")
+        if not ys:
+            ax.text(0.5, 0.5, f"no run logs a {'training' if curve == 'train' else 'validation'} loss",
+                    ha="center", va="center", transform=ax.transAxes, color="#5b6475")
+    if len(runs) > MAX_LINES:
+        axes[-1].plot([], [], lw=0.6, color="#b0b0b0", label=f"{len(runs) - MAX_LINES} more (grey)")
+    _legend(axes[-1], outside=True)

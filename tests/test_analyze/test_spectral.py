@@ -56,7 +56,7 @@ def spectrum(kind: str, k: int) -> np.ndarray:
 
 
 def make(m: int, n: int, s: np.ndarray, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """U diag(s) V^T with Haar-random orthonormal U (m x k), V (n x k), built in float64."""
+    """U diag(s) V^T with random orthonormal U (m x k), V (n x k) (QR of Gaussians), in float64."""
     g = torch.Generator().manual_seed(seed)
     k = min(m, n)
     u, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))

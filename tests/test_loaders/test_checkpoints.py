@@ -359,6 +359,27 @@ def test_c3_benign_foreign_objects_become_placeholders(tmp_path: Path) -> None:
     assert torch.equal(got["w"], sd["w"])
     assert len(w) == 1 and "argparse.Namespace" in w[0] and "not loaded" in w[0]
     assert "numpy" in w[0]
+    legacy = tmp_path / "legacy.pt"  # the same in the pre-1.6 format (globals found with pickletools)
+    torch.save({"model": sd, "args": argparse.Namespace(a=1)}, legacy, _use_new_zipfile_serialization=False)
+    w2 = DataWarnings()
+    assert torch.equal(dict(iter_tensors(legacy, warnings=w2))["w"], sd["w"])
+    assert len(w2) == 1 and "argparse.Namespace" in w2[0]
+
+
+def test_c3_benign_path_objects_vs_path_method_gadgets(tmp_path: Path) -> None:
+    import pathlib
+    p = tmp_path / "ok.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": {"data": pathlib.PosixPath("/data")}}, p)
+    w = DataWarnings()
+    assert [n for n, _ in iter_tensors(p, warnings=w)] == ["w"]
+    assert len(w) == 1 and "pathlib.PosixPath" in w[0]
+    target = tmp_path / "written.txt"
+    bad = tmp_path / "bad.pt"
+    torch.save({"w": torch.ones(2), "x": Gadget(pathlib.Path.write_text, (target, "pwned"))}, bad)
+    # protocol 2 pickles the method as builtins.getattr(PosixPath, "write_text")
+    with pytest.raises(TrainauditError, match=r"unsupported globals? .*(write_text|builtins\.getattr).*\(not loaded\)$"):
+        list(iter_tensors(bad))
+    assert not target.exists()
 
 
 @pytest.mark.parametrize("key", ["model", "state_dict", "model_state_dict", "module", None])
@@ -463,7 +484,33 @@ def test_c10_permission_denied(tmp_path: Path) -> None:
         list(iter_tensors(p))
 
 
+def test_c10_permission_denied_simulated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same path as chmod 000 for a non-root user: os.open raises PermissionError."""
+    import loaders.safeio as safeio
+    p = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(1)}, p)
+
+    def denied(*a, **k):  # type: ignore[no-untyped-def]
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(safeio.os, "open", denied)
+    with pytest.raises(TrainauditError, match=r"model\.safetensors: permission denied$"):
+        list(iter_tensors(p))
+
+
 # --------------------------------------------------------------------------- the rest
+
+
+def test_sharded_pytorch_model_bin(tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    a, b = {"module.x": torch.randn(2, 3)}, {"module.y": torch.randn(4)}
+    torch.save(a, d / "pytorch_model-00001-of-00002.bin")
+    torch.save(b, d / "pytorch_model-00002-of-00002.bin")
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {
+        "module.x": "pytorch_model-00001-of-00002.bin", "module.y": "pytorch_model-00002-of-00002.bin"}}))
+    got = dict(iter_tensors(d))
+    assert set(got) == {"x", "y"} and torch.equal(got["x"], a["module.x"]) and torch.equal(got["y"], b["module.y"])
 
 
 def test_hf_folder_with_pytorch_model_bin(tmp_path: Path) -> None:

@@ -54,6 +54,14 @@ def test_crc32c_reference_values() -> None:
         assert masked_crc32c(b) == tb_masked(b)
 
 
+def test_batched_crc_equals_scalar_crc() -> None:
+    from loaders.tensorboard import _masked_crc_batch
+    rng = np.random.default_rng(1)
+    for n in (1, 8, 61):
+        mat = rng.integers(0, 256, (20, n), dtype=np.uint8)
+        assert _masked_crc_batch(mat).tolist() == [masked_crc32c(row.tobytes()) for row in mat]
+
+
 def test_round_trip_every_record(tmp_path: Path) -> None:
     write_run(tmp_path, range(300))
     run = read_tensorboard(tmp_path)
