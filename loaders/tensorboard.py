@@ -237,9 +237,11 @@ def read_event_scalars(path: str | os.PathLike[str], warnings: DataWarnings, *,
 _TS_RE = re.compile(r"tfevents\.(\d+)")
 
 
-def _file_order(p: Path) -> tuple[int, str]:
+def _file_order(p: Path) -> tuple[int, list[tuple[int, str]]]:
+    """Creation timestamp in the name, then a natural sort (writer counter .9 before .10)."""
     m = _TS_RE.search(p.name)
-    return (int(m.group(1)) if m else 0, p.name)
+    natural = [(int(t), "") if t.isdigit() else (-1, t) for t in re.split(r"(\d+)", p.name) if t]
+    return (int(m.group(1)) if m else 0, natural)
 
 
 def find_event_files(folder: str | os.PathLike[str], max_depth: int = 3) -> list[Path]:
