@@ -135,7 +135,7 @@ def is_run(path: Path) -> bool:
 
 def runs_in_folder(folder: Path) -> list[Path]:
     """The immediate sub-folders of `folder` that are runs, by name ([] when `folder` is a run)."""
-    if not folder.is_dir() or is_run(folder):
+    if not folder.is_dir() or any((folder / m).is_file() for m in _OUTPUT_MARKERS) or is_run(folder):
         return []
     try:
         subs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -26,7 +26,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 __all__ = ["AlignedEvals", "Overfitting", "align_train_to_evals", "smooth_gap", "analyze_overfitting"]
 
@@ -122,6 +121,8 @@ def _divergence(t: np.ndarray, gs: np.ndarray, *, delta: float, min_spearman: fl
     if after < min_after:
         return None, math.nan, (f"the gap does not widen consistently: its last record low is followed by "
                                 f"{after} evaluation(s), fewer than {min_after}")
+    from scipy import stats  # 1.5-2.5 s to import: only when the divergence test runs
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # constant input: rho is NaN, and fails the test below
         rho = float(stats.spearmanr(t[j_star:], gs[j_star:]).statistic)

@@ -35,7 +35,6 @@ import multiprocessing
 import os
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -394,16 +393,21 @@ def _init_worker() -> None:
 
 
 class PoolRunner:
-    """A local process pool. Forked workers on Linux (no re-import of torch), spawned elsewhere;
-    each worker runs one task at a time on one thread."""
+    """A local process pool; each worker runs one task at a time on one thread. Workers are forked
+    on Linux when this process has no other thread (no re-import of torch), else started from a
+    fork server (Linux) or spawned (elsewhere)."""
 
     def __init__(self, workers: int) -> None:
         from concurrent.futures import ProcessPoolExecutor
 
-        method = "fork" if sys.platform.startswith("linux") else "spawn"
+        if sys.platform.startswith("linux") and threading.active_count() == 1:
+            ctx = multiprocessing.get_context("fork")  # workers start in ms, torch already imported
+        else:  # other threads (a notebook, a Dask client) may hold locks a forked child would inherit
+            ctx = multiprocessing.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
+            if ctx.get_start_method() == "forkserver":
+                ctx.set_forkserver_preload(["analyze.parallel"])
         self.workers = workers
-        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method),
-                                        initializer=_init_worker)
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
         self.futures: dict[Any, Hashable] = {}
         self.done: collections.deque[Any] = collections.deque()
 
@@ -425,7 +429,13 @@ class PoolRunner:
 
 class DaskRunner:
     """Tasks on a Dask distributed cluster. Workers must see the run's files at the same paths and
-    be able to import trainaudit (and a --model factory, when one is given)."""
+    be able to import trainaudit (and a --model factory, when one is given).
+
+    Speed: Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's
+    dynamic mmap threshold, so every large torch allocation becomes a fresh mmap and the model
+    passes run ~1.6x slower (benchmarks/scale.py). Unset it for the workers (dask config
+    ``distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null``) when starting them.
+    """
 
     def __init__(self, address: str, timeout: float = 20.0) -> None:
         try:
@@ -494,7 +504,6 @@ class CheckpointOutcome:
     notes: list[str]
     warnings: list[str]
     error: str = ""                      # the checkpoint was skipped (unreadable)
-    seconds: float = 0.0
 
 
 def plan_checkpoint(ref: CheckpointRef) -> CheckpointPlan:
@@ -556,15 +565,13 @@ class _Scheduler:
         self.inflight: list[bool] = [False for _ in self.groups]
         self.probes: dict[int, ProbeResult] = {}
         self.probes_sent: set[int] = set()
-        self.started: dict[int, float] = {}
         self.window = 2 * runner.workers + 1  # model passes queued ahead of the first unfinished checkpoint
         self.outstanding = 0
         self.emitted = 0
 
-    def _submit(self, tag: tuple, fn: Callable[[Any], Any], arg: Any, i: int) -> None:
+    def _submit(self, tag: tuple, fn: Callable[[Any], Any], arg: Any) -> None:
         self.runner.submit(tag, fn, arg)
         self.outstanding += 1
-        self.started.setdefault(i, time.perf_counter())
 
     def _pred(self, i: int) -> int | None:
         pos = self.order.index(i)
@@ -578,7 +585,7 @@ class _Scheduler:
                 break
             if i not in self.probes_sent:
                 self.probes_sent.add(i)
-                self._submit(("probe", i), run_probe_task, ProbeTask(self.plans[i].ref, self.probe_spec), i)
+                self._submit(("probe", i), run_probe_task, ProbeTask(self.plans[i].ref, self.probe_spec))
 
     def schedule(self) -> None:
         """Per idle group: the first checkpoint without a valid result gets its task."""
@@ -604,7 +611,7 @@ class _Scheduler:
                 task = WeightsTask(self.plans[i].ref, self.init_prev if pred is None else self.plans[pred].ref,
                                    names, {k: v for k, v in vec.items() if k.partition(":")[2] in keep},
                                    self.cfg, self.exact, g)
-                self._submit(("weights", i, g, pred), run_weights_task, task, i)
+                self._submit(("weights", i, g, pred), run_weights_task, task)
                 self.inflight[g] = True
                 break
 
@@ -670,8 +677,7 @@ class _Scheduler:
         if self.probe_spec is not None:
             rows.update(self.probes[i].rows)
             notes.extend(self.probes[i].notes)
-        return CheckpointOutcome(p.ref, rows, vectors, notes, list(p.warnings),
-                                 seconds=time.perf_counter() - self.started.get(i, time.perf_counter()))
+        return CheckpointOutcome(p.ref, rows, vectors, notes, list(p.warnings))
 
     def forget_before(self, i: int) -> None:
         """Drop the vectors of checkpoints before i (emitted; no restart can go back past i)."""

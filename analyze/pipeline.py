@@ -361,8 +361,10 @@ def _checkpoints(run: Run, cfg: AnalysisConfig, cache: CheckpointCache, progress
         key_state["prev"] = key
         add(out.rows)
         notes.extend(out.notes)
-        _say(progress, f"checkpoint {done['n']}/{len(refs)}: step {out.ref.step} done in {out.seconds:.1f}s")
+        _say(progress, f"checkpoint {done['n']}/{len(refs)}: step {out.ref.step} done "
+                       f"({time.perf_counter() - t0:.1f}s elapsed)")
 
+    t0 = time.perf_counter()
     runner = make_runner(cfg.workers, cfg.scheduler)
     try:
         if cfg.scheduler:
