@@ -25,8 +25,10 @@ from typing import Any
 import torch
 
 from analyze.spectral import (
+    EXACT_MAX_DIM,
     as_matrix,
     estimate_spectral_norm,
+    estimate_spectral_norm_batched,
     exact_top_singular_values,
     matrix_skip_reason,
     power_iteration,
@@ -42,6 +44,10 @@ __all__ = ["MAX_ABS_WARN", "SIGMA_WARN", "AuditResult", "SpectralRow", "TensorHe
 MAX_ABS_WARN = 1e4
 SIGMA_WARN = 1e3
 METHODS = ("auto", "lanczos", "exact")
+# Small tensors (biases, norms, tiny layers) are audited in same-shape stacks: per-tensor torch
+# calls cost ~0.5 ms each, so 10,000 tiny tensors took 5 s one by one (bad-inputs.md F3).
+_BATCH_NUMEL = 1 << 14      # tensors up to this many elements are stacked
+_BATCH_ELEMENTS = 1 << 22   # elements held pending at most (16 MB of float32)
 SPECTRAL_JSON_KEYS = ("tensor", "shape", "method", "sigma_est", "err_bound", "sigma_power", "sigma_exact",
                       "rel_err", "power_rel_err", "iterations", "sigma_ratio")
 _MAX_LISTED = 5
@@ -142,6 +148,38 @@ def _health(name: str, t: torch.Tensor) -> TensorHealth:
                         stable_rank(m, est.sigma), None)
 
 
+def _batchable(t: torch.Tensor) -> bool:
+    return (t.is_floating_point() and 0 < t.numel() <= _BATCH_NUMEL
+            and (t.ndim < 2 or min(t.shape[0], t.numel() // t.shape[0]) <= EXACT_MAX_DIM))
+
+
+def _health_batch(items: list[tuple[str, torch.Tensor]]) -> list[TensorHealth]:
+    """``_health`` of same-shape, same-dtype small float tensors in one stack (same figures: the
+    batched spectral estimate gives each matrix the answer it gets alone). A stack with any
+    non-finite value falls back to one tensor at a time."""
+    if len(items) == 1:
+        return [_health(*items[0])]
+    t0 = items[0][1]
+    shape, dtype, numel, nan = tuple(t0.shape), str(t0.dtype).removeprefix("torch."), t0.numel(), math.nan
+    x = torch.stack([t.detach() for _, t in items])
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float32)  # bf16/fp16 (and fp8) upcast before any reduction, as in _health
+    flat = x.reshape(len(items), -1)
+    if not bool(torch.isfinite(flat).all()):
+        return [_health(n, t) for n, t in items]
+    max_abs = flat.abs().amax(dim=1).tolist()
+    reason = matrix_skip_reason(t0)
+    if reason is not None:
+        return [TensorHealth(n, shape, dtype, numel, 0, max_abs[i], nan, nan, nan, reason)
+                for i, (n, _) in enumerate(items)]
+    mats = x.reshape(len(items), shape[0], -1)
+    ests = estimate_spectral_norm_batched(mats)
+    fro2 = (mats.to(torch.float64) ** 2).sum(dim=(1, 2)).tolist()
+    return [TensorHealth(n, shape, dtype, numel, 0, max_abs[i], e.sigma, e.err_bound,
+                         fro2[i] / (e.sigma * e.sigma) if e.sigma > 0 else nan, None)
+            for i, ((n, _), e) in enumerate(zip(items, ests, strict=True))]
+
+
 def _findings(h: TensorHealth, step: int | None) -> list[Finding]:
     out: list[Finding] = []
     if h.numel == 0:
@@ -182,15 +220,35 @@ def audit_checkpoint(path: str | os.PathLike[str]) -> AuditResult:
     p = Path(path)
     warnings = DataWarnings()
     step = _checkpoint_step(p)
-    health: list[TensorHealth] = []
     error: str | None = None
+    slots: list[TensorHealth | None] = []   # in checkpoint order; None until its stack is done
+    pending: dict[tuple[tuple[int, ...], torch.dtype], list[tuple[int, str, torch.Tensor]]] = {}
+    held = 0
+
+    def flush() -> None:
+        nonlocal held
+        for group in pending.values():
+            for (i, _, _), h in zip(group, _health_batch([(n, t) for _, n, t in group]), strict=True):
+                slots[i] = h
+        pending.clear()
+        held = 0
+
     try:
         for name, t in iter_tensors(p, warnings=warnings):
-            health.append(_health(name, t))
+            slots.append(None)
+            if _batchable(t):
+                pending.setdefault((tuple(t.shape), t.dtype), []).append((len(slots) - 1, name, t))
+                held += t.numel()
+                if held > _BATCH_ELEMENTS:
+                    flush()
+            else:
+                slots[-1] = _health(name, t)
     except TrainauditError as e:
-        if not health:
+        if not slots:
             raise
         error = str(e)
+    flush()
+    health = [h for h in slots if h is not None]
     findings: list[Finding] = []
     for h in health:
         findings.extend(_findings(h, step))
@@ -208,6 +266,11 @@ def audit_checkpoint(path: str | os.PathLike[str]) -> AuditResult:
                 findings.append(Finding(Severity.INFO, "tied_weights",
                                         f"{a} and {b} share storage (counted once).", step=step, tensor=b))
             n_params = info.n_params
+            if info.container_key or info.stripped_prefix:  # bad-inputs.md C4, C6: where the tensors were
+                where = f"under key {info.container_key!r}" if info.container_key else "at the top level"
+                strip = f"; prefix {info.stripped_prefix!r} removed from every name" if info.stripped_prefix else ""
+                findings.append(Finding(Severity.INFO, "state_dict_location",
+                                        f"state dict found {where}{strip}.", step=step))
         except TrainauditError:
             pass
     folder = p if p.is_dir() else None

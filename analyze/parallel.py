@@ -37,7 +37,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,7 +50,7 @@ from loaders.run import CheckpointRef
 __all__ = [
     "default_workers", "make_runner", "TaskRunner", "SerialRunner", "PoolRunner", "DaskRunner",
     "WeightsTask", "WeightsResult", "TensorResult", "ProbeSpec", "ProbeTask", "ProbeResult",
-    "run_weights_task", "run_probe_task", "probe_reason", "tensor_seed", "plan_groups",
+    "run_weights_task", "run_probe_task", "probe_reason", "tensor_seed", "plan_checkpoint", "plan_groups",
     "CheckpointPlan", "CheckpointOutcome", "run_checkpoints", "DASK_HINT",
 ]
 
@@ -393,19 +393,15 @@ def _init_worker() -> None:
 
 
 class PoolRunner:
-    """A local process pool; each worker runs one task at a time on one thread. Workers are forked
-    on Linux when this process has no other thread (no re-import of torch), else started from a
-    fork server (Linux) or spawned (elsewhere)."""
+    """A local process pool; each worker runs one task at a time on one thread (forked on Linux,
+    spawned elsewhere)."""
 
     def __init__(self, workers: int) -> None:
         from concurrent.futures import ProcessPoolExecutor
 
-        if sys.platform.startswith("linux") and threading.active_count() == 1:
-            ctx = multiprocessing.get_context("fork")  # workers start in ms, torch already imported
-        else:  # other threads (a notebook, a Dask client) may hold locks a forked child would inherit
-            ctx = multiprocessing.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
-            if ctx.get_start_method() == "forkserver":
-                ctx.set_forkserver_preload(["analyze.parallel"])
+        # fork: workers start in milliseconds with torch already imported, and need no importable
+        # __main__ (a notebook, stdin); torch's DataLoader does the same. Elsewhere: spawn.
+        ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         self.workers = workers
         self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
         self.futures: dict[Any, Hashable] = {}
@@ -554,7 +550,10 @@ class _Scheduler:
                  probe_spec: ProbeSpec | None, runner: TaskRunner) -> None:
         self.plans, self.cfg, self.exact, self.runner = plans, cfg, exact, runner
         self.init_vectors, self.init_prev, self.probe_spec = dict(init_vectors), init_prev, probe_spec
-        n_groups = runner.workers * GROUPS_PER_WORKER if runner.workers > 1 else 1
+        # Tensor groups read plain safetensors files one tensor at a time; any other kind is read
+        # whole by every task, so it gets one group (its model passes still run side by side).
+        selective = all(Path(p.ref.path).suffix == ".safetensors" and Path(p.ref.path).is_file() for p in plans)
+        n_groups = runner.workers * GROUPS_PER_WORKER if runner.workers > 1 and selective else 1
         group_of = plan_groups([p for p in plans if not p.error], n_groups)
         self.groups = sorted(set(group_of.values()))
         self.names_in = [{g: tuple(nm for nm in p.names if group_of.get(nm) == g) for g in self.groups}

@@ -405,8 +405,10 @@ def load_torch_object(path: str | os.PathLike[str], *, root: str | os.PathLike[s
         raise TrainauditError(p, "truncated or corrupt checkpoint (empty file)")
     _refuse_lfs(p)
     with open_regular(p, root) as f:
-        magic = f.read(4)
-    is_zip = magic == b"PK\x03\x04"
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        raise TrainauditError(p, "numpy array file, not a checkpoint (never loaded: object arrays would need pickle)")
+    is_zip = magic[:4] == b"PK\x03\x04"
     if is_zip:
         try:
             unsafe = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(p)))
@@ -530,7 +532,10 @@ class _Source:
 
 
 def _read_index(index: Path, root: Path) -> tuple[list[str], list[str], list[str]]:
-    """Shard file names (in order), names missing on disk, and all tensor names of an HF index."""
+    """Shard file names (in order), names missing on disk, and all tensor names of an HF index.
+
+    Shards are looked up beside the index and must resolve inside ``root`` (the index's folder,
+    or the repository folder of a hub-cache snapshot whose files link into ``blobs/``)."""
     raw = read_bounded(index, root, max_bytes=MAX_INDEX)
     try:
         data = json.loads(raw.decode("utf-8-sig"))
@@ -544,17 +549,28 @@ def _read_index(index: Path, root: Path) -> tuple[list[str], list[str], list[str
         if fname not in shards:
             shards.append(fname)
     real_root = Path(os.path.realpath(root))
+    folder = index.parent
     missing: list[str] = []
     for fname in shards:
         q = Path(fname)
         if q.is_absolute() or ".." in q.parts or len(q.parts) != 1:
             raise TrainauditError(index, f"shard {fname!r} points outside the checkpoint folder")
-        real = Path(os.path.realpath(root / q))
-        if real.parent != real_root and real_root not in real.parents:
+        real = Path(os.path.realpath(folder / q))
+        if real_root not in real.parents:
             raise TrainauditError(index, f"shard {fname!r} points outside the checkpoint folder")
-        if not (root / q).exists():
+        if not (folder / q).exists():
             missing.append(fname)
     return shards, missing, list(wm.keys())
+
+
+def _hub_root(folder: Path) -> Path:
+    """The folder a checkpoint folder's files must stay in. A Hugging Face hub cache snapshot
+    (``models--org--name/snapshots/<rev>/``) holds symlinks to ``../../blobs/<sha>``: its root
+    is the ``models--org--name`` folder, so those links are followed and nothing beyond it."""
+    parent = folder.parent
+    if parent.name == "snapshots" and (parent.parent / "blobs").is_dir():
+        return parent.parent
+    return folder
 
 
 def _resolve(ref_or_path: CheckpointRef | str | os.PathLike[str], root: str | os.PathLike[str] | None) -> _Source:
@@ -571,7 +587,7 @@ def _resolve(ref_or_path: CheckpointRef | str | os.PathLike[str], root: str | os
                 q = p / sts[0]
             else:
                 raise TrainauditError(p, f"no weights found (looked for: {', '.join(_HF_WEIGHT_FILES)})")
-        src = _resolve(q, r if r is not None else p)
+        src = _resolve(q, r if r is not None else _hub_root(p))
         return _Source(p, "hf-dir", src.parts, src.root, src.missing, src.index_names)
     if p.name.endswith(".index.json"):
         folder = p.parent

@@ -4,9 +4,14 @@ Recognised (issue 5), in this order for a folder: our run directory (``run.json`
 ``format_version``), a Hugging Face Trainer output (``trainer_state.json`` and/or
 ``checkpoint-N/``), a Lightning log (``metrics.csv``, ``version_N/metrics.csv``), TensorBoard
 event files, a nanoGPT ``ckpt.pt``, a Hugging Face model folder, a folder of checkpoints, and a
-single plain log (JSONL / CSV / JSON / llm.c). A file is recognised by name and a peek at its
-first bytes. ``format=`` (the CLI's ``--format``) skips detection. Anything else raises
-``TrainauditError`` listing what was looked for.
+single plain log (JSONL / CSV / JSON / llm.c) or one log per DDP rank (``metrics.rank0.jsonl``,
+``metrics.rank1.jsonl``, ...: read by ``loaders.textlogs.read_rank_logs``). A file is recognised
+by name and a peek at its first bytes. ``format=`` (the CLI's ``--format``) skips detection.
+Anything else raises ``TrainauditError`` listing what was looked for.
+
+Inside a folder, a log that is a symlink leaving the folder, a FIFO, a device or a socket is
+never opened (bad-inputs.md A12-A14): it is skipped with a warning and detection goes on with
+the other files.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import json
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from loaders.checkpoints import (
@@ -28,7 +34,7 @@ from loaders.longtables import Triples, build_run
 from loaders.run import CheckpointRef, Run
 from loaders.safeio import check_regular, open_regular
 
-__all__ = ["FORMATS", "detect_format", "open_run", "read_checkpoints"]
+__all__ = ["FORMATS", "detect_format", "open_run", "rank_logs", "read_checkpoints"]
 
 FORMATS = ("rundir", "hf", "lightning", "tensorboard", "nanogpt", "llmc", "jsonl", "csv", "json", "checkpoint")
 
@@ -37,6 +43,10 @@ LOOKED_FOR = ("run.json (trainaudit run)", "trainer_state.json", "checkpoint-N/"
               "*.safetensors", "*.pt", "*.pth", "*.bin", "*.ckpt", "*.jsonl", "*.csv", "*.json", "*.log", "*.txt")
 _CKPT_DIR_RE = re.compile(r"^checkpoint-\d+$")
 _LOG_SUFFIXES = (".jsonl", ".csv", ".json", ".log", ".txt", ".ndjson")
+# One log per DDP rank: metrics.rank0.jsonl, train_rank1.log, rank2.jsonl, log-rank-3.csv (row D13).
+_RANK_RE = re.compile(r"^(?P<base>(?:.*?[._-])?)rank[_-]?(?P<rank>\d{1,4})(?P<ext>\.[A-Za-z0-9]+)$", re.I)
+_NUMPY_MAGIC = b"\x93NUMPY"
+_NUMPY_PROBLEM = "numpy array file: not a run format trainaudit reads (never loaded: object arrays would need pickle)"
 
 
 def _peek(path: Path, n: int = 4096) -> bytes:
@@ -61,6 +71,8 @@ def _is_rundir(p: Path) -> bool:
 
 def _detect_file(p: Path) -> str:
     name = p.name.lower()
+    if name.endswith((".npy", ".npz")):
+        raise TrainauditError(p, _NUMPY_PROBLEM)
     if "tfevents" in name:
         return "tensorboard"
     if name.endswith(".safetensors") or name.endswith(".safetensors.index.json"):
@@ -84,6 +96,8 @@ def _detect_file(p: Path) -> str:
         first = head.split(b"\n", 1)[0].decode("utf-8", "replace").lower()
         cols = [c.strip() for c in first.split(",")]
         return "lightning" if "epoch" in cols and "step" in cols else "csv"
+    if head.startswith(_NUMPY_MAGIC):
+        raise TrainauditError(p, _NUMPY_PROBLEM)
     text = head.decode("utf-8", "replace")
     lines = text.splitlines()[:50]
     from loaders.textlogs import looks_like_llmc
@@ -93,58 +107,112 @@ def _detect_file(p: Path) -> str:
         return "jsonl"
     if head.startswith(b"["):
         return "json"
-    if lines and "," in lines[0]:
+    if lines and "," in lines[0] and "\x00" not in lines[0]:  # a binary file with a comma is not a CSV
         return "csv"
     raise TrainauditError(p, f"unrecognised file (looked for: {', '.join(LOOKED_FOR)})")
 
 
-def detect_format(path: str | os.PathLike[str]) -> str:
-    """The name in ``FORMATS`` that ``open_run`` would use for ``path``."""
-    p = Path(path)
+def _usable(f: Path, root: Path, warnings: DataWarnings) -> bool:
+    """A regular file inside ``root``; otherwise warn ("symlink leaves run dir; skipped") and say no."""
+    try:
+        check_regular(f, root)
+    except TrainauditError as e:
+        warnings.add(f, e.problem)
+        return False
+    return True
+
+
+def _folder_logs(p: Path, warnings: DataWarnings, suffixes: tuple[str, ...] = _LOG_SUFFIXES) -> list[Path]:
+    """The log files directly in folder ``p`` that may be opened (refused ones are warned about)."""
+    return [p / n for n in sorted(os.listdir(p)) if n.lower().endswith(suffixes) and _usable(p / n, p, warnings)]
+
+
+def rank_logs(files: list[Path]) -> dict[int, Path] | None:
+    """``{rank: path}`` when ``files`` are one log per DDP rank (same name but the rank number)."""
+    groups: dict[tuple[str, str], dict[int, Path]] = {}
+    for f in files:
+        m = _RANK_RE.match(f.name)
+        if m is None:
+            return None
+        groups.setdefault((m.group("base").lower(), m.group("ext").lower()), {})[int(m.group("rank"))] = f
+    if len(groups) != 1:
+        return None
+    ranks = next(iter(groups.values()))
+    return dict(sorted(ranks.items())) if len(ranks) >= 2 else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Detected:
+    """What ``open_run`` reads: a format, the path its reader gets, and per-rank logs (D13)."""
+
+    format: str
+    path: Path
+    ranks: dict[int, Path] | None = None
+
+
+def _skipped(warnings: DataWarnings, start: int) -> str:
+    """The files detection refused, for the "no run data" message."""
+    return f" (skipped: {'; '.join(warnings[start:start + 3])})" if len(warnings) > start else ""
+
+
+def _detect(p: Path, warnings: DataWarnings) -> _Detected:
     if not p.exists() and not p.is_symlink():
         raise TrainauditError(p, "no such file or folder")
     if not p.is_dir():
         check_regular(p)
-        return _detect_file(p)
+        return _Detected(_detect_file(p), p)
     from loaders.hf_trainer import checkpoint_dirs
     from loaders.lightning_csv import find_metrics_csv
     from loaders.tensorboard import find_event_files
 
     if _is_rundir(p):
-        return "rundir"
+        return _Detected("rundir", p)
     if (p / "trainer_state.json").is_file() or checkpoint_dirs(p) or (
             _CKPT_DIR_RE.match(p.name) and (p / "trainer_state.json").is_file()):
-        return "hf"
+        return _Detected("hf", p)
     if find_metrics_csv(p) is not None:
-        return "lightning"
+        return _Detected("lightning", p)
     if find_event_files(p):
-        return "tensorboard"
+        return _Detected("tensorboard", p)
     if (p / "ckpt.pt").is_file():
-        return "nanogpt"
+        return _Detected("nanogpt", p)
     if any((p / n).exists() for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                                       "pytorch_model.bin.index.json")):
-        return "checkpoint"
+        return _Detected("checkpoint", p)
     names = sorted(os.listdir(p))
     if any(n.endswith((".safetensors", *TORCH_SUFFIXES)) for n in names):
-        return "checkpoint"
-    logs = [n for n in names if n.lower().endswith(_LOG_SUFFIXES) and (p / n).is_file()]
+        return _Detected("checkpoint", p)
+    start = len(warnings)
+    logs = _folder_logs(p, warnings)
     if len(logs) == 1:
-        return _detect_file(p / logs[0])
+        return _Detected(_detect_file(logs[0]), logs[0])
+    ranks = rank_logs(logs)
+    if ranks is not None:
+        return _Detected(_detect_file(next(iter(ranks.values()))), p, ranks)
     if not names:
         raise TrainauditError(p, "no run data found (empty folder)")
     if len(logs) > 1:
-        raise TrainauditError(p, f"no run data found: several logs ({', '.join(logs[:5])}); "
+        raise TrainauditError(p, f"no run data found: several logs ({', '.join(f.name for f in logs[:5])}); "
                                  f"give one file or --format")
-    raise TrainauditError(p, f"no run data found (looked for: {', '.join(LOOKED_FOR)})")
+    raise TrainauditError(p, f"no run data found{_skipped(warnings, start)} (looked for: {', '.join(LOOKED_FOR)})")
 
 
-def _single_log(p: Path, suffixes: tuple[str, ...]) -> Path:
-    if p.is_file():
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """The name in ``FORMATS`` that ``open_run`` would use for ``path``."""
+    return _detect(Path(path), DataWarnings()).format
+
+
+def _single_log(p: Path, suffixes: tuple[str, ...], warnings: DataWarnings) -> Path | dict[int, Path]:
+    """The one log of a folder for a forced ``--format`` (or its per-rank logs)."""
+    if not p.is_dir():
         return p
-    logs = sorted(n for n in os.listdir(p) if n.lower().endswith(suffixes) and (p / n).is_file())
-    if len(logs) != 1:
-        raise TrainauditError(p, f"expected one {'/'.join(suffixes)} file, found {len(logs)}")
-    return p / logs[0]
+    logs = _folder_logs(p, warnings, suffixes)
+    if len(logs) == 1:
+        return logs[0]
+    ranks = rank_logs(logs)
+    if ranks is not None:
+        return ranks
+    raise TrainauditError(p, f"expected one {'/'.join(suffixes)} file, found {len(logs)}")
 
 
 def _ckpt_step(f: Path, warnings: DataWarnings) -> int | None:
@@ -229,12 +297,36 @@ def _read_rundir(p: Path) -> Run:
     return rundir.read_run_dir(p)
 
 
+_LOG_READERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "llmc": ("read_llmc", (".log", ".txt")),
+    "jsonl": ("read_jsonl", (".jsonl", ".ndjson", ".json")),
+    "csv": ("read_csv_log", (".csv",)),
+    "json": ("read_json_log", (".json",)),
+}
+
+
+def _read_log(fmt: str, target: Path | dict[int, Path], folder: Path | None, warnings: DataWarnings) -> Run:
+    """One plain log (or one per rank) with the reader of ``fmt``; files must stay in ``folder``."""
+    from loaders import textlogs
+
+    reader = getattr(textlogs, _LOG_READERS[fmt][0])
+    if isinstance(target, dict):
+        assert folder is not None
+        return textlogs.read_rank_logs(folder, target, lambda r, f, w: reader(f, warnings=w, root=folder),
+                                       warnings)
+    return reader(target, warnings=warnings, root=folder)
+
+
 def _readers() -> dict[str, Callable[[Path, DataWarnings], Run]]:
     from loaders.hf_trainer import read_hf
     from loaders.lightning_csv import read_lightning
     from loaders.nanogpt import read_nanogpt
     from loaders.tensorboard import read_tensorboard
-    from loaders.textlogs import read_csv_log, read_json_log, read_jsonl, read_llmc
+
+    def log(fmt: str) -> Callable[[Path, DataWarnings], Run]:
+        def read(p: Path, w: DataWarnings) -> Run:
+            return _read_log(fmt, _single_log(p, _LOG_READERS[fmt][1], w), p if p.is_dir() else None, w)
+        return read
 
     return {
         "rundir": lambda p, w: _read_rundir(p),
@@ -242,10 +334,10 @@ def _readers() -> dict[str, Callable[[Path, DataWarnings], Run]]:
         "lightning": lambda p, w: read_lightning(p, warnings=w),
         "tensorboard": lambda p, w: read_tensorboard(p, warnings=w),
         "nanogpt": lambda p, w: read_nanogpt(p, warnings=w),
-        "llmc": lambda p, w: read_llmc(_single_log(p, (".log", ".txt")), warnings=w),
-        "jsonl": lambda p, w: read_jsonl(_single_log(p, (".jsonl", ".ndjson", ".json")), warnings=w),
-        "csv": lambda p, w: read_csv_log(_single_log(p, (".csv",)), warnings=w),
-        "json": lambda p, w: read_json_log(_single_log(p, (".json",)), warnings=w),
+        "llmc": log("llmc"),
+        "jsonl": log("jsonl"),
+        "csv": log("csv"),
+        "json": log("json"),
         "checkpoint": lambda p, w: read_checkpoints(p, warnings=w),
     }
 
@@ -259,8 +351,16 @@ def open_run(path: str | os.PathLike[str], *, format: str | None = None) -> Run:
         raise TrainauditError(p, f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
     if not p.exists():
         raise TrainauditError(p, "no such file or folder")
-    fmt = format or detect_format(p)
     warnings = DataWarnings()
-    run = _readers()[fmt](p, warnings)
+    if format is not None:
+        run = _readers()[format](p, warnings)
+        fmt = format
+    else:
+        found = _detect(p, warnings)
+        fmt = found.format
+        if fmt in _LOG_READERS and p.is_dir():  # the log (or per-rank logs) detection already chose
+            run = _read_log(fmt, found.ranks if found.ranks is not None else found.path, p, warnings)
+        else:
+            run = _readers()[fmt](found.path, warnings)
     run.meta.setdefault("detected_format", fmt)
     return run

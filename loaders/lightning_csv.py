@@ -147,7 +147,8 @@ def read_metrics_csv(path: str | os.PathLike[str], warnings: DataWarnings, *,
 def wide_to_run(p: Path, log: WideLog, warnings: DataWarnings, *, source_format: str,
                 run_path: str | os.PathLike[str] | None = None, meta: dict[str, Any] | None = None,
                 checkpoints: list[CheckpointRef] | None = None) -> Run:
-    """Sparse wide records -> Run, with the Lightning row rules (see the module docstring)."""
+    """Sparse wide records -> Run, with the Lightning row rules (see the module docstring).
+    Consumes ``log`` (its columns are released once copied)."""
     meta = dict(meta or {})
     notes: list[str] = []
     cols = log.columns()
@@ -217,6 +218,7 @@ def wide_to_run(p: Path, log: WideLog, warnings: DataWarnings, *, source_format:
         put(extra, c, c)
     if loss_col is None:
         notes.append("no training-loss column found (looked for: " + ", ".join(_TRAIN_LOSS_ORDER[:6]) + ", ...)")
+    log.release()  # every cell was copied into the triples: free the columns before the tables are built
     meta["extra_scalars"] = extra.frame("value", p, DataWarnings())
     meta["train_loss_column"] = loss_col
     meta["metrics_file"] = str(p)

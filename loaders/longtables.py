@@ -19,7 +19,7 @@ import pandas as pd
 
 from loaders.errors import DataWarnings
 from loaders.run import CLASS_LOSS_COLUMNS, EVAL_CLASS_LOSS_COLUMNS, CheckpointRef, Run
-from loaders.safeio import STEP_REASONS, coerce_step, rewind_keep
+from loaders.safeio import STEP_REASONS, coerce_step, rewind_groups
 
 __all__ = ["PREFERRED_VAL", "Triples", "WideLog", "build_run", "preferred_val_series", "to_float",
            "classify_train_key", "is_val_loss_key", "run_name", "empty_frame"]
@@ -45,10 +45,18 @@ TRAIN_ALIASES: dict[str, tuple[str, ...]] = {
 _ALIAS_TO_SERIES = {a.lower(): s for s, names in TRAIN_ALIASES.items() for a in names}
 
 
+_EMPTY: dict[tuple[str, ...], pd.DataFrame] = {}
+
+
 def empty_frame(columns: tuple[str, ...]) -> pd.DataFrame:
-    """``loaders.run.empty_table`` built from numpy arrays (same dtypes, ~10x cheaper)."""
-    return pd.DataFrame({c: np.empty(0, dtype=np.int64 if c in ("step", "count") else
-                                     object if c in ("series", "cls") else np.float64) for c in columns})
+    """``loaders.run.empty_table`` (same dtypes): a copy of one cached empty frame per column set,
+    5x cheaper than building it (every loaded run needs several; the parser fuzz tests, thousands)."""
+    tmpl = _EMPTY.get(columns)
+    if tmpl is None:
+        tmpl = _EMPTY[columns] = pd.DataFrame({c: np.empty(0, dtype=np.int64 if c in ("step", "count") else
+                                                            object if c in ("series", "cls") else np.float64)
+                                               for c in columns})
+    return tmpl.copy()
 
 
 def classify_train_key(key: str) -> str | None:
@@ -144,7 +152,7 @@ class Triples:
         self._steps = array("q")
         self._codes = array("l")
         self._values = array("d")
-        self._chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._chunks: list[tuple[np.ndarray, int, np.ndarray]] = []   # (steps, series code, values)
         self.names: dict[str, int] = {}
         self.bad: Counter[str] = Counter()
         self.bad_steps: Counter[str] = Counter()
@@ -173,43 +181,65 @@ class Triples:
 
     def extend(self, steps: np.ndarray, series: str, values: np.ndarray) -> None:
         if len(steps):
-            self._chunks.append((np.asarray(steps, dtype=np.int64),
-                                 np.full(len(steps), self._code(series), dtype=np.int64),
+            self._chunks.append((np.asarray(steps, dtype=np.int64), self._code(series),
                                  np.asarray(values, dtype=np.float64)))
 
     def __len__(self) -> int:
         return len(self._steps) + sum(len(c[0]) for c in self._chunks)
 
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        parts = [(np.frombuffer(self._steps, dtype=np.int64) if len(self._steps) else np.empty(0, np.int64),
-                  np.asarray(self._codes, dtype=np.int64), np.frombuffer(self._values, dtype=np.float64)
-                  if len(self._values) else np.empty(0, np.float64)), *self._chunks]
-        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
+    def _series(self, code: int) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of one series in file order (a view when it is one ``extend`` chunk)."""
+        parts = [(s, v) for s, c, v in self._chunks if c == code]
+        if len(self._steps):
+            codes = np.frombuffer(self._codes, dtype=np.dtype(f"i{self._codes.itemsize}"))
+            mine = np.flatnonzero(codes == code)
+            if len(mine):
+                parts.insert(0, (np.frombuffer(self._steps, dtype=np.int64)[mine],
+                                 np.frombuffer(self._values, dtype=np.float64)[mine]))
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return np.empty(0, np.int64), np.empty(0, np.float64)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def steps_of(self, series: str) -> np.ndarray:
         """Steps logged for one series, in file order."""
         if series not in self.names:
             return np.empty(0, dtype=np.int64)
-        steps, codes, _ = self._arrays()
-        return steps[codes == self.names[series]]
+        return self._series(self.names[series])[0]
 
     def frame(self, value_col: str, path: str | os.PathLike[str], warnings: DataWarnings) -> pd.DataFrame:
-        """Long table with int64 steps after the rewind policy (per series), sorted by series, step."""
+        """Long table with int64 steps after the rewind policy (per series), sorted by series, step.
+
+        Built one series at a time into preallocated columns: peak memory is the output plus one
+        series (a 10M-value log must not hold several concatenated copies)."""
         for s, n in sorted(self.bad.items()):
             warnings.add(path, f"{n} non-numeric value{'s' if n > 1 else ''} of {s} skipped")
         _warn_steps(self.bad_steps, path, warnings)
         cols = ("step", "series", value_col)
-        if len(self) == 0:
+        total = len(self)
+        if total == 0:
             return empty_frame(cols)
-        steps, codes, values = self._arrays()
-        rows, steps = rewind_keep(steps, codes, path, warnings)
-        codes = codes[rows]
-        names = list(self.names)
-        rank = np.argsort(np.argsort(np.asarray(names, dtype=object)))  # code -> position in sorted names
-        order = np.lexsort((steps, rank[codes]))
-        label = np.asarray(names, dtype=object)
-        return pd.DataFrame({"step": steps[order], "series": pd.Series(label[codes[order]], dtype=object),
-                             value_col: values[rows][order]})
+        order = sorted(self.names, key=str)
+        series = [self._series(self.names[name]) for name in order]
+        keeps = rewind_groups([s for s, _ in series], path, warnings)
+        out_steps = np.empty(total, dtype=np.int64)
+        out_values = np.empty(total, dtype=np.float64)
+        out_names = np.empty(total, dtype=object)
+        n = 0
+        for name, (steps, values), keep in zip(order, series, keeps, strict=True):
+            if keep is not None:  # kept rows of a rewound series are increasing: no sort needed
+                steps, values = steps[keep], values[keep]
+            k = len(steps)
+            out_steps[n:n + k] = steps
+            out_values[n:n + k] = values
+            out_names[n:n + k] = name
+            n += k
+        del series
+        # Series first, then one frame without copies (a dict of arrays would be copied).
+        return pd.DataFrame({"step": pd.Series(out_steps[:n], copy=False),
+                             "series": pd.Series(out_names[:n], dtype=object, copy=False),
+                             value_col: pd.Series(out_values[:n], copy=False)}, copy=False)
 
 
 class WideLog:
@@ -243,6 +273,11 @@ class WideLog:
             t = type(v)
             if t is float:
                 f: float | None = v
+            elif t is int:
+                try:
+                    f = float(v)
+                except OverflowError:
+                    f = math.inf if v > 0 else -math.inf
             elif t is str:
                 if not v:
                     continue
@@ -272,6 +307,10 @@ class WideLog:
 
     def columns(self) -> list[str]:
         return list(self.cols)
+
+    def release(self) -> None:
+        """Drop the stored cells (their copies live on in the Run's tables): peak memory."""
+        self.cols, self.ints, self._slots = {}, {}, {}
 
     def rows(self, col: str) -> np.ndarray:
         """Rows with a numeric cell in ``col``."""

@@ -45,7 +45,9 @@ __all__ = [
     "coerce_steps",
     "STEP_REASONS",
     "resolve_rewinds",
+    "rewind_groups",
     "rewind_keep",
+    "warn_rewinds",
 ]
 
 MAX_LINE = 1 << 20          # longest accepted log line (bytes); longer lines are skipped
@@ -326,6 +328,7 @@ class _DupKeys:
 
 
 _LOCAL = threading.local()
+_SLOW = object()  # parse_json_line: the fast path gave no value
 
 
 def _decoder() -> tuple[json.JSONDecoder, _DupKeys]:
@@ -345,19 +348,27 @@ def parse_json_line(text: str, warnings: DataWarnings, path: str | os.PathLike[s
     ``NaN``, ``Infinity`` and ``-Infinity`` tokens are accepted (Python's json and Transformers
     write them); duplicate keys keep the last value and are warned about.
     """
-    if not text.strip():
-        return None
     decoder, hook = _decoder()
     hook.dups.clear()
-    try:
-        obj = decoder.decode(text)
-    except json.JSONDecodeError as e:
-        warnings.add(path, f"not valid JSON ({e.msg} at column {e.colno}), skipped", line=lineno)
-        return None
-    except (ValueError, RecursionError) as e:
-        warnings.add(path, f"not valid JSON ({type(e).__name__}), skipped", line=lineno)
-        return None
-    if not isinstance(obj, dict):
+    try:  # the C scanner directly: JSONDecoder.decode adds two whitespace regexes per line
+        obj, end = decoder.scan_once(text, 0)
+        if end != len(text) and text[end:].strip():
+            obj = _SLOW
+    except (StopIteration, ValueError, RecursionError):
+        obj = _SLOW
+    if obj is _SLOW:  # leading blanks, a blank line or an error: the documented way, for its message
+        if not text.strip():
+            return None
+        hook.dups.clear()
+        try:
+            obj = decoder.decode(text)
+        except json.JSONDecodeError as e:
+            warnings.add(path, f"not valid JSON ({e.msg} at column {e.colno}), skipped", line=lineno)
+            return None
+        except (ValueError, RecursionError) as e:
+            warnings.add(path, f"not valid JSON ({type(e).__name__}), skipped", line=lineno)
+            return None
+    if type(obj) is not dict:
         warnings.add(path, f"not a JSON object ({type(obj).__name__}), skipped", line=lineno)
         return None
     if hook.dups:
@@ -470,6 +481,8 @@ def _rewinds(steps: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
     n = steps.shape[0]
     if n == 0:
         return np.ones(0, dtype=bool), []
+    if n == 1 or bool((steps[1:] > steps[:-1]).all()):  # the usual log: no copies, no events
+        return np.ones(n, dtype=bool), []
     # A row survives iff every later row has a larger step: the later timeline overwrites it.
     later_min = np.empty(n, dtype=np.int64)
     later_min[-1] = np.iinfo(np.int64).max
@@ -506,12 +519,32 @@ def rewind_keep(steps_raw: Any, codes: np.ndarray | None, path: str | os.PathLik
             keep[idx] = k
             merged |= Counter(ev)  # the same resume seen by several series is reported once
         events = sorted(merged.elements())
+    warn_rewinds(events, path, warnings)
+    return idx_ok[keep], s[keep]
+
+
+def rewind_groups(groups: list[np.ndarray], path: str | os.PathLike[str],
+                  warnings: DataWarnings) -> list[np.ndarray | None]:
+    """The resume policy applied to several series of valid int64 steps (file order each), one
+    series at a time (no concatenated copy): per series the keep mask, or None when every row is
+    kept. A resume seen by several series is reported once."""
+    merged: Counter[tuple[int, int]] = Counter()
+    out: list[np.ndarray | None] = []
+    for steps in groups:
+        keep, events = _rewinds(steps)
+        merged |= Counter(events)
+        out.append(None if not events else keep)
+    warn_rewinds(sorted(merged.elements()), path, warnings)
+    return out
+
+
+def warn_rewinds(events: list[tuple[int, int]], path: str | os.PathLike[str], warnings: DataWarnings) -> None:
+    """One warning per resume, ``"resume at step 5 (overlap 5-9)"`` (the first 20, then a count)."""
     for a, b in events[:_MAX_REWIND_WARNINGS]:
         warnings.add(path, f"resume at step {a} (overlap {a}-{b})" if a != b else
                      f"resume at step {a} (overlap {a})")
     if len(events) > _MAX_REWIND_WARNINGS:
         warnings.add(path, f"{len(events) - _MAX_REWIND_WARNINGS} more resumes (later values kept)")
-    return idx_ok[keep], s[keep]
 
 
 def resolve_rewinds(df: pd.DataFrame, path: str | os.PathLike[str], warnings: DataWarnings, *,

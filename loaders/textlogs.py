@@ -8,24 +8,39 @@
 * CSV: the sparse wide-table reader of ``lightning_csv``.
 * JSON: an array of numbers (a loss per step), an array of objects, or an object of arrays.
 All go through the same rewind policy and column naming as the other loaders.
+
+DDP runs (bad-inputs.md D13): one log per rank (``metrics.rank0.jsonl`` ... , found by
+``loaders.detect``) or one JSONL whose records carry a ``"rank"`` field. ``read_rank_logs``
+reads each rank alone and combines them without double counting: the global series keep
+their names and are rank 0's (the lowest rank present when rank 0 is missing); every other
+rank's series are added as ``"<series>/rank<k>"`` (``loss/rank1``, ``val_loss/rank3``) so
+they are visible but never enter the global curves, spike counts or the overfitting
+verdict. Warnings say which ranks are missing (no file, no records, or below a logged
+``world_size``) and which stop early ("rank 2 stops at step 180").
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
 from loaders.errors import DataWarnings, TrainauditError
 from loaders.lightning_csv import STEP_KEYS, read_metrics_csv, wide_to_run
-from loaders.longtables import Triples, WideLog, build_run, to_float
-from loaders.run import Run
+from loaders.longtables import Triples, WideLog, build_run, empty_frame, preferred_val_series, run_name, to_float
+from loaders.run import CLASS_LOSS_COLUMNS, EVAL_CLASS_LOSS_COLUMNS, Run
 from loaders.safeio import iter_line_batches, parse_json_line, read_bounded
 
-__all__ = ["MAX_JSON_BYTES", "looks_like_llmc", "read_csv_log", "read_json_log", "read_jsonl", "read_llmc"]
+__all__ = ["MAX_JSON_BYTES", "MAX_RANKS", "looks_like_llmc", "rank_series", "read_csv_log", "read_json_log",
+           "read_jsonl", "read_llmc", "read_rank_logs"]
 
 MAX_JSON_BYTES = 1 << 30
+MAX_RANKS = 1 << 16     # a "rank" field at or above this is not a rank
 _KV = re.compile(r"([A-Za-z_][\w/.-]*):(\S+)")
 _PIPE_STEP = re.compile(r"^\s*step\s+(\d+)\s*(?:/\s*\d+)?\s*$", re.I)
 _PIPE_KV = re.compile(r"^\s*([A-Za-z][A-Za-z _/]*?)\s+([-+0-9.eEinfaINFA]+)\s*\S*\s*$")
@@ -38,6 +53,11 @@ _PIPE_KEYS = {"train loss": ("train", "loss"), "loss": ("train", "loss"), "val l
 
 def _flatten(rec: dict[str, Any]) -> dict[str, Any]:
     """One level of nesting flattened with "/" (``{"eval": {"loss": 1}}`` -> ``eval/loss``)."""
+    for v in rec.values():
+        if type(v) is dict:
+            break
+    else:
+        return rec  # the common flat record: no copy
     out: dict[str, Any] = {}
     for k, v in rec.items():
         if isinstance(v, dict):
@@ -120,19 +140,118 @@ def read_jsonl(path: str | os.PathLike[str], *, warnings: DataWarnings | None = 
     """JSON Lines of ``{"step": ..., "loss": ..., "val_loss": ...}`` records -> ``Run``.
 
     Records are streamed into a column store (``WideLog``): memory grows with the numeric
-    cells (16 bytes each), not with the text.
+    cells (16 bytes each), not with the text. Records with an integer ``"rank"`` field are
+    kept apart per rank and combined by ``read_rank_logs`` (a record without one is rank 0's).
     """
     p = Path(path)
     warnings = warnings if warnings is not None else DataWarnings()
     log = WideLog(STEP_KEYS)
+    logs: dict[int, WideLog] = {0: log}
     for start, lines in iter_line_batches(p, warnings, root=root):
         for i, line in enumerate(lines):
             rec = parse_json_line(line, warnings, p, start + i)
-            if rec is not None:
-                log.add(_flatten(rec))
-    if log.n == 0:
+            if rec is None:
+                continue
+            target = log
+            if "rank" in rec:
+                rank = rec["rank"]
+                if type(rank) is int and 0 <= rank < MAX_RANKS:
+                    del rec["rank"]
+                    target = logs.get(rank) or logs.setdefault(rank, WideLog(STEP_KEYS))
+            target.add(_flatten(rec))
+    used = {r: lg for r, lg in logs.items() if lg.n}
+    if not used:
         raise TrainauditError(p, "no JSON records found")
-    return wide_to_run(p, log, warnings, source_format="jsonl", run_path=p)
+    if len(used) == 1:
+        return wide_to_run(p, next(iter(used.values())), warnings, source_format="jsonl", run_path=p)
+    return read_rank_logs(p, {r: p for r in sorted(used)},
+                          lambda r, f, w: wide_to_run(p, used[r], w, source_format="jsonl", run_path=p),
+                          warnings, labels="records")
+
+
+def rank_series(series: str, rank: int) -> str:
+    """Name of another rank's copy of a series: ``loss`` of rank 2 -> ``loss/rank2`` (row D13)."""
+    return f"{series}/rank{rank}"
+
+
+def _last_step(run: Run) -> int | None:
+    steps = [int(df["step"].max()) for df in (run.scalars, run.evals) if len(df)]
+    return max(steps) if steps else None
+
+
+def _logged_world_size(run: Run) -> int | None:
+    """A ``world_size`` column logged in the records (JSONL/CSV keep it among the extra scalars)."""
+    extra = run.meta.get("extra_scalars")
+    if not isinstance(extra, pd.DataFrame) or not len(extra):
+        return None
+    v = extra.loc[extra["series"] == "world_size", "value"].to_numpy(dtype=np.float64)
+    v = v[np.isfinite(v) & (v >= 1) & (v <= MAX_RANKS)]
+    return int(v.max()) if len(v) else None
+
+
+def read_rank_logs(folder: str | os.PathLike[str], files: dict[int, Path],
+                   read_one: Callable[[int, Path, DataWarnings], Run], warnings: DataWarnings, *,
+                   labels: str = "file") -> Run:
+    """Combine the logs of a DDP run, one per rank, into one ``Run`` (bad-inputs.md D13).
+
+    ``files`` maps each rank to its log; ``read_one(rank, path, warnings)`` reads one of them
+    (``labels="records"``: all ranks share one file and are told apart by a ``rank`` field). The global series are
+    the lowest readable rank's (rank 0 normally), the others are added as ``rank_series``.
+    Warnings: "rank 3 missing" (no file for a rank below the highest rank or a logged
+    ``world_size``, or a file with no records) and "rank 2 stops at step 180" (its last step is
+    before the others').
+    """
+    folder = Path(folder)
+    runs: dict[int, Run] = {}
+    for r, f in sorted(files.items()):
+        try:
+            runs[r] = read_one(r, f, warnings)
+        except TrainauditError as e:
+            warnings.add(f, f"rank {r} missing ({e.problem})")
+    if not runs:
+        raise TrainauditError(folder, f"no rank log could be read ({len(files)} ranks)")
+    world = max([max(files) + 1, *(w for w in map(_logged_world_size, runs.values()) if w is not None)])
+    names = [f.name for f in files.values()]
+    for r in range(world):
+        if r not in files:
+            what = f"no {_rank_name(names, r)}" if labels == "file" else "no records with this rank"
+            warnings.add(folder, f"rank {r} missing ({what})")
+    primary = min(runs)
+    ends = {r: _last_step(run) for r, run in runs.items()}
+    known = {r: e for r, e in ends.items() if e is not None}
+    if known:
+        top_rank = max(known, key=lambda r: (known[r], -r))
+        for r, e in known.items():
+            if e < known[top_rank]:
+                warnings.add(files[r], f"rank {r} stops at step {e} (rank {top_rank} reaches step {known[top_rank]})")
+    scalars, evals = [], []
+    for r, run in runs.items():
+        sc, ev = run.scalars, run.evals
+        if r != primary:
+            sc = sc.assign(series=sc["series"].map(lambda s, _r=r: rank_series(s, _r)).astype(object))
+            ev = ev.assign(series=ev["series"].map(lambda s, _r=r: rank_series(s, _r)).astype(object))
+        scalars.append(sc)
+        evals.append(ev)
+    scalars_df = pd.concat(scalars, ignore_index=True).sort_values(["series", "step"], kind="stable")
+    evals_df = pd.concat(evals, ignore_index=True).sort_values(["series", "step"], kind="stable")
+    base = runs[primary]
+    meta = dict(base.meta)
+    val_names = sorted(set(evals_df["series"].astype(str)))
+    meta.update(ranks=sorted(runs), world_size=world, rank_files={r: str(f) for r, f in files.items()},
+                val_series=val_names, val_series_preferred=preferred_val_series(list(set(base.evals["series"]))))
+    notes = list(base.notes)
+    notes.append(f"DDP log with {world} rank(s) ({len(runs)} read): the global series are rank {primary}'s; "
+                 f"other ranks' are shown as '<series>/rank<k>' and never counted in the global ones")
+    return Run(path=folder, name=run_name(folder), source_format=base.source_format, meta=meta,
+               scalars=scalars_df.reset_index(drop=True), evals=evals_df.reset_index(drop=True),
+               class_losses=empty_frame(CLASS_LOSS_COLUMNS), eval_class_losses=empty_frame(EVAL_CLASS_LOSS_COLUMNS),
+               window_averaged=dict(base.window_averaged), warnings=warnings, notes=notes)
+
+
+def _rank_name(names: list[str], rank: int) -> str:
+    """The file name rank ``rank`` would have, from its siblings' names (``metrics.rank3.jsonl``)."""
+    m = re.match(r"^(.*?rank[_-]?)(\d+)(\.[A-Za-z0-9]+)$", names[0], re.I)
+    return f"{m.group(1)}{rank}{m.group(3)}" if m else f"log of rank {rank}"
 
 
 def read_csv_log(path: str | os.PathLike[str], *, warnings: DataWarnings | None = None,
