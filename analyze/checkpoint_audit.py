@@ -132,11 +132,18 @@ def _health(name: str, t: torch.Tensor) -> TensorHealth:
     x = t.detach()
     if x.dtype not in (torch.float32, torch.float64):
         x = x.to(torch.float32)  # bf16/fp16 (and fp8) upcast before any reduction
-    finite = torch.isfinite(x)
-    nonfinite = int(x.numel() - int(finite.sum()))
-    max_abs = nan
-    if nonfinite < x.numel():
-        max_abs = float(torch.where(finite, x.abs(), torch.zeros((), dtype=x.dtype)).max())
+    lo = hi = nan
+    if not x.is_complex():  # one pass, no temporary: finite extremes mean every value is finite
+        lo, hi = (float(v) for v in torch.aminmax(x))
+    if math.isfinite(lo) and math.isfinite(hi):
+        nonfinite, max_abs = 0, max(-lo, hi)
+    else:  # count them (temporaries of the tensor's size, only for a broken tensor)
+        finite = torch.isfinite(x)
+        nonfinite = int(x.numel() - int(finite.sum()))
+        max_abs = nan
+        if nonfinite < x.numel():
+            max_abs = float(torch.where(finite, x.abs(), torch.zeros((), dtype=x.dtype)).max())
+        del finite
     reason = matrix_skip_reason(t)
     if reason is not None or nonfinite:
         return TensorHealth(name, shape, dtype, t.numel(), nonfinite, max_abs, nan, nan, nan,
@@ -243,6 +250,7 @@ def audit_checkpoint(path: str | os.PathLike[str]) -> AuditResult:
                     flush()
             else:
                 slots[-1] = _health(name, t)
+            del t  # not held while the next tensor is read: peak memory is one tensor (F2)
     except TrainauditError as e:
         if not slots:
             raise

@@ -16,8 +16,8 @@ checkpoint: results arrive checkpoint by checkpoint, so progress and the per-che
 written as the analysis goes (an interrupted report keeps what it finished), a lost or slow worker
 costs one small task, and the scheduler balances the model passes between the chain steps.
 Parallelism is the same either way (the warm start serialises a group along checkpoints); the price
-is re-opening the checkpoint header per task and re-reading the previous checkpoint's tensor for
-the update ratio (one tensor at a time, page-cached).
+is re-reading the checkpoint header per task and the previous checkpoint's tensor for the update
+ratio (one tensor at a time, plain reads, page-cached).
 
 Identical results: a task's output depends only on its inputs. Cold starts draw from a generator
 seeded by (config seed, tensor name), never from a stream shared with other tensors, and every task
@@ -88,42 +88,61 @@ def _one_thread() -> Iterator[None]:
 
 
 class _Reader:
-    """Tensors of one checkpoint by name, restricted to `names`.
+    """Tensors of one checkpoint by name, restricted to `names`, closed with ``close()``.
 
-    A plain ``.safetensors`` file is read one tensor at a time straight from the file (after the
-    loaders' header check); other kinds (torch pickles, HF folders, shards) go through one pass of
-    ``loaders.checkpoints.iter_tensors`` keeping the named tensors.
+    A plain ``.safetensors`` file is read one tensor at a time, as ``loaders.checkpoints`` reads
+    it: header validated first, then a plain read of that tensor's bytes (no mmap, so the resident
+    set stays near one tensor). Other kinds (torch pickles, HF folders, shards) go through one
+    pass of ``loaders.checkpoints.iter_tensors``, keeping the named tensors.
     """
 
     def __init__(self, ref: CheckpointRef, names: Sequence[str]) -> None:
         self.ref = ref
         self.path = Path(ref.path)
         self.names = set(names)
-        self._handle: Any = None
-        self._prefix = ""
+        self._file: Any = None
         self._kept: dict[str, torch.Tensor] | None = None
         if self.path.suffix == ".safetensors" and self.path.is_file():
-            from safetensors import safe_open
+            import struct
 
-            from loaders.checkpoints import checkpoint_info
+            from loaders.checkpoints import check_safetensors_header, checkpoint_info
+            from loaders.safeio import open_regular
 
-            self._prefix = checkpoint_info(ref).stripped_prefix  # validates the header first
-            try:
-                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-            except Exception as exc:  # noqa: BLE001 - SafetensorError is not importable by name everywhere
-                raise TrainauditError(self.path, f"cannot read safetensors ({exc})") from None
+            self._prefix = checkpoint_info(ref).stripped_prefix
+            self._header = check_safetensors_header(self.path)
+            self._file = open_regular(self.path)
+            (n,) = struct.unpack("<Q", self._file.read(8))
+            self._base = 8 + n
 
     def get(self, name: str) -> torch.Tensor | None:
-        if self._handle is not None:
-            try:
-                return self._handle.get_tensor(self._prefix + name)
-            except Exception as exc:  # noqa: BLE001 - as loaders.checkpoints: any read failure is the file's
-                raise TrainauditError(self.path, f"cannot read safetensors ({type(exc).__name__}: {exc})") from None
+        if self._file is not None:
+            from loaders.checkpoints import ST_DTYPES
+
+            entry = self._header.get(self._prefix + name)
+            if entry is None:
+                return None
+            begin, end = entry["data_offsets"]
+            dtype = getattr(torch, ST_DTYPES[entry["dtype"]][1], None)
+            if dtype is None:
+                raise TrainauditError(self.path, f"dtype {entry['dtype']} not supported by this torch (tensor {name})")
+            if end == begin:
+                return torch.empty(tuple(entry["shape"]), dtype=dtype)
+            buf = bytearray(end - begin)
+            self._file.seek(self._base + begin)
+            if self._file.readinto(buf) != len(buf):
+                raise TrainauditError(self.path, f"truncated while reading tensor {name}")
+            return torch.frombuffer(buf, dtype=dtype).reshape(tuple(entry["shape"]))
         if self._kept is None:
             from loaders.checkpoints import iter_tensors
 
             self._kept = {n: t for n, t in iter_tensors(self.ref, warnings=DataWarnings()) if n in self.names}
         return self._kept.get(name)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._kept = None
 
 
 # --------------------------------------------------------------------------- weights tasks
@@ -213,9 +232,13 @@ def run_weights_task(task: WeightsTask) -> WeightsResult:
     with _one_thread():
         vectors: dict[str, torch.Tensor] = {}
         out: list[TensorResult] = []
+        readers: list[_Reader] = []
         try:
             cur = _Reader(task.ref, task.names)
+            readers.append(cur)
             prev = _Reader(task.prev, task.names) if task.prev is not None else None
+            if prev is not None:
+                readers.append(prev)
             for name in task.names:
                 t = cur.get(name)
                 if t is None:
@@ -224,6 +247,9 @@ def run_weights_task(task: WeightsTask) -> WeightsResult:
                 del t
         except TrainauditError as exc:
             return WeightsResult(task.ref.step, task.group, (), {}, str(exc))
+        finally:
+            for r in readers:
+                r.close()
     return WeightsResult(task.ref.step, task.group, tuple(out), vectors)
 
 
@@ -428,9 +454,11 @@ class DaskRunner:
     be able to import trainaudit (and a --model factory, when one is given).
 
     Speed: Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's
-    dynamic mmap threshold, so every large torch allocation becomes a fresh mmap and the model
-    passes run ~1.6x slower (benchmarks/scale.py). Unset it for the workers (dask config
-    ``distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null``) when starting them.
+    dynamic mmap threshold, so every large torch allocation becomes a fresh mmap and a model pass
+    runs ~1.6x slower; the worker's 10 ms stack profiler also takes the GIL from the task thread
+    (benchmarks/scale.py). Start the workers with the dask config
+    ``distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null`` and
+    ``distributed.worker.profile.enabled: false``.
     """
 
     def __init__(self, address: str, timeout: float = 20.0) -> None:

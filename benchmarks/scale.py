@@ -157,10 +157,12 @@ def part_c(run: Path) -> None:
         results = {"serial": (s_sec, serial), "--workers 2": (p_sec, pool)}
         # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's
         # dynamic mmap threshold: every large torch allocation is a fresh mmap (page faults), and
-        # the model pass runs ~1.6x slower. Timed with it unset, then with Dask's default (the
-        # nanny also sets it in this process's environment, hence this order and the pop).
-        for label, env in (("Dask, no trim", {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}),
-                           ("Dask 2 workers", {})):
+        # the model pass runs ~1.6x slower; the worker's stack profiler (every 10 ms) takes the GIL
+        # from the task thread. Timed with both off ("tuned"), then with Dask's defaults (the nanny
+        # also sets the variable in this process's environment, hence this order and the pop).
+        tuned = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                 "distributed.worker.profile.enabled": False}
+        for label, env in (("Dask, tuned", tuned), ("Dask defaults", {})):
             os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
             with dask.config.set(env):
                 t0 = time.perf_counter()

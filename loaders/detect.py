@@ -188,7 +188,10 @@ def _detect(p: Path, warnings: DataWarnings) -> _Detected:
         return _Detected(_detect_file(logs[0]), logs[0])
     ranks = rank_logs(logs)
     if ranks is not None:
-        return _Detected(_detect_file(next(iter(ranks.values()))), p, ranks)
+        fmt = _detect_file(next(iter(ranks.values())))
+        fmt = "csv" if fmt == "lightning" else fmt   # a per-rank CSV is read as a plain CSV log
+        if fmt in _LOG_READERS:
+            return _Detected(fmt, p, ranks)
     if not names:
         raise TrainauditError(p, "no run data found (empty folder)")
     if len(logs) > 1:

@@ -157,7 +157,9 @@ def read_jsonl(path: str | os.PathLike[str], *, warnings: DataWarnings | None = 
                 rank = rec["rank"]
                 if type(rank) is int and 0 <= rank < MAX_RANKS:
                     del rec["rank"]
-                    target = logs.get(rank) or logs.setdefault(rank, WideLog(STEP_KEYS))
+                    if rank not in logs:
+                        logs[rank] = WideLog(STEP_KEYS)
+                    target = logs[rank]
             target.add(_flatten(rec))
     used = {r: lg for r, lg in logs.items() if lg.n}
     if not used:
