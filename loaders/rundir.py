@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pandas as pd
 from loaders import runformat as fmt
 from loaders.errors import DataWarnings, TrainauditError
 from loaders.run import CheckpointRef, ModelSpec, Run, empty_table
+from loaders.safeio import open_regular
 
 CHUNK_BYTES = 1 << 20          # bytes parsed per pandas call: bounds peak memory
 MAX_LINE = 1 << 20             # a longer line is skipped (1 MiB)
@@ -36,16 +36,10 @@ def is_run_dir(path: Path) -> bool:
 
 
 def _open_regular(path: Path, root: Path) -> tuple[io.BufferedReader, int]:
-    """Open a regular file inside `root` and return it with its size snapshot."""
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        if not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root)):
-            raise TrainauditError(path, "symlink leaves run dir; skipped")
-        st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise TrainauditError(path, "not a regular file; skipped")
-    f = open(path, "rb")  # noqa: SIM115 - returned to the caller
-    return f, os.fstat(f.fileno()).st_size
+    """Open a regular file inside `root` (no symlink escapes, FIFOs, devices) with its size
+    snapshot: a writer may still be appending, we read only what was there at open."""
+    f = open_regular(path, root)
+    return f, f.snapshot_size  # type: ignore[attr-defined]
 
 
 def iter_line_chunks(path: Path, root: Path, warnings: DataWarnings) -> Iterator[tuple[int, bytes]]:
@@ -55,7 +49,11 @@ def iter_line_chunks(path: Path, root: Path, warnings: DataWarnings) -> Iterator
     turns CRLF into LF, drops a NUL-padded or torn final line and over-long lines, each with a
     warning. Memory stays O(CHUNK_BYTES + MAX_LINE).
     """
-    f, size = _open_regular(path, root)
+    try:
+        f, size = _open_regular(path, root)
+    except TrainauditError as exc:  # a log we may not read is skipped; the rest of the run stays
+        warnings.add(path, exc.problem)
+        return
     line_no = 1
     carry = b""
     skipping = False  # inside an over-long line
