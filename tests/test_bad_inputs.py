@@ -445,6 +445,11 @@ def test_a14_dev_zero_terminates(tb_events: bytes, tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     if not os.path.exists("/dev/zero"):
         pytest.skip("no /dev/zero on this system")
+    # control: /dev/zero says it is empty (st_size 0) yet never ends, so a reader that reads "to
+    # EOF" would run forever; only a refusal or a read bounded by st_size terminates
+    assert os.stat("/dev/zero").st_size == 0
+    with open("/dev/zero", "rb") as f:
+        assert len(f.read(1 << 20)) == 1 << 20
     run = tmp_path / "tb"
     run.mkdir()
     (run / "events.out.tfevents.1.host").write_bytes(tb_events)
