@@ -116,18 +116,23 @@ class CheckpointCache:
         """Write one entry (vectors, then the JSON that makes it visible) and drop stale ones."""
         if self.folder is None:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        jpath, vpath = self._paths(step, key)
         from safetensors.torch import save
 
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in vectors.items()}
-        _write_atomic(vpath, save(tensors))
         doc = {"key": key, "step": int(step), "rows": {k: list(v) for k, v in rows.items()}, "notes": list(notes),
                "warnings": list(warnings), "failed": failed}
-        _write_atomic(jpath, json.dumps(doc, default=_default).encode())
-        for old in self.folder.glob(f"step_{int(step):08d}-*"):
-            if key not in old.name:
-                old.unlink(missing_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            jpath, vpath = self._paths(step, key)
+            _write_atomic(vpath, save(tensors))
+            _write_atomic(jpath, json.dumps(doc, default=_default).encode())
+            for old in self.folder.glob(f"step_{int(step):08d}-*"):
+                if key not in old.name:
+                    old.unlink(missing_ok=True)
+        except OSError:
+            # The cache only saves time: a full or read-only disk must not lose the analysis.
+            # The report write that follows meets the same disk and says so in one line.
+            return
 
 
 def _default(x: Any) -> Any:

@@ -1234,10 +1234,7 @@ def test_f3_many_tensors_and_many_checkpoints_scale_linearly(tmp_path: Path) -> 
          for s in range(1, 201)], rel=1e-6)
 
 
-@pytest.mark.parametrize("where", ["fsync", pytest.param("write", marks=pytest.mark.xfail(
-    strict=True, reason="analyze/cache.py (another helper): CheckpointCache.store writes with a bare open().write "
-    "and lets OSError(ENOSPC) escape as a traceback (exit 1); it should skip caching with a note, or raise "
-    "TrainauditError(path, 'cannot write report: no space left on device')"))])
+@pytest.mark.parametrize("where", ["fsync", "write"])
 def test_f4_disk_full_leaves_the_previous_report_untouched(where: str, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     run = _our_run(tmp_path / "run")
