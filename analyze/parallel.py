@@ -187,7 +187,8 @@ def _fit(v: torch.Tensor | None, n: int) -> torch.Tensor | None:
 def _tensor_rows(name: str, t: torch.Tensor, ref: CheckpointRef, prev: _Reader | None, task: WeightsTask,
                  vectors: dict[str, torch.Tensor]) -> TensorResult:
     from analyze.spectral import (as_matrix, estimate_spectral_norm, exact_top_singular_values, is_finite_tensor,
-                                  matrix_skip_reason, power_iteration, sigma_ratio, stable_rank)
+                                  matrix_skip_reason, power_iteration, sigma_ratio)
+    from analyze.gradients import frobenius_norm
 
     cfg = task.cfg
     m = as_matrix(t)
@@ -205,6 +206,7 @@ def _tensor_rows(name: str, t: torch.Tensor, ref: CheckpointRef, prev: _Reader |
     vectors[f"est:{name}"], vectors[f"pow:{name}"] = est.v.detach().cpu(), pw.v.detach().cpu()
     ex = exact_top_singular_values(m) if task.exact else None
     s1 = ex.sigma1 if ex is not None else est.sigma
+    fro = frobenius_norm(m)  # once, in float64 blocks: stable rank = fro^2 / sigma_1^2 (§12)
     row.update({
         "method": est.method, "sigma_est": est.sigma, "err_bound": est.err_bound, "sigma_power": pw.sigma,
         "sigma_exact": ex.sigma1 if ex else math.nan, "sigma2_exact": ex.sigma2 if ex else math.nan,
@@ -212,8 +214,8 @@ def _tensor_rows(name: str, t: torch.Tensor, ref: CheckpointRef, prev: _Reader |
         "power_rel_err": abs(pw.sigma - ex.sigma1) / ex.sigma1 if ex and ex.sigma1 > 0 else math.nan,
         "iterations": est.iterations, "power_iterations": pw.iterations, "warm_start": est.warm_start,
         "power_warm_start": pw.warm_start, "power_converged": pw.converged,
-        "sigma_ratio": sigma_ratio(ex) if ex else math.nan, "stable_rank": stable_rank(m, s1),
-        "frobenius": float(torch.linalg.vector_norm(m.double())), "finite": True})
+        "sigma_ratio": sigma_ratio(ex) if ex else math.nan, "stable_rank": fro * fro / (s1 * s1) if s1 > 0 else math.nan,
+        "frobenius": fro, "finite": True})
     update = None
     if prev is not None:
         old = prev.get(name)

@@ -182,3 +182,19 @@ def test_unsorted_input_is_sorted():
     perm = np.random.default_rng(0).permutation(12)
     r = analyze_overfitting(ts[::-1], tl[::-1], EVALS[perm], (T_FALLING + gap)[perm])
     assert r.divergence_step == 600 and r.val_min_step == 1200
+
+
+def test_spearman_matches_scipy_with_ties() -> None:
+    from scipy import stats
+
+    from analyze.overfitting import spearman
+
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        n = int(rng.integers(3, 40))
+        x = rng.integers(0, 6, n).astype(float)   # many ties
+        y = x * rng.normal(1, 0.5) + rng.integers(0, 4, n)
+        ref = stats.spearmanr(x, y).statistic
+        got = spearman(x, y)
+        assert (np.isnan(ref) and np.isnan(got)) or abs(got - ref) < 1e-12
+    assert np.isnan(spearman(np.ones(5), np.arange(5.0)))
