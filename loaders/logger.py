@@ -14,12 +14,14 @@ Imports only the standard library, torch and safetensors (no pandas, scipy or se
 """
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
 import platform
 import sys
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,6 +50,25 @@ def global_grad_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms), 2.0)
 
 
+def class_welford_states(per_example_loss: torch.Tensor, class_ids: torch.Tensor, n_classes: int,
+                         group: torch.Tensor | None = None, n_groups: int = 1) -> torch.Tensor:
+    """Per-(group, class) (count, sum, M2) as a (G, 3, C) float64 tensor in one vectorised pass.
+
+    `group` (same shape as the losses) says which step each example came from, so a whole
+    flush window of steps is reduced at once (formulas.md §1, §8).
+    """
+    loss = per_example_loss.detach().reshape(-1).to(torch.float64)
+    ids = class_ids.detach().reshape(-1).to(device=loss.device, dtype=torch.long)
+    if group is not None:
+        ids = group.to(device=loss.device, dtype=torch.long) * n_classes + ids
+    size = n_groups * n_classes
+    ones_loss = torch.stack([torch.ones_like(loss), loss], dim=1)                     # (N, 2)
+    count_total = torch.zeros(size, 2, dtype=torch.float64, device=loss.device).index_add_(0, ids, ones_loss)
+    mean = count_total[:, 1] / count_total[:, 0].clamp_min(1.0)                       # (G*C,)
+    m2 = torch.zeros(size, dtype=torch.float64, device=loss.device).index_add_(0, ids, (loss - mean[ids]) ** 2)
+    return torch.stack([count_total[:, 0], count_total[:, 1], m2]).view(3, n_groups, n_classes).transpose(0, 1)
+
+
 def class_welford_state(per_example_loss: torch.Tensor, class_ids: torch.Tensor,
                         n_classes: int) -> torch.Tensor:
     """Per-class (count, sum, M2) of one batch as a (3, C) float64 tensor (formulas.md §1, §8).
@@ -55,15 +76,10 @@ def class_welford_state(per_example_loss: torch.Tensor, class_ids: torch.Tensor,
     One vectorised scatter per statistic; classes absent from the batch get count 0 and are
     skipped downstream (§8: "skip the class when |B_c| = 0").
     """
-    loss = per_example_loss.detach().reshape(-1).to(torch.float64)
-    ids = class_ids.detach().reshape(-1).to(device=loss.device, dtype=torch.long)
-    if ids.shape != loss.shape:
-        raise ValueError(f"class_ids shape {tuple(ids.shape)} != per_example_loss shape {tuple(loss.shape)}")
-    ones_loss = torch.stack([torch.ones_like(loss), loss], dim=1)                  # (B, 2)
-    count_total = torch.zeros(n_classes, 2, dtype=torch.float64, device=loss.device).index_add_(0, ids, ones_loss)
-    mean = count_total[:, 1] / count_total[:, 0].clamp_min(1.0)                     # (C,)
-    m2 = torch.zeros(n_classes, dtype=torch.float64, device=loss.device).index_add_(0, ids, (loss - mean[ids]) ** 2)
-    return torch.cat([count_total.T, m2[None]])                                      # (3, C)
+    if class_ids.numel() != per_example_loss.numel():
+        raise ValueError(f"class_ids shape {tuple(class_ids.shape)} != per_example_loss shape "
+                         f"{tuple(per_example_loss.shape)}")
+    return class_welford_states(per_example_loss, class_ids, n_classes)[0]
 
 
 def _dist_info() -> tuple[int, int]:
@@ -73,20 +89,15 @@ def _dist_info() -> tuple[int, int]:
 
 
 def _reduce_class_state(state: torch.Tensor) -> torch.Tensor:
-    """Combine (count, sum, M2) over ranks exactly: M2 is re-centred on the global mean."""
-    count_sum = state[:2].clone()
+    """Combine (..., 3, C) states over ranks exactly: M2 is re-centred on the global mean."""
+    n, s, m2 = state.unbind(-2)
+    count_sum = torch.stack([n, s], dim=-2).clone()
     torch.distributed.all_reduce(count_sum)
-    return torch.stack([count_sum[0], count_sum[1], _m2_about_global_mean(state, count_sum)])
-
-
-def _m2_about_global_mean(state: torch.Tensor, count_sum: torch.Tensor) -> torch.Tensor:
+    n_all, s_all = count_sum.unbind(-2)
     # sum over ranks of [M2_r + n_r (mu_r - mu)^2] = total squared deviation about the global mean
-    n, s, m2 = state
-    mu_r = s / n.clamp_min(1.0)
-    mu = count_sum[1] / count_sum[0].clamp_min(1.0)
-    local = m2 + n * (mu_r - mu) ** 2
+    local = m2 + n * (s / n.clamp_min(1.0) - s_all / n_all.clamp_min(1.0)) ** 2
     torch.distributed.all_reduce(local)
-    return local
+    return torch.stack([n_all, s_all, local], dim=-2)
 
 
 def _library_versions() -> dict[str, str]:
@@ -185,7 +196,7 @@ class RunLogger:
         self._params: tuple[int, list[torch.Tensor]] = (0, [])  # (id(model), its parameters)
         self._pending_lr: list[float | None] = []
         self._pending_wall: list[float] = []
-        self._pending_class: list[tuple[int, torch.Tensor]] = []  # (step, (3, C))
+        self._pending_class: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, losses, class ids)
         self._since_flush = 0
         self._closed = False
         self._fds: dict[str, int] = {}
@@ -216,6 +227,8 @@ class RunLogger:
         self._fds["eval"] = self._open_append(fmt.EVAL_FILE, None)
         self._fds["events"] = self._open_append(fmt.EVENTS_FILE, None)
         self._event("open", resumed=self.resumed, pid=os.getpid())
+        ref = weakref.ref(self)
+        atexit.register(lambda: (lambda log: log is not None and not log._closed and log.close())(ref()))
 
     # ------------------------------------------------------------------ files
     def _open_append(self, name: str, header: str | None) -> int:
@@ -295,16 +308,19 @@ class RunLogger:
     def log_class_losses(self, step: int, per_example_loss: torch.Tensor, class_ids: torch.Tensor) -> None:
         """Record the per-class Welford state (count, sum, M2) of this step's batch (§8).
 
-        Under torch.distributed every rank must call it: states are all-reduced first, so the
-        sums and counts cover every rank's examples.
+        Costs two list appends: the states of a whole flush window are computed in one
+        vectorised pass at flush. Under torch.distributed every rank must call it (and
+        log_step): states are all-reduced at flush, so sums and counts cover every rank.
         """
         self._check_open()
         if not self.class_names:
             raise ValueError("log_class_losses needs class_names given to RunLogger")
-        state = class_welford_state(per_example_loss, class_ids, len(self.class_names))
-        if self.world_size > 1:
-            state = _reduce_class_state(state)
-        self._pending_class.append((int(step), state))
+        loss, ids = per_example_loss.detach().reshape(-1), class_ids.detach().reshape(-1)
+        if loss.shape != ids.shape:
+            raise ValueError(f"class_ids shape {tuple(class_ids.shape)} != per_example_loss shape "
+                             f"{tuple(per_example_loss.shape)}")
+        # Reduced at flush time for the whole window at once (one scatter, one all-reduce).
+        self._pending_class.append((int(step), loss, ids))
 
     def log_eval(
         self,
@@ -433,9 +449,17 @@ class RunLogger:
             )
         class_lines = ""
         if self._pending_class:
-            states = torch.stack([s for _, s in self._pending_class]).cpu().tolist()  # (K, 3, C)
+            sizes = [loss.numel() for _, loss, _ in self._pending_class]
+            losses = torch.cat([loss for _, loss, _ in self._pending_class])
+            ids = torch.cat([i.to(losses.device) for _, _, i in self._pending_class])
+            group = torch.repeat_interleave(torch.arange(len(sizes), device=losses.device),
+                                            torch.tensor(sizes, device=losses.device))
+            states = class_welford_states(losses, ids, len(self.class_names), group, len(sizes))  # (K, 3, C)
+            if self.world_size > 1:
+                states = _reduce_class_state(states)
+            states = states.cpu().tolist()
             rows = []
-            for (step, _), (count, total, m2) in zip(self._pending_class, states):
+            for (step, _, _), (count, total, m2) in zip(self._pending_class, states):
                 rows.extend(f"{step},{_csv_name(name)},{int(count[i])},{_fmt(total[i])},{_fmt(m2[i])}\n"
                             for i, name in enumerate(self.class_names) if count[i] > 0)
             class_lines = "".join(rows)
@@ -472,6 +496,8 @@ class RunLogger:
         self.close()
 
     def __del__(self) -> None:  # best effort: a logger dropped without close still flushes
+        if sys.is_finalizing():  # torch may be half torn down: the atexit hook already flushed
+            return
         try:
             if not self._closed and self._fds:
                 self.close()
