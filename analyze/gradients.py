@@ -53,13 +53,10 @@ _BLOCK_ELEMENTS = 1 << 20  # ~4 MB of float32 per block: bounded temporaries on 
 
 
 def _blocks(x: Tensor) -> Tensor:
-    """x as (rows, cols) with rows of <= 4096 elements, for blockwise reductions."""
-    flat = x.detach().reshape(-1)
-    cols = 4096 if flat.numel() >= 4096 else max(1, flat.numel())
-    pad = (-flat.numel()) % cols
-    if pad:  # rare (sizes not a multiple of 4096): one padded copy of the tail only
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return flat.view(-1, cols)
+    """x as (rows, cols) for blockwise reductions: a view of the tensor's own rows (no copy
+    for contiguous tensors; padding a 154 MB embedding to a round width would copy it)."""
+    x = x.detach()
+    return x.reshape(-1, x.shape[-1]) if x.dim() >= 2 and x.shape[-1] > 0 else x.reshape(1, -1)
 
 
 def frobenius_norm(x: Tensor) -> float:
