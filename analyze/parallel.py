@@ -116,22 +116,12 @@ class _Reader:
 
     def get(self, name: str) -> torch.Tensor | None:
         if self._file is not None:
-            from loaders.checkpoints import ST_DTYPES
+            from loaders.checkpoints import read_safetensors_tensor
 
             entry = self._header.get(self._prefix + name)
             if entry is None:
                 return None
-            begin, end = entry["data_offsets"]
-            dtype = getattr(torch, ST_DTYPES[entry["dtype"]][1], None)
-            if dtype is None:
-                raise TrainauditError(self.path, f"dtype {entry['dtype']} not supported by this torch (tensor {name})")
-            if end == begin:
-                return torch.empty(tuple(entry["shape"]), dtype=dtype)
-            buf = bytearray(end - begin)
-            self._file.seek(self._base + begin)
-            if self._file.readinto(buf) != len(buf):
-                raise TrainauditError(self.path, f"truncated while reading tensor {name}")
-            return torch.frombuffer(buf, dtype=dtype).reshape(tuple(entry["shape"]))
+            return read_safetensors_tensor(self._file, self._base, self.path, name, entry)
         if self._kept is None:
             from loaders.checkpoints import iter_tensors
 

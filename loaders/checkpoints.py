@@ -306,34 +306,39 @@ def _st_infos(header: dict[str, Any]) -> list[tuple[str, tuple[int, ...], str, i
     return rows
 
 
-def _st_iter(p: Path, header: dict[str, Any], root: Path | None) -> Iterator[tuple[str, Any]]:
-    """Tensors of a validated safetensors file, read with plain reads one at a time.
+def read_safetensors_tensor(f: Any, base: int, path: Path, name: str, entry: dict[str, Any]) -> Any:
+    """One tensor of a validated safetensors file: a plain read of its bytes into a fresh buffer.
 
-    Not `safe_open`: it maps the whole file, and every page touched stays in the process's
-    resident set until the file is closed (+958 MB on two GPT-2-small checkpoints). A read
-    into a fresh buffer keeps the peak near the largest tensor (issue 7, target 5).
+    `f` is the open file, `base` the offset of the data section (8 + header length), `entry`
+    the tensor's header entry. Not `safe_open`: it maps the whole file, and every page touched
+    stays in the process's resident set until the file is closed (+958 MB on two GPT-2-small
+    checkpoints); a read keeps the peak near the largest tensor (issue 7, target 5).
     """
     import torch
 
+    begin, end = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    dtype = getattr(torch, ST_DTYPES[entry["dtype"]][1], None)
+    if dtype is None:
+        raise TrainauditError(path, f"dtype {entry['dtype']} not supported by this torch (tensor {name})")
+    if end == begin:
+        return torch.empty(shape, dtype=dtype)
+    buf = bytearray(end - begin)
+    f.seek(base + begin)
+    if f.readinto(buf) != len(buf):
+        raise TrainauditError(path, f"truncated while reading tensor {name}")
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def _st_iter(p: Path, header: dict[str, Any], root: Path | None) -> Iterator[tuple[str, Any]]:
+    """Tensors of a validated safetensors file, one at a time, in storage order."""
     from loaders.safeio import open_regular
 
     f = open_regular(p, root)
     with f:
         (n,) = struct.unpack("<Q", f.read(8))
-        base = 8 + n
-        for name, shape, dtype, begin in _st_infos(header):
-            end = header[name]["data_offsets"][1]
-            tdtype = getattr(torch, dtype, None)
-            if tdtype is None:
-                raise TrainauditError(p, f"dtype {dtype} not supported by this torch (tensor {name})")
-            if end == begin:
-                yield name, torch.empty(shape, dtype=tdtype)
-                continue
-            buf = bytearray(end - begin)
-            f.seek(base + begin)
-            if f.readinto(buf) != len(buf):
-                raise TrainauditError(p, f"truncated while reading tensor {name}")
-            yield name, torch.frombuffer(buf, dtype=tdtype).reshape(shape)
+        for name, _shape, _dtype, _begin in _st_infos(header):
+            yield name, read_safetensors_tensor(f, 8 + n, p, name, header[name])
 
 
 # --------------------------------------------------------------------------- torch.load
