@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["AnalysisConfig", "EXACT_SVD_AUTO_MAX_PARAMS", "CACHE_VERSION"]
+__all__ = ["AnalysisConfig", "EXACT_SVD_AUTO_MAX_PARAMS", "CACHE_VERSION", "default_workers"]
 
 EXACT_SVD_AUTO_MAX_PARAMS = 10_000_000  # exact SVD beside the estimators up to ~10M parameters
-CACHE_VERSION = 3  # bump when the per-checkpoint rows change shape or meaning
+CACHE_VERSION = 4  # bump when the per-checkpoint rows change shape or meaning
+
+
+def default_workers() -> int:
+    """CPU cores this process may use (the `--workers` default). Here rather than only in
+    `analyze.parallel`, which imports torch, so that a cached report need not import it."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +32,7 @@ class AnalysisConfig:
     exact_svd: bool | None = None        # None = auto: on for models up to EXACT_SVD_AUTO_MAX_PARAMS (§4)
     power_tol: float = 1e-4              # the sheet's power-iteration stop (§4)
     power_max_iter: int = 100            # the sheet's iteration cap (§4)
+    power_iteration: bool = True         # run the sheet's method beside the default estimator (validation table)
     estimator_rel_tol: float = 1e-3      # default estimator must be this close to exact (§4)
     dead_eps: float = 1e-3               # dead FFN unit threshold on |H| (§5)
     spike_window: int = 50               # logged points in the median/MAD window (§9)

@@ -54,6 +54,7 @@ __all__ = [
     "CheckpointPlan", "CheckpointOutcome", "run_checkpoints", "DASK_HINT",
 ]
 
+_ROW_BLOCK_ELEMENTS = 1 << 20  # rows of the previous checkpoint read per update-ratio block (~4 MB float32)
 GROUPS_PER_WORKER = 2   # tensor groups per worker: the chains keep every worker busy
 DASK_HINT = "--scheduler needs dask.distributed: pip install 'trainaudit[dask]'"
 
@@ -87,6 +88,32 @@ def _one_thread() -> Iterator[None]:
 # --------------------------------------------------------------------------- reading tensors
 
 
+class _Buffers:
+    """Read buffers recycled across the tensors of a task: a tensor's bytes land in memory this
+    process already touched, so a read costs one copy, not a copy plus a page fault (and the
+    kernel zeroing a fresh page) every 4 KB. Keeps at most `keep` idle buffers."""
+
+    def __init__(self, keep: int = 3) -> None:
+        self._idle: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+        self._keep = keep
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            fits = [i for i, b in enumerate(self._idle) if b.numel() >= nbytes]
+            if fits:
+                return self._idle.pop(min(fits, key=lambda i: self._idle[i].numel()))
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def give(self, buf: torch.Tensor | None) -> None:
+        if buf is None:
+            return
+        with self._lock:
+            self._idle.append(buf)
+            self._idle.sort(key=torch.Tensor.numel, reverse=True)
+            del self._idle[self._keep:]
+
+
 class _Reader:
     """Tensors of one checkpoint by name, restricted to `names`, closed with ``close()``.
 
@@ -114,19 +141,46 @@ class _Reader:
             (n,) = struct.unpack("<Q", self._file.read(8))
             self._base = 8 + n
 
-    def get(self, name: str) -> torch.Tensor | None:
+    def get(self, name: str, buffers: _Buffers | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(tensor, the recycled buffer it lives in or None); (None, None) when absent."""
         if self._file is not None:
             from loaders.checkpoints import read_safetensors_tensor
 
             entry = self._header.get(self._prefix + name)
             if entry is None:
-                return None
-            return read_safetensors_tensor(self._file, self._base, self.path, name, entry)
+                return None, None
+            begin, end = entry["data_offsets"]
+            buf = buffers.take(end - begin) if buffers is not None else None
+            return read_safetensors_tensor(self._file, self._base, self.path, name, entry, out=buf), buf
+        return self._all().get(name), None
+
+    def _all(self) -> dict[str, torch.Tensor]:
         if self._kept is None:
             from loaders.checkpoints import iter_tensors
 
             self._kept = {n: t for n, t in iter_tensors(self.ref, warnings=DataWarnings()) if n in self.names}
-        return self._kept.get(name)
+        return self._kept
+
+    def row_blocks(self, name: str, shape: tuple[int, ...]) -> Iterator[tuple[int, torch.Tensor]] | None:
+        """(first row, rows) blocks of ~4 MB covering tensor `name`, or None when it is absent or its
+        shape is not `shape`. From a safetensors file each block is its own plain read, so the
+        update ratio never holds a second copy of a large tensor (issue 7, target 5)."""
+        if self._file is None:
+            t = self._all().get(name)
+            return None if t is None or tuple(t.shape) != shape else iter([(0, t)])
+        entry = self._header.get(self._prefix + name)
+        if entry is None or tuple(entry["shape"]) != shape or not shape:
+            return None
+        from loaders.checkpoints import read_safetensors_tensor
+
+        row_elems = max(1, math.prod(shape[1:]))
+        step = max(1, _ROW_BLOCK_ELEMENTS // row_elems)
+        begin, end = entry["data_offsets"]
+        buf = torch.empty(min(end - begin, step * ((end - begin) // shape[0] if shape[0] else 0)), dtype=torch.uint8)
+        # One buffer for every block: each block is consumed before the next read overwrites it.
+        return ((i, read_safetensors_tensor(self._file, self._base, self.path, name, entry,
+                                            rows=(i, min(i + step, shape[0])), out=buf))
+                for i in range(0, shape[0], step))
 
     def close(self) -> None:
         if self._file is not None:
@@ -174,72 +228,95 @@ def _fit(v: torch.Tensor | None, n: int) -> torch.Tensor | None:
     return v if v is not None and v.numel() == n else None
 
 
+def _update_row(name: str, t: torch.Tensor, ref: CheckpointRef, prev: _Reader) -> dict[str, Any] | None:
+    """The update ratio of `t` against the same tensor at the previous checkpoint (§11, §12),
+    reading the old tensor in row blocks; None when it is absent there or changed shape."""
+    from analyze.gradients import ratio_from_sums, update_sums
+
+    blocks = prev.row_blocks(name, tuple(t.shape))
+    if blocks is None:
+        return None
+    diff_sq = old_sq = 0.0
+    for i, old in blocks:
+        d, o = update_sums(t[i: i + old.shape[0]], old)
+        diff_sq, old_sq = diff_sq + d, old_sq + o
+    r = ratio_from_sums(diff_sq, old_sq)
+    elapsed = ref.step - prev.ref.step
+    return {"step": ref.step, "prev_step": prev.ref.step, "tensor": name, "update_ratio": r,
+            "update_ratio_per_step": r / elapsed if elapsed > 0 else math.nan}
+
+
 def _tensor_rows(name: str, t: torch.Tensor, ref: CheckpointRef, prev: _Reader | None, task: WeightsTask,
                  vectors: dict[str, torch.Tensor]) -> TensorResult:
-    from analyze.spectral import (as_matrix, estimate_spectral_norm, exact_top_singular_values, is_finite_tensor,
+    from analyze.gradients import sum_of_squares
+    from analyze.spectral import (as_matrix, estimate_spectral_norm, exact_top_singular_values,
                                   matrix_skip_reason, power_iteration, sigma_ratio)
-    from analyze.gradients import frobenius_norm
 
     cfg = task.cfg
     m = as_matrix(t)
     if m is None:
         return TensorResult(name, None, None, matrix_skip_reason(t) or "no spectral norm")
     row: dict[str, Any] = {"step": ref.step, "tensor": name, "shape": "x".join(map(str, t.shape))}
-    if not is_finite_tensor(m):
+    fro_sq = sum_of_squares(m)  # one pass: ||W||_F for the stable rank (§12), and finite iff every entry is
+    if not math.isfinite(fro_sq):
         row.update({"method": "", "finite": False})
         return TensorResult(name, row, None)
     n = m.shape[1]
     gen = torch.Generator().manual_seed(tensor_seed(cfg.seed, name))
-    est = estimate_spectral_norm(m, _fit(task.vectors.get(f"est:{name}"), n), generator=gen)
-    pw = power_iteration(m, _fit(task.vectors.get(f"pow:{name}"), n), tol=cfg.power_tol,
-                         max_iter=cfg.power_max_iter, generator=gen)
-    vectors[f"est:{name}"], vectors[f"pow:{name}"] = est.v.detach().cpu(), pw.v.detach().cpu()
+    est = estimate_spectral_norm(m, _fit(task.vectors.get(f"est:{name}"), n), generator=gen, check_finite=False)
+    vectors[f"est:{name}"] = est.v.detach().cpu()
+    pw = None
+    if cfg.power_iteration:
+        pw = power_iteration(m, _fit(task.vectors.get(f"pow:{name}"), n), tol=cfg.power_tol,
+                             max_iter=cfg.power_max_iter, generator=gen)
+        vectors[f"pow:{name}"] = pw.v.detach().cpu()
     ex = exact_top_singular_values(m) if task.exact else None
     s1 = ex.sigma1 if ex is not None else est.sigma
-    fro = frobenius_norm(m)  # once, in float64 blocks: stable rank = fro^2 / sigma_1^2 (§12)
     row.update({
-        "method": est.method, "sigma_est": est.sigma, "err_bound": est.err_bound, "sigma_power": pw.sigma,
+        "method": est.method, "sigma_est": est.sigma, "err_bound": est.err_bound,
+        "sigma_power": pw.sigma if pw else math.nan,
         "sigma_exact": ex.sigma1 if ex else math.nan, "sigma2_exact": ex.sigma2 if ex else math.nan,
         "rel_err": abs(est.sigma - ex.sigma1) / ex.sigma1 if ex and ex.sigma1 > 0 else math.nan,
-        "power_rel_err": abs(pw.sigma - ex.sigma1) / ex.sigma1 if ex and ex.sigma1 > 0 else math.nan,
-        "iterations": est.iterations, "power_iterations": pw.iterations, "warm_start": est.warm_start,
-        "power_warm_start": pw.warm_start, "power_converged": pw.converged,
-        "sigma_ratio": sigma_ratio(ex) if ex else math.nan, "stable_rank": fro * fro / (s1 * s1) if s1 > 0 else math.nan,
-        "frobenius": fro, "finite": True})
-    update = None
-    if prev is not None:
-        old = prev.get(name)
-        if old is not None and old.shape == t.shape:
-            from analyze.gradients import update_ratio
-
-            r = update_ratio(t, old)
-            elapsed = ref.step - prev.ref.step
-            update = {"step": ref.step, "prev_step": prev.ref.step, "tensor": name, "update_ratio": r,
-                      "update_ratio_per_step": r / elapsed if elapsed > 0 else math.nan}
-    return TensorResult(name, row, update)
+        "power_rel_err": abs(pw.sigma - ex.sigma1) / ex.sigma1 if pw and ex and ex.sigma1 > 0 else math.nan,
+        "iterations": est.iterations, "power_iterations": pw.iterations if pw else 0, "warm_start": est.warm_start,
+        "power_warm_start": pw.warm_start if pw else False, "power_converged": pw.converged if pw else False,
+        "sigma_ratio": sigma_ratio(ex) if ex else math.nan, "stable_rank": fro_sq / (s1 * s1) if s1 > 0 else math.nan,
+        "frobenius": math.sqrt(fro_sq), "finite": True})
+    return TensorResult(name, row, _update_row(name, t, ref, prev) if prev is not None else None)
 
 
 def run_weights_task(task: WeightsTask) -> WeightsResult:
-    """Spectral rows (both estimators + exact) and update ratios of one group at one checkpoint."""
+    """Spectral rows (both estimators + exact) and update ratios of one group at one checkpoint.
+
+    The next tensor is read in a background thread while this one is analysed
+    (`loaders.safeio.prefetched`): the read overlaps the compute instead of adding to it.
+    """
+    from loaders.safeio import prefetched
+
     with _one_thread():
         vectors: dict[str, torch.Tensor] = {}
         out: list[TensorResult] = []
         readers: list[_Reader] = []
+        stream = None
         try:
             cur = _Reader(task.ref, task.names)
             readers.append(cur)
             prev = _Reader(task.prev, task.names) if task.prev is not None else None
             if prev is not None:
                 readers.append(prev)
-            for name in task.names:
-                t = cur.get(name)
+            buffers = _Buffers()
+            stream = prefetched((name, *cur.get(name, buffers)) for name in task.names)
+            for name, t, buf in stream:
                 if t is None:
                     raise TrainauditError(task.ref.path, f"tensor {name!r} disappeared while being read")
                 out.append(_tensor_rows(name, t, task.ref, prev, task, vectors))
-                del t
+                del t  # nothing kept from a tensor aliases its buffer (rows hold floats, vectors are new)
+                buffers.give(buf)
         except TrainauditError as exc:
             return WeightsResult(task.ref.step, task.group, (), {}, str(exc))
         finally:
+            if stream is not None:
+                stream.close()  # joins the reader thread before its file is closed
             for r in readers:
                 r.close()
     return WeightsResult(task.ref.step, task.group, tuple(out), vectors)

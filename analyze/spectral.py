@@ -433,23 +433,27 @@ def _exact_small(a: Tensor) -> tuple[np.ndarray, np.ndarray, Tensor]:
 
 def estimate_spectral_norm(w: Tensor, v0: Tensor | None = None, *, rtol: float = DEFAULT_RTOL,
                            max_iter: int = DEFAULT_MAX_ITER, method: str = "auto",
-                           generator: torch.Generator | None = None) -> SpectralEstimate:
+                           generator: torch.Generator | None = None, check_finite: bool = True) -> SpectralEstimate:
     """sigma_1 of one weight (any shape `as_matrix` accepts) with a relative error bound.
 
     Golub-Kahan-Lanczos from ``v0`` (warm start: the previous checkpoint's ``.v``, a unit right
     singular vector estimate; a wrong-sized v0 starts cold) or a seeded Gaussian (cold).
     ``sigma`` is a Ritz value: never above sigma_1 beyond rounding (~1e-7 in float32).
     ``method``: "auto" (exact for min(m, n) <= EXACT_MAX_DIM, else "lanczos"), "lanczos" or
-    "exact". Raises ValueError for tensors `as_matrix` rejects and for non-finite ones.
+    "exact". Raises ValueError for tensors `as_matrix` rejects and for non-finite ones;
+    ``check_finite=False`` skips that pass over the data when the caller already knows (a finite
+    `analyze.gradients.sum_of_squares` proves every entry finite).
     """
     a = _require_matrix(w)
     return estimate_spectral_norm_batched(a.unsqueeze(0), None if v0 is None else v0.reshape(1, -1),
-                                          rtol=rtol, max_iter=max_iter, method=method, generator=generator)[0]
+                                          rtol=rtol, max_iter=max_iter, method=method, generator=generator,
+                                          check_finite=check_finite)[0]
 
 
 def estimate_spectral_norm_batched(ws: Tensor, v0: Tensor | None = None, *, rtol: float = DEFAULT_RTOL,
                                    max_iter: int = DEFAULT_MAX_ITER, method: str = "auto",
-                                   generator: torch.Generator | None = None) -> list[SpectralEstimate]:
+                                   generator: torch.Generator | None = None,
+                                   check_finite: bool = True) -> list[SpectralEstimate]:
     """`estimate_spectral_norm` for a stack (k, m, n) of same-shape matrices at once.
 
     One batched product per half-step for the whole stack (e.g. the same weight of every
@@ -463,7 +467,7 @@ def estimate_spectral_norm_batched(ws: Tensor, v0: Tensor | None = None, *, rtol
     a = ws.detach()
     if a.dtype not in (torch.float32, torch.float64):
         a = a.to(torch.float32)
-    if not is_finite_tensor(a):
+    if check_finite and not is_finite_tensor(a):
         raise ValueError("non-finite entries: no spectral norm (check is_finite_tensor first)")
     k, m, n = a.shape
     if method == "exact" or (method == "auto" and min(m, n) <= EXACT_MAX_DIM):

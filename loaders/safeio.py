@@ -24,9 +24,9 @@ import os
 import stat
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,7 @@ __all__ = [
     "MAX_LINE",
     "check_regular",
     "open_regular",
+    "prefetched",
     "read_bounded",
     "iter_lines",
     "iter_line_batches",
@@ -134,6 +135,58 @@ def open_regular(path: str | os.PathLike[str], root: str | os.PathLike[str] | No
     f = io.BufferedReader(f, buffer_size=1 << 16)  # type: ignore[arg-type]
     f.snapshot_size = st.st_size  # type: ignore[attr-defined]
     return f  # type: ignore[return-value]
+
+
+_T = TypeVar("_T")
+_DONE = object()
+
+
+def prefetched(items: Iterable[_T], depth: int = 1) -> Iterator[_T]:
+    """The items of `items`, produced up to `depth` ahead by a background thread.
+
+    Overlaps reading the next tensor (pread releases the GIL) with computing on this one, so a
+    weight analysis costs about max(read, compute) instead of their sum (issue 7, target 2).
+    At most ``depth + 2`` items are alive at once (the caller's, ``depth`` queued, one being
+    produced). An exception in the producer is re-raised here, after the items before it;
+    closing this iterator early stops the producer.
+    """
+    import queue
+
+    slots: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(x: Any) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put((False, exc))
+            return
+        put((True, _DONE))
+
+    worker = threading.Thread(target=produce, name="trainaudit-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            ok, item = slots.get()
+            if not ok:
+                raise item
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join()
 
 
 def read_bounded(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None,

@@ -12,8 +12,15 @@ from analyze.gradients import (
     classify_rho,
     global_grad_norm,
     grad_to_weight_ratio,
+    frobenius_norm,
+    ratio_from_sums,
+    sum_of_squares,
     update_ratio,
+    update_sums,
 )
+
+# Row norms accumulate in float32 (sum_of_squares docstring): 1e-6 relative is the documented bound.
+F32_REL = 1e-6
 
 
 def test_global_grad_norm_equals_norm_of_concatenation() -> None:
@@ -62,7 +69,7 @@ def test_grad_to_weight_ratio_and_update_ratio_against_numpy() -> None:
     ur = update_ratio(torch.from_numpy(w2).float(), torch.from_numpy(w).float())
     ref = np.linalg.norm(w2.astype(np.float32).astype(np.float64) - w.astype(np.float32)) / np.linalg.norm(
         w.astype(np.float32).astype(np.float64))
-    assert ur == pytest.approx(ref, rel=1e-9)
+    assert ur == pytest.approx(ref, rel=F32_REL)
     assert math.isnan(grad_to_weight_ratio(torch.ones(3), torch.zeros(3)))
     assert math.isnan(update_ratio(torch.ones(3), torch.zeros(3)))
     with pytest.raises(ValueError):
@@ -77,3 +84,42 @@ def test_grad_to_weight_ratio_and_update_ratio_against_numpy() -> None:
 def test_classify_rho_band_edges(rho: float, verdict: str) -> None:
     assert RHO_HEALTHY == (1e-4, 1e-1)
     assert classify_rho(rho) == verdict
+
+
+def test_sum_of_squares_against_float64_numpy_on_wide_and_long_rows() -> None:
+    rng = np.random.default_rng(7)
+    for shape in [(3, 100_000), (5000, 7), (4, 5, 6), (17,)]:
+        x = (rng.normal(size=shape) * 10.0 ** rng.uniform(-3, 3, size=shape)).astype(np.float32)
+        ref = float(np.sum(x.astype(np.float64) ** 2))
+        assert sum_of_squares(torch.from_numpy(x)) == pytest.approx(ref, rel=F32_REL)
+        assert frobenius_norm(torch.from_numpy(x)) == pytest.approx(math.sqrt(ref), rel=F32_REL)
+    x64 = rng.normal(size=(40, 30))
+    assert sum_of_squares(torch.from_numpy(x64)) == pytest.approx(float(np.sum(x64 ** 2)), rel=1e-13)
+    half = torch.full((64, 64), 300.0, dtype=torch.float16)  # fp16 squares overflow; rows go through fp32
+    assert sum_of_squares(half) == pytest.approx(64 * 64 * 300.0 ** 2, rel=1e-6)
+    assert sum_of_squares(torch.empty(0, 3)) == 0.0
+
+
+def test_sum_of_squares_survives_float32_overflow_and_keeps_nan() -> None:
+    big = torch.full((3, 4), 1e20)          # finite entries whose squares overflow float32
+    assert sum_of_squares(big) == pytest.approx(12 * 1e40, rel=1e-6)
+    assert math.isnan(sum_of_squares(torch.tensor([[1.0, float("nan")]])))
+    assert math.isinf(sum_of_squares(torch.tensor([[1.0, float("inf")]])))
+
+
+def test_update_sums_add_up_over_row_blocks_and_match_numpy() -> None:
+    rng = np.random.default_rng(11)
+    old = rng.normal(size=(1000, 600)).astype(np.float32)      # > 1 block of ~1M elements
+    new = (old + 1e-3 * rng.normal(size=old.shape)).astype(np.float32)
+    d_ref = float(np.sum((new.astype(np.float64) - old) ** 2))
+    o_ref = float(np.sum(old.astype(np.float64) ** 2))
+    d, o = update_sums(torch.from_numpy(new), torch.from_numpy(old))
+    assert d == pytest.approx(d_ref, rel=F32_REL) and o == pytest.approx(o_ref, rel=F32_REL)
+    parts = [update_sums(torch.from_numpy(new[i:i + 333]), torch.from_numpy(old[i:i + 333])) for i in range(0, 1000, 333)]
+    assert sum(p[0] for p in parts) == pytest.approx(d, rel=F32_REL)
+    assert sum(p[1] for p in parts) == pytest.approx(o, rel=F32_REL)
+    assert ratio_from_sums(d, o) == pytest.approx(math.sqrt(d_ref / o_ref), rel=F32_REL)
+    assert math.isnan(ratio_from_sums(1.0, 0.0))
+    big = torch.full((2, 2), 1e20)
+    d, o = update_sums(big * 2, big)                            # float32 overflow -> float64 redo
+    assert d == pytest.approx(4 * 1e40, rel=1e-6) and o == pytest.approx(4 * 1e40, rel=1e-6)

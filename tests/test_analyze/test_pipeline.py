@@ -112,9 +112,10 @@ def test_synthetic_run_tables_match_numpy(tmp_path: Path) -> None:
         a = load_file(str(truth["refs"][j].path))["layer.weight"].double().numpy()
         b = load_file(str(truth["refs"][j - 1].path))["layer.weight"].double().numpy()
         expect = np.linalg.norm(a - b) / np.linalg.norm(b)
-        assert ur.loc[j - 1, "update_ratio"] == pytest.approx(expect, rel=1e-9)
+        # float32 difference and 1024-element float32 partial norms (analyze.gradients.update_sums): ~1e-7
+        assert ur.loc[j - 1, "update_ratio"] == pytest.approx(expect, rel=1e-6)
         steps = truth["refs"][j].step - truth["refs"][j - 1].step
-        assert ur.loc[j - 1, "update_ratio_per_step"] == pytest.approx(expect / steps, rel=1e-9)
+        assert ur.loc[j - 1, "update_ratio_per_step"] == pytest.approx(expect / steps, rel=1e-6)
 
     # per-class windows: tau and Welch SE over the raw per-example losses of each 50-step window
     tau = res.tables["tau"]
