@@ -572,3 +572,32 @@ def test_torch_zip_bytes_are_not_unpickled_by_the_listing(tmp_path: Path) -> Non
     with pytest.raises(TrainauditError):
         checkpoint_info(p)
     assert not mark.exists()
+
+
+def test_read_safetensors_tensor_rows_and_recycled_buffer_match_the_file(tmp_path: Path) -> None:
+    from loaders.checkpoints import check_safetensors_header, read_safetensors_tensor
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(37, 5, 3, generator=g), "b": torch.randn(4, generator=g).to(torch.bfloat16),
+               "e": torch.empty(0, 4)}
+    p = tmp_path / "t.safetensors"
+    save_file(tensors, str(p))
+    header = check_safetensors_header(p)
+    with open(p, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        for name, ref in tensors.items():
+            assert torch.equal(read_safetensors_tensor(f, 8 + n, p, name, header[name]), ref)
+        a = tensors["a"]
+        for start, stop in [(0, 37), (3, 10), (36, 37), (5, 5)]:
+            got = read_safetensors_tensor(f, 8 + n, p, "a", header["a"], rows=(start, stop))
+            assert torch.equal(got, a[start:stop])
+        buf = torch.full((10_000,), 7, dtype=torch.uint8)
+        got = read_safetensors_tensor(f, 8 + n, p, "a", header["a"], rows=(2, 9), out=buf)
+        assert torch.equal(got, a[2:9]) and got.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+        with pytest.raises(TrainauditError, match="cannot read rows"):
+            read_safetensors_tensor(f, 8 + n, p, "a", header["a"], rows=(30, 38))
+    # a file cut short inside the tensor: the read says so instead of returning garbage
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(p.read_bytes()[:-40])
+    with open(cut, "rb") as f, pytest.raises(TrainauditError, match="truncated"):
+        read_safetensors_tensor(f, 8 + n, cut, "a", header["a"])

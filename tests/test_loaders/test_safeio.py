@@ -332,3 +332,45 @@ def test_rewind_policy_matches_replay(rows: list[tuple[int, int]]) -> None:
                        "row": range(len(rows))})
     out = resolve_rewinds(df, "f", DataWarnings(), by="series")
     assert sorted(out["row"].tolist()) == _replay(steps, groups)
+
+
+# --------------------------------------------------------------------------- prefetched
+
+
+def test_prefetched_yields_everything_in_order_and_reads_ahead() -> None:
+    produced: list[int] = []
+
+    def items():
+        for i in range(50):
+            produced.append(i)
+            yield i
+
+    it = safeio.prefetched(items(), depth=1)
+    assert next(it) == 0
+    deadline = time.monotonic() + 5
+    while len(produced) < 2 and time.monotonic() < deadline:  # the producer runs ahead of the consumer
+        time.sleep(0.01)
+    assert len(produced) >= 2
+    assert [0, *it] == list(range(50))
+
+
+def test_prefetched_reraises_the_producers_error_after_the_items_before_it() -> None:
+    def items():
+        yield 1
+        yield 2
+        raise TrainauditError("x.safetensors", "truncated while reading tensor w")
+
+    got = []
+    with pytest.raises(TrainauditError, match="truncated"):
+        for x in safeio.prefetched(items()):
+            got.append(x)
+    assert got == [1, 2]
+
+
+def test_prefetched_closed_early_stops_its_thread() -> None:
+    before = threading.active_count()
+    it = safeio.prefetched(iter(range(10**9)), depth=2)
+    assert next(it) == 0
+    it.close()
+    assert threading.active_count() == before
+    assert not [t for t in threading.enumerate() if t.name == "trainaudit-prefetch"]
