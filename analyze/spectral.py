@@ -34,7 +34,17 @@ wrong cluster). Two consequences, both measured on 300 x 300 matrices with clust
   * the linear bound above with a stop at 1e-3 or 1e-4 still misses in 1-7% of cold starts
     (the Ritz vector is then almost pure v_2); at 1e-5 (DEFAULT_RTOL) 0 of 800 starts missed
     and the actual errors are ~1e-7, for ~10-15% more steps than 1e-4. Warm starts (the
-    normal case across checkpoints) begin close to v_1 and cannot fall into this.
+    normal case across checkpoints) begin close to v_1, with one exception:
+  * when sigma_1 and sigma_2 swap between two checkpoints while their vectors barely mix, the
+    previous v_1 is the new v_2 and the warm start reports sigma_2: the error is the gap
+    1 - sigma_2 / sigma_1. Measured (600 x 400, swapped tops, mixing angle eps, 5 trials each):
+    at rtol 1e-5 the swap is caught from eps >= 1e-3 for gaps of 1e-2 and 5e-2, and missed
+    below; at rtol 1e-4 it is caught only from eps >= 1e-2 (gaps 1e-2 to 5e-2) and never for a
+    gap of 1e-3. That is why the warm stop stays at 1e-5, not looser (a looser warm stop would
+    halve the steps on GPT-2-small: benchmarks/weights.py). Mixing 10% of a random vector into
+    every warm start catches every swap with a gap >= 1e-2 at 1e-5, but costs ~60% more steps
+    on every matrix; not done. `--exact-svd` (or the automatic exact pass up to 10M
+    parameters) shows such a miss in the validation table.
 
 Speed: one host sync per half-step (the Lanczos coefficients); matrices with
 min(m, n) <= EXACT_MAX_DIM use the exact Gram eigensolve instead (cheaper than any loop).
