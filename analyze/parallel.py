@@ -158,7 +158,10 @@ class _Reader:
         if self._kept is None:
             from loaders.checkpoints import iter_tensors
 
-            self._kept = {n: t for n, t in iter_tensors(self.ref, warnings=DataWarnings()) if n in self.names}
+            # partial: a missing or unreadable shard was already reported when the checkpoint was
+            # planned (checkpoint_info); the tensors of the other shards are analysed (row B13)
+            self._kept = {n: t for n, t in iter_tensors(self.ref, warnings=DataWarnings(), partial=True)
+                          if n in self.names}
         return self._kept
 
     def row_blocks(self, name: str, shape: tuple[int, ...]) -> Iterator[tuple[int, torch.Tensor]] | None:

@@ -552,6 +552,7 @@ class _Source:
     root: Path | None
     missing: list[str] = field(default_factory=list)   # shards named by an index but absent
     index_names: list[str] | None = None               # every tensor name an index lists
+    unreadable: list[str] = field(default_factory=list)  # shards present but cut short or corrupt
 
 
 def _read_index(index: Path, root: Path) -> tuple[list[str], list[str], list[str]]:
@@ -626,21 +627,38 @@ def _resolve(ref_or_path: CheckpointRef | str | os.PathLike[str], root: str | os
 
 
 def _missing_error(src: _Source) -> TrainauditError:
-    s = "s" if len(src.missing) > 1 else ""
-    return TrainauditError(src.path, f"missing shard{s} {', '.join(src.missing)} (the other shards were read)")
+    parts = [f"{what} shard{'s' if len(names) > 1 else ''} {', '.join(names)}"
+             for what, names in (("missing", src.missing), ("unreadable", src.unreadable)) if names]
+    return TrainauditError(src.path, f"{'; '.join(parts)} (the other shards were read)")
+
+
+def _shard_header(src: _Source, part: _Part, warnings: DataWarnings | None, *, skip: bool) -> dict[str, Any] | None:
+    """A safetensors part's validated header. With `skip`, an unreadable shard of a sharded
+    checkpoint (cut short, corrupt header) is recorded, warned about and skipped, so the other
+    shards are still analysed (row B13); otherwise, and for a single file, the problem is raised."""
+    try:
+        return check_safetensors_header(part.path, src.root)
+    except TrainauditError as exc:
+        if not skip or src.index_names is None:
+            raise
+        src.unreadable.append(part.path.name)
+        if warnings is not None:
+            warnings.add(part.path, f"shard skipped: {exc.problem}")
+        return None
 
 
 # --------------------------------------------------------------------------- public API
 
 def iter_tensors(ref_or_path: CheckpointRef | str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None,
-                 warnings: DataWarnings | None = None) -> Iterator[tuple[str, Any]]:
+                 warnings: DataWarnings | None = None, partial: bool = False) -> Iterator[tuple[str, Any]]:
     """Yield ``(name, tensor)`` one at a time from any supported checkpoint, names normalised.
 
     Accepts a ``CheckpointRef`` or a path: ``.safetensors``, an HF folder (``model.safetensors``,
     sharded ``model-0000k-of-0000n.safetensors`` + index, ``pytorch_model.bin``), ``.pt`` /
     ``.pth`` / ``.bin`` / ``.ckpt`` / nanoGPT ``ckpt.pt``. Tied tensors are yielded once (under the
-    first name). A shard that the index names but that is missing raises ``TrainauditError``
-    after the present shards were yielded (row B13: partial kept).
+    first name). A shard that the index names but that is missing or unreadable raises
+    ``TrainauditError`` after the present shards were yielded (row B13: partial kept); with
+    ``partial=True`` it is a warning instead (the caller keeps what was read).
     """
     src = _resolve(ref_or_path, root)
     if src.index_names is not None:
@@ -649,7 +667,9 @@ def iter_tensors(ref_or_path: CheckpointRef | str | os.PathLike[str], *, root: s
         rename = None
     for part in src.parts:
         if part.fmt == "safetensors":
-            header = check_safetensors_header(part.path, src.root)
+            header = _shard_header(src, part, warnings, skip=partial)
+            if header is None:
+                continue
             names = [r[0] for r in _st_infos(header)]
             ren = rename if rename is not None else _strip(names, part.path, warnings)[0]
             for name, t in _st_iter(part.path, header, src.root):
@@ -668,8 +688,11 @@ def iter_tensors(ref_or_path: CheckpointRef | str | os.PathLike[str], *, root: s
                         continue
                     seen.add(ident)
                 yield ren.get(name, name), t
-    if src.missing:
-        raise _missing_error(src)
+    if src.missing or src.unreadable:
+        if not partial:
+            raise _missing_error(src)
+        if warnings is not None:
+            warnings.add(src.path, str(_missing_error(src).problem))
 
 
 def _storage_id(t: Any) -> tuple[int, int, tuple[int, ...], tuple[int, ...], str] | None:
@@ -700,7 +723,9 @@ def checkpoint_info(ref_or_path: CheckpointRef | str | os.PathLike[str], *, root
     meta: dict[str, Any] = {}
     for part in src.parts:
         if part.fmt == "safetensors":
-            header = check_safetensors_header(part.path, src.root)
+            header = _shard_header(src, part, warnings, skip=True)
+            if header is None:
+                continue
             meta.update(header.get("__metadata__") or {})
             rows = _st_infos(header)
             if rename is None:
@@ -734,7 +759,7 @@ def checkpoint_info(ref_or_path: CheckpointRef | str | os.PathLike[str], *, root
                     first[ident] = new
                 infos.append(TensorInfo(new, tuple(t.shape), str(t.dtype).removeprefix("torch.")))
                 n_params += t.numel()
-    if src.missing and warnings is not None:
+    if (src.missing or src.unreadable) and warnings is not None:
         warnings.add(src.path, str(_missing_error(src).problem))
     if rename is not None:
         _, prefix = _plan_prefix(src.index_names or [])

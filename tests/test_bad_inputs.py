@@ -559,13 +559,13 @@ def test_b13_sharded_checkpoint_audit_keeps_the_shards_present(truncate: bool, t
     assert len(line) == 1 and "model-00002-of-00002.safetensors" in line[0]
 
 
-@pytest.mark.xfail(strict=True, reason="analyze/parallel.py (another helper): in `report`, a checkpoint whose shard "
-                   "is missing is skipped whole ('checkpoint at step N skipped') instead of keeping the tensors of "
-                   "the shards present (partial kept); iter_tensors yields them before raising, the task drops them")
-def test_b13_sharded_checkpoint_report_keeps_the_shards_present(tmp_path: Path) -> None:
-    d = _two_shards(tmp_path / "m", truncate=False)
-    rep = report_w(d, tmp_path / "o", "missing shard model-00002-of-00002.safetensors")
-    assert rep.table("spectral")["tensor"].tolist() == ["a"]
+@pytest.mark.parametrize("truncate", [False, True], ids=["missing-shard", "truncated-shard"])
+def test_b13_sharded_checkpoint_report_keeps_the_shards_present(truncate: bool, tmp_path: Path) -> None:
+    d = _two_shards(tmp_path / "m", truncate=truncate)
+    rep = report_w(d, tmp_path / "o", "model-00002-of-00002.safetensors")
+    sp = rep.table("spectral")
+    assert sp["tensor"].tolist() == ["a"]            # partial kept: shard 1's tensor, exact sigma_1 = 3
+    assert sp["sigma_exact"].tolist() == pytest.approx([3.0], rel=1e-9)
 
 
 def test_b14_edge_tensors_are_flagged_not_fatal(tmp_path: Path) -> None:
@@ -1345,7 +1345,7 @@ ROWS = {  # catalogue row -> where it is tested end to end (and at the loader le
     "A14": "test_a14_dev_zero_terminates (+ test_safeio.py, test_tensorboard.py::test_a14_...)",
     **{r: "test_b_* (+ test_checkpoints.py::test_b_rows_safetensors_structure)" for r in
        ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B9", "B10", "B11")},
-    "B13": "test_b13_* (report path: strict xfail, analyze/parallel.py)",
+    "B13": "test_b13_*",
     "B14": "test_b14_edge_tensors_are_flagged_not_fatal",
     **{r: f"test_{r.lower()}_*" for r in ("C1", "C3", "C4", "C5", "C6", "C7", "C8", "C10")},
     **{r: f"test_{r.lower()}_*" for r in ("D1", "D2", "D4", "D5", "D6", "D7", "D8", "D9", "D11", "D12", "D13",
