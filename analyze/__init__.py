@@ -11,7 +11,7 @@ from typing import Any
 __all__ = ["analyze_run", "AnalysisConfig", "AnalysisResult"]
 
 
-def __getattr__(name: str) -> Any:  # lazy: the pipeline pulls in pandas and torch
+def __getattr__(name: str) -> Any:  # lazy: the pipeline pulls in pandas (and torch when it computes)
     if name in __all__:
         from analyze import config, pipeline
 

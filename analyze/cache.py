@@ -10,6 +10,11 @@ chain (the next checkpoint's key uses the last readable one), exactly like the a
 
 Files: `<folder>/step_XXXXXXXX-<key>.safetensors` (vectors) and `.json` (rows), the JSON
 written last, both atomically, so a half-written entry is never read.
+
+Reading an entry imports no torch (the vectors come back as numpy arrays, `as_tensors` turns
+them into tensors for a warm start), so a report served wholly from the cache starts fast.
+`load_doc` / `store_doc` keep other results the same way (`<name>-<key>.json`: the pipeline's
+per-class tables of the logs, computed with torch).
 """
 from __future__ import annotations
 
@@ -19,19 +24,23 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
-__all__ = ["CheckpointCache", "CachedCheckpoint", "checkpoint_fingerprint"]
+if TYPE_CHECKING:  # torch only for writing an entry, or for a warm start from one (`as_tensors`)
+    import torch
+
+__all__ = ["CheckpointCache", "CachedCheckpoint", "checkpoint_fingerprint", "as_tensors", "json_text"]
 
 
 @dataclass(frozen=True, slots=True)
 class CachedCheckpoint:
-    """What one checkpoint contributed: table rows by table name and warm-start vectors."""
+    """What one checkpoint contributed: table rows by table name and warm-start vectors (numpy
+    arrays; torch tensors for a dtype numpy lacks; `as_tensors` gives tensors either way)."""
 
     rows: dict[str, list[dict[str, Any]]]
-    vectors: dict[str, torch.Tensor]
+    vectors: dict[str, np.ndarray | torch.Tensor]
     notes: list[str]
     warnings: list[str]
     failed: str = ""  # the checkpoint was unreadable: the error, and nothing else is stored
@@ -53,6 +62,27 @@ def checkpoint_fingerprint(path: Path) -> str:
     except OSError as e:  # unreadable now: a key that never matches, the reader will say why
         parts.append(f"error:{e}")
     return f"{path.resolve()}::" + ";".join(parts)
+
+
+def as_tensors(vectors: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cached warm-start vectors as torch tensors (the same dtype, shape and bits)."""
+    import torch
+
+    return {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v for k, v in vectors.items()}
+
+
+def _load_vectors(path: Path) -> dict[str, np.ndarray | torch.Tensor]:
+    """The vectors file as numpy arrays: the same safetensors checks as its torch reader, without
+    importing torch. A file numpy cannot hold (bfloat16) goes to the torch reader, whose answer
+    (tensors, or the error) is then the one that counts."""
+    from safetensors.numpy import load_file
+
+    try:
+        return dict(load_file(str(path)))
+    except Exception:  # noqa: BLE001 - the torch reader below decides, exactly as before
+        from safetensors.torch import load_file as load_torch
+
+        return dict(load_torch(str(path)))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -88,23 +118,49 @@ class CheckpointCache:
         """The cached entry, or None (missing, disabled or unreadable: then it is recomputed)."""
         if self.folder is None:
             return None
+        from safetensors import SafetensorError  # a damaged vectors file (not an OSError)
+
         jpath, vpath = self._paths(step, key)
         try:
             doc = json.loads(jpath.read_text(encoding="utf-8"))
-            from safetensors.torch import load_file
-
-            vectors = load_file(str(vpath)) if vpath.exists() else {}
+            vectors = _load_vectors(vpath) if vpath.exists() else {}
             if doc.get("key") != key:
                 raise ValueError("key mismatch")
             entry = CachedCheckpoint(rows={k: list(v) for k, v in doc["rows"].items()},
                                      vectors=dict(vectors), notes=[str(n) for n in doc.get("notes", [])],
                                      warnings=[str(w) for w in doc.get("warnings", [])],
                                      failed=str(doc.get("failed") or ""))
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError):
             self.misses += 1
             return None
         self.hits += 1
         return entry
+
+    def load_doc(self, name: str, key: str) -> Any | None:
+        """A JSON entry `<name>-<key>.json` written by `store_doc`, or None (missing, disabled,
+        unreadable). For results other than a checkpoint's (not counted as hits or misses)."""
+        if self.folder is None:
+            return None
+        try:
+            doc = json.loads((self.folder / f"{name}-{key}.json").read_text(encoding="utf-8"))
+            return doc["value"] if doc.get("key") == key else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def store_doc(self, name: str, key: str, value: Any) -> None:
+        """Write `value` (plain JSON: NaN and infinities allowed, floats exact) as `<name>-<key>.json`
+        and drop the other `<name>-*.json` entries."""
+        if self.folder is None:
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.folder / f"{name}-{key}.json",
+                          json_text({"key": key, "value": value}).encode())
+            for old in self.folder.glob(f"{name}-*.json"):
+                if old.name != f"{name}-{key}.json":
+                    old.unlink(missing_ok=True)
+        except OSError:
+            return  # only costs time, as in `store`
 
     def count_misses(self, n: int) -> None:
         """Count `n` checkpoints recomputed without a lookup (after the first miss the chain is new)."""
@@ -133,6 +189,11 @@ class CheckpointCache:
             # The cache only saves time: a full or read-only disk must not lose the analysis.
             # The report write that follows meets the same disk and says so in one line.
             return
+
+
+def json_text(value: Any) -> str:
+    """`value` as the cache writes it: JSON, numpy / torch scalars as numbers, floats exact."""
+    return json.dumps(value, default=_default)
 
 
 def _default(x: Any) -> Any:

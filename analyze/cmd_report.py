@@ -57,7 +57,7 @@ def write_full_report(run_path: str | os.PathLike[str], out_dir: str | os.PathLi
     OUT/report.html, OUT/summary.json and OUT/tables/<name>.csv. `workers`: processes for the
     per-checkpoint tasks (None: one per CPU core); `scheduler`: a Dask scheduler address to run
     them on instead. Raises TrainauditError on unreadable input or an unwritable output folder."""
-    from analyze.config import AnalysisConfig
+    from analyze.config import AnalysisConfig, default_workers
     from analyze.pipeline import analyze_run
     from analyze.tables import validate_summary
     from loaders.rundir import load_run
@@ -68,8 +68,6 @@ def write_full_report(run_path: str | os.PathLike[str], out_dir: str | os.PathLi
         raise TrainauditError(run_path, "no such file or directory")
     out = Path(out_dir) if out_dir is not None else default_out_dir(run_path)
     if config is None:
-        from analyze.parallel import default_workers
-
         config = AnalysisConfig(exact_svd=exact_svd, model_factory=model, scheduler=scheduler,
                                 workers=default_workers() if workers is None else workers)
     try:

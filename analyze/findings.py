@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 
 from analyze.config import AnalysisConfig
-from analyze.spectral import spectral_growth
 from analyze.tables import SEVERITY_ORDER, Finding, Severity
 
 __all__ = ["Context", "derive", "MAX_PER_KIND", "EXPECTED_TAU_END"]
@@ -166,9 +165,11 @@ def _spectral(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
 
 
 def spectral_growth_ratio(first: pd.Series, last: pd.Series) -> pd.Series:
-    """sigma_end / sigma_start per tensor (analyze.spectral.spectral_growth), NaN dropped."""
+    """sigma_end / sigma_start per tensor, NaN dropped (and where sigma_start <= 0)."""
     both = pd.concat({"a": first, "b": last}, axis=1).dropna()
-    return pd.Series([spectral_growth(a, b) for a, b in zip(both["a"], both["b"])], index=both.index,
+    # analyze.spectral.spectral_growth's formula, written out: that module imports torch, which a
+    # report served from the cache otherwise never needs.
+    return pd.Series([b / a if a > 0 else math.nan for a, b in zip(both["a"], both["b"])], index=both.index,
                      dtype=float).dropna()
 
 

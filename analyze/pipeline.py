@@ -13,31 +13,34 @@ Thin orchestration over the metric modules (no formula lives here):
 3. findings from the tables (`analyze.findings`) and the summary.json object.
 
 Per-checkpoint results are cached in the output folder (`analyze.cache`), so a second run on an
-unchanged run recomputes nothing.
+unchanged run recomputes nothing - and imports no torch: the per-class tables (computed with
+torch) are cached too, and `analyze.parallel` is imported only when a checkpoint needs work.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from analyze import findings as findings_mod
 from analyze.cache import CheckpointCache
 from analyze.config import AnalysisConfig
-from analyze.losses import ClassLossState, gaps_to_mean, tau
 from analyze.overfitting import Overfitting, analyze_overfitting
-from analyze.parallel import CheckpointOutcome, ProbeSpec, make_runner, plan_checkpoint, probe_reason, run_checkpoints
 from analyze.spikes import SpikeReport, detect_spikes
 from analyze.tables import TABLE_COLUMNS, Finding, build_summary
 from loaders.errors import TrainauditError
 from loaders.run import CheckpointRef, Run
+
+if TYPE_CHECKING:  # these import torch: only work the output folder's cache cannot serve needs it
+    from analyze.losses import ClassLossState
+    from analyze.parallel import CheckpointOutcome, ProbeSpec
 
 __all__ = ["analyze_run", "AnalysisResult", "PANELS", "VAL_SERIES_PREFERENCE", "BUILTIN_CLASS_PAIR"]
 
@@ -179,6 +182,10 @@ def _class_index(run: Run) -> list[str]:
 
 def _state_from_rows(df: pd.DataFrame, names: list[str]) -> ClassLossState:
     """A per-class ClassLossState from (cls, count, loss_sum, loss_m2) rows of one step."""
+    import torch
+
+    from analyze.losses import ClassLossState
+
     idx = {n: i for i, n in enumerate(names)}
     c = len(names)
     count = np.zeros(c, np.int64)
@@ -197,6 +204,10 @@ def _train_class_windows(df: pd.DataFrame, names: list[str], window: int) -> lis
     of all windows are laid out as (n_windows, P, C) and halved by merges (log2 P merges)."""
     if df.empty:
         return []
+    import torch
+
+    from analyze.losses import ClassLossState
+
     idx = {n: i for i, n in enumerate(names)}
     steps_u, step_i = np.unique(df["step"].to_numpy(np.int64), return_inverse=True)
     win_of_step = steps_u // window
@@ -256,6 +267,8 @@ def _class_pair(names: list[str], cfg: AnalysisConfig,
 
 def _class_rows(source: str, step: int, step_start: int, st: ClassLossState, names: list[str],
                 pair: tuple[int, int] | None) -> tuple[list[dict], list[dict], list[dict]]:
+    from analyze.losses import gaps_to_mean, tau
+
     mean, var = st.mean().numpy(), st.var().numpy()
     cls_rows = [{"source": source, "step": step, "step_start": step_start, "cls": n, "count": int(st.count[i]),
                  "mean": float(mean[i]), "std": float(np.sqrt(var[i]))}
@@ -271,11 +284,73 @@ def _class_rows(source: str, step: int, step_start: int, st: ClassLossState, nam
     return cls_rows, gap_rows, tau_rows
 
 
+def _class_key(run: Run, cfg: AnalysisConfig, names: list[str], tau_states: list[dict]) -> str:
+    """Hash of every input of `_class_tables` and of the code that computes it."""
+    from analyze.cache import json_text
+
+    h = hashlib.sha256()
+    here = Path(__file__)
+    for src in (here, here.with_name("losses.py")):  # changed code recomputes
+        h.update(src.read_bytes())
+    h.update(json_text([names, cfg.class_window, cfg.class_pair, tau_states]).encode())
+    for df in (run.class_losses, run.eval_class_losses):
+        h.update(repr([(str(c), str(df[c].dtype)) for c in df.columns] + [len(df)]).encode())
+        for c in df.columns:
+            col = df[c]
+            if isinstance(col.dtype, np.dtype) and col.dtype.kind in "biufcmM":
+                h.update(np.ascontiguousarray(col.to_numpy()).tobytes())
+            else:  # repr: 1 and "1" differ; NUL (escaped by repr) separates
+                h.update("\0".join(map(repr, col.tolist())).encode("utf-8", "backslashreplace"))
+    return h.hexdigest()[:20]
+
+
+def _class_tables(run: Run, cfg: AnalysisConfig, names: list[str], tau_states: list[dict],
+                  cache: CheckpointCache) -> dict[str, Any]:
+    """The per-class rows (§8): class_rows of the training windows and evaluations, gap_rows and
+    tau_rows of those and of the checkpoints' class states, the tau class pair and its note.
+
+    They are computed with torch (`ClassLossState`), so they are kept in the output folder's cache
+    under a hash of all their inputs: a report served wholly from the cache then imports no torch.
+    """
+    key = _class_key(run, cfg, names, tau_states)
+    hit = cache.load_doc("class_tables", key)
+    if isinstance(hit, dict) and set(hit) == {"class_rows", "gap_rows", "tau_rows", "pair", "pair_note"}:
+        return hit
+    windows = _train_class_windows(run.class_losses, names, cfg.class_window) if names else []
+    pair, pair_note = _class_pair(names, cfg, [w[2] for w in windows])
+    class_rows, gap_rows, tau_rows = [], [], []
+    for start, last, st in windows:
+        c, g, t = _class_rows("train", last, start, st, names, pair)
+        class_rows += c
+        gap_rows += g
+        tau_rows += t
+    ecl = run.eval_class_losses
+    if len(ecl):
+        for (series, step), g in ecl.groupby(["series", "step"], sort=True):
+            c, gg, t = _class_rows(f"eval:{series}", int(step), int(step), _state_from_rows(g, names), names, pair)
+            class_rows += c
+            gap_rows += gg
+            tau_rows += t
+    if tau_states:
+        ts = pd.DataFrame(tau_states)
+        for step, g in ts.groupby("step", sort=True):
+            st = _state_from_rows(g, names)
+            _, gg, t = _class_rows("checkpoint", int(step), int(step), st, names, pair)
+            gap_rows += gg
+            tau_rows += t
+    out = {"class_rows": class_rows, "gap_rows": gap_rows, "tau_rows": tau_rows,
+           "pair": None if pair is None else list(pair), "pair_note": pair_note}
+    cache.store_doc("class_tables", key, out)
+    return out
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
 def _probe_spec(run: Run, cfg: AnalysisConfig) -> ProbeSpec:
     import json
+
+    from analyze.parallel import ProbeSpec
 
     config = run.model.config if run.model else {}
     return ProbeSpec(model_name=run.model.name if run.model else None,
@@ -313,14 +388,13 @@ def _checkpoints(run: Run, cfg: AnalysisConfig, cache: CheckpointCache, progress
                         repr(None if run.model is None else (run.model.name, sorted(run.model.config.items()))),
                         repr(list(run.class_names)),
                         checkpoint_fingerprint(Path(run.eval_set_path)) if run.eval_set_path else "-"))
-    spec = _probe_spec(run, cfg)
 
     def add(part: dict[str, list[dict]]) -> None:
         for k, v in part.items():
             rows.setdefault(k, []).extend(v)
 
     # 1. the cached prefix: a failed checkpoint is cached too (as failed), and does not move the chain
-    vectors: dict[str, torch.Tensor] = {}
+    vectors: dict[str, Any] = {}  # numpy arrays from the cache: tensors only if a task needs them
     prev_ok: CheckpointRef | None = None
     prev_key: str | None = None
     first = 0
@@ -340,11 +414,19 @@ def _checkpoints(run: Run, cfg: AnalysisConfig, cache: CheckpointCache, progress
         _say(progress, f"checkpoint {i}/{len(refs)}: step {ref.step} (cached)")
     todo = refs[first:]
     if not todo:  # everything from the cache: say why model panels may be empty
-        reason = "" if rows.get("activations") or rows.get("dead_neurons") else probe_reason(spec)
-        return rows, notes, warns, reason, exact
+        if rows.get("activations") or rows.get("dead_neurons"):
+            return rows, notes, warns, "", exact
+        from analyze.parallel import probe_reason
+
+        return rows, notes, warns, probe_reason(_probe_spec(run, cfg)), exact
     cache.count_misses(len(todo) - 1)  # the first was counted by its failed load
 
-    # 2. the rest as tasks
+    # 2. the rest as tasks (analyze.parallel and torch are imported only here: a report served
+    # wholly from the cache needs neither)
+    from analyze.cache import as_tensors
+    from analyze.parallel import make_runner, plan_checkpoint, probe_reason, run_checkpoints
+
+    spec = _probe_spec(run, cfg)
     reason = probe_reason(spec)
     plans = [plan_checkpoint(ref) for ref in todo]
     key_state = {"prev": prev_key}
@@ -372,7 +454,7 @@ def _checkpoints(run: Run, cfg: AnalysisConfig, cache: CheckpointCache, progress
                            f"({runner.workers} worker thread(s))")
         elif runner.workers > 1:
             _say(progress, f"running {len(todo)} checkpoint(s) on {runner.workers} worker processes")
-        run_checkpoints(plans, cfg=cfg, exact=exact, init_vectors=vectors, init_prev=prev_ok,
+        run_checkpoints(plans, cfg=cfg, exact=exact, init_vectors=as_tensors(vectors), init_prev=prev_ok,
                         probe_spec=None if reason else spec, runner=runner, on_done=on_done)
     finally:
         runner.close()
@@ -439,21 +521,6 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
         panels["grad_norm"] = "the run logs no global gradient norm"
 
     names = _class_index(run)
-    windows = _train_class_windows(run.class_losses, names, cfg.class_window) if names else []
-    pair, pair_note = _class_pair(names, cfg, [w[2] for w in windows])
-    class_rows, gap_rows, tau_rows = [], [], []
-    for start, last, st in windows:
-        c, g, t = _class_rows("train", last, start, st, names, pair)
-        class_rows += c
-        gap_rows += g
-        tau_rows += t
-    ecl = run.eval_class_losses
-    if len(ecl):
-        for (series, step), g in ecl.groupby(["series", "step"], sort=True):
-            c, gg, t = _class_rows(f"eval:{series}", int(step), int(step), _state_from_rows(g, names), names, pair)
-            class_rows += c
-            gap_rows += gg
-            tau_rows += t
 
     # 2. checkpoints
     cache = CheckpointCache(None if cache_dir is None else Path(cache_dir))
@@ -473,16 +540,12 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
                 panels[p] = "the model has no hook point for this panel, or every model pass failed (see notes)"
     if not ck_rows.get("grad_ratio") and not ck_rows.get("update_ratio"):
         panels["grad_ratio"] = probe_reason or "fewer than two checkpoints and no model pass"
-    for r in ck_rows.pop("class_losses", []):
-        class_rows.append(r)
-    tau_states = ck_rows.pop("tau_state", [])
-    if tau_states:
-        ts = pd.DataFrame(tau_states)
-        for step, g in ts.groupby("step", sort=True):
-            st = _state_from_rows(g, names)
-            _, gg, t = _class_rows("checkpoint", int(step), int(step), st, names, pair)
-            gap_rows += gg
-            tau_rows += t
+    ck_class_rows = ck_rows.pop("class_losses", [])
+    per_class = _class_tables(run, cfg, names, ck_rows.pop("tau_state", []), cache)
+    pair = None if per_class["pair"] is None else (int(per_class["pair"][0]), int(per_class["pair"][1]))
+    pair_note = per_class["pair_note"]
+    class_rows = per_class["class_rows"] + ck_class_rows
+    gap_rows, tau_rows = per_class["gap_rows"], per_class["tau_rows"]
     if not class_rows:
         panels["class_losses"] = "the run logs no per-class losses (RunLogger.log_class_losses writes them)"
     if class_rows:
