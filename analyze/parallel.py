@@ -43,7 +43,7 @@ from typing import Any, Protocol
 
 import torch
 
-from analyze.config import AnalysisConfig
+from analyze.config import AnalysisConfig, default_workers
 from loaders.errors import DataWarnings, TrainauditError
 from loaders.run import CheckpointRef
 
@@ -57,14 +57,6 @@ __all__ = [
 _ROW_BLOCK_ELEMENTS = 1 << 20  # rows of the previous checkpoint read per update-ratio block (~4 MB float32)
 GROUPS_PER_WORKER = 2   # tensor groups per worker: the chains keep every worker busy
 DASK_HINT = "--scheduler needs dask.distributed: pip install 'trainaudit[dask]'"
-
-
-def default_workers() -> int:
-    """CPU cores this process may use (the `--workers` default)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def tensor_seed(seed: int, name: str) -> int:
