@@ -32,7 +32,6 @@ import hashlib
 import json
 import math
 import multiprocessing
-import os
 import sys
 import threading
 import uuid
