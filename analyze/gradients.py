@@ -41,12 +41,9 @@ def global_grad_norm(tensors: Sequence[Tensor]) -> Tensor:
     for t in tensors:
         groups.setdefault(t.dtype, []).append(t)
     norms: list[Tensor] = []
-    for dtype, group in groups.items():
+    for dtype, group in groups.items():  # half types accumulate in float32 without a float32 copy
         acc = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        if dtype == acc:
-            norms.extend(torch._foreach_norm(group))
-        else:
-            norms.extend(torch._foreach_norm([g.to(acc) for g in group]))
+        norms.extend(torch._foreach_norm(group, 2.0, dtype=acc))
     out_dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
     stacked = torch.stack([n.to(device=device, dtype=out_dtype) for n in norms])
     return torch.linalg.vector_norm(stacked)

@@ -10,7 +10,8 @@ Cheap and crash-safe by construction:
 - checkpoints are written to a temp file in the same folder, fsynced and `os.replace`d, so a
   kill at any moment leaves either the old or the new file under a final name.
 
-Imports only the standard library, torch and safetensors (no pandas, scipy or seaborn).
+Imports only the standard library, torch, safetensors and `analyze.gradients` (torch only): no
+pandas, scipy or seaborn.
 """
 from __future__ import annotations
 
@@ -29,25 +30,13 @@ from typing import Any
 
 import torch
 
+from analyze.gradients import global_grad_norm  # the §2 formula, one implementation (torch only)
 from loaders import runformat as fmt
 from loaders.errors import TrainauditError
 
 
 def _grads_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [p.grad for p in params if p.grad is not None]
-
-
-def global_grad_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """sqrt(sum_p sum_i g_{p,i}^2) as a 0-d tensor on the grads' device (formulas.md §2).
-
-    One fused `_foreach_norm` plus one norm of the per-tensor norms: no `.item()`, no sync.
-    """
-    if not grads:
-        return torch.tensor(float("nan"))
-    norms = torch._foreach_norm(grads, 2.0)
-    if any(n.dtype != norms[0].dtype for n in norms):  # mixed precision: compare in float32
-        norms = [n.float() for n in norms]
-    return torch.linalg.vector_norm(torch.stack(norms), 2.0)
 
 
 def class_welford_states(per_example_loss: torch.Tensor, class_ids: torch.Tensor, n_classes: int,
@@ -285,7 +274,8 @@ class RunLogger:
         self._check_open()
         loss_t = loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         if grad_norm is None:
-            gn = global_grad_norm(_grads_of(self._parameters(model))) if model is not None else torch.tensor(float("nan"))
+            grads = _grads_of(self._parameters(model)) if model is not None else []
+            gn = global_grad_norm(grads) if grads else torch.tensor(float("nan"))  # NaN: no gradient to measure
         else:
             gn = grad_norm.detach().reshape(()) if isinstance(grad_norm, torch.Tensor) else torch.tensor(float(grad_norm))
         gn = gn.to(loss_t.device)

@@ -1,6 +1,8 @@
 """RunLogger: round trip, grad norm against a plain reference, crash and resume behaviour."""
 from __future__ import annotations
 
+import math
+
 import json
 import os
 import signal
@@ -74,6 +76,21 @@ def test_grad_norm_equals_plain_vector_norm() -> None:
     grads = [torch.randn(3, 4), torch.randn(17), torch.randn(2, 2, 2)]
     reference = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
     assert float(global_grad_norm(grads)) == pytest.approx(float(reference), rel=1e-6)
+
+
+def test_logged_grad_norm_of_half_precision_model_is_float32_accurate(tmp_path: Path) -> None:
+    # bf16 grads: the norm accumulates in float32 (a bf16 result has 3 significant digits), and a
+    # step whose model has no gradients logs NaN ("nothing measured"), not 0.
+    model = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    model(torch.randn(16, 64, dtype=torch.bfloat16)).float().pow(2).mean().backward()
+    ref = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
+    with RunLogger(tmp_path / "r", flush_every=1) as log:
+        log.log_step(1, loss=1.0, model=model)
+        model.zero_grad(set_to_none=True)
+        log.log_step(2, loss=1.0, model=model)
+    gn = load_run(tmp_path / "r").train.set_index("step")["grad_norm"]
+    assert gn[1] == pytest.approx(ref, rel=1e-6)
+    assert math.isnan(gn[2])
 
 
 def test_class_state_matches_numpy_per_class() -> None:
