@@ -40,6 +40,8 @@ def global_grad_norm(tensors: Sequence[Tensor]) -> Tensor:
     groups: dict[torch.dtype, list[Tensor]] = {}
     for t in tensors:
         groups.setdefault(t.dtype, []).append(t)
+    if len(groups) == 1 and tensors[0].dtype in (torch.float32, torch.float64):  # the common case, per step
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2.0)))
     norms: list[Tensor] = []
     for dtype, group in groups.items():  # half types accumulate in float32 without a float32 copy
         acc = dtype if dtype in (torch.float32, torch.float64) else torch.float32
