@@ -107,8 +107,10 @@ def part_a(demo: Path, tmp: Path) -> None:
                 cum[top] = cum.get(top, 0.0) + int(parts[1]) / 1e6
     shown = ", ".join(f"{m} {cum[m]:.2f} s" for m in ("analyze", "torch", "scipy", "reports", "loaders", "matplotlib")
                       if m in cum)
-    print(f"    cached run under -X importtime: {total:.1f} s in all; outermost imports: {shown} "
-          f"(torch and pandas come in through analyze; scipy is spearmanr in analyze/overfitting.py)")
+    names = {ln.split("|")[2].strip() for ln in err.splitlines() if ln.startswith("import time:") and ln.count("|") == 2}
+    heavy = [m for m in ("torch", "scipy", "matplotlib", "seaborn", "dask") if m in names]
+    print(f"    cached run under -X importtime: {total:.1f} s in all; outermost imports: {shown}; "
+          f"heavy libraries imported: {', '.join(heavy) or 'none of torch, scipy, matplotlib, seaborn, dask'}")
     from scipy import stats  # noqa: F401 - imported first, so the timing below is the work alone
 
     from report import _in_process
