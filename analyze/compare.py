@@ -175,11 +175,11 @@ def spectral_growth(spectral: pd.DataFrame) -> SpectralGrowth | None:
     first, last = int(t["step"].min()), int(t["step"].max())
     if first == last:
         return None
+    from analyze.findings import spectral_growth_ratio
+
     a = t[t["step"] == first].set_index("tensor")["sigma"]
     b = t[t["step"] == last].set_index("tensor")["sigma"]
-    both = a.index.intersection(b.index)
-    ratio = (b[both] / a[both]).where(a[both] > 0)
-    ratio = ratio[ratio.notna()]
+    ratio = spectral_growth_ratio(a, b)
     if ratio.empty:
         return None
     name = str(ratio.idxmax())

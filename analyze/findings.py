@@ -169,8 +169,7 @@ def spectral_growth_ratio(first: pd.Series, last: pd.Series) -> pd.Series:
     both = pd.concat({"a": first, "b": last}, axis=1).dropna()
     # analyze.spectral.spectral_growth's formula, written out: that module imports torch, which a
     # report served from the cache otherwise never needs.
-    return pd.Series([b / a if a > 0 else math.nan for a, b in zip(both["a"], both["b"])], index=both.index,
-                     dtype=float).dropna()
+    return (both["b"] / both["a"]).where(both["a"] > 0).astype(float).dropna()
 
 
 def _dead(t: pd.DataFrame) -> list[Finding]:
