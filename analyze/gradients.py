@@ -134,13 +134,18 @@ def update_sums(w_new: Tensor, w_old: Tensor) -> tuple[float, float]:
         new, old = new.to(torch.float64), old.to(torch.float64)
     n = new.numel()
     acc = _acc_dtype(new)
-    buf = torch.empty(min(_BLOCK_ELEMENTS, n), dtype=new.dtype)
+    buf = torch.empty(min(_BLOCK_ELEMENTS, n), dtype=acc)  # half types subtract in float32 (exact there)
     diff_parts = torch.empty(_n_chunks(n), dtype=acc)
     old_parts = torch.empty(_n_chunks(n), dtype=acc)
     for i in range(0, n, _BLOCK_ELEMENTS):
         stop = min(i + _BLOCK_ELEMENTS, n)
         rows = slice(i // _CHUNK, _n_chunks(stop))
-        _chunk_norms(torch.sub(new[i:stop], old[i:stop], out=buf[: stop - i]), diff_parts[rows])
+        d = buf[: stop - i]
+        if acc == new.dtype:
+            torch.sub(new[i:stop], old[i:stop], out=d)
+        else:
+            torch.sub(d.copy_(new[i:stop]), old[i:stop], out=d)
+        _chunk_norms(d, diff_parts[rows])
         _chunk_norms(old[i:stop], old_parts[rows])
     sums = torch.stack([diff_parts.double().square().sum(), old_parts.double().square().sum()]).tolist()
     if not all(map(math.isfinite, sums)):  # a float32 piece norm overflowed (or a NaN/inf entry)

@@ -123,3 +123,13 @@ def test_update_sums_add_up_over_row_blocks_and_match_numpy() -> None:
     big = torch.full((2, 2), 1e20)
     d, o = update_sums(big * 2, big)                            # float32 overflow -> float64 redo
     assert d == pytest.approx(4 * 1e40, rel=1e-6) and o == pytest.approx(4 * 1e40, rel=1e-6)
+
+
+def test_update_sums_of_bfloat16_weights_difference_in_float32() -> None:
+    # bf16 - bf16 rounded to bf16 would lose ~1e-5 of a large update; the difference is formed in float32.
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1000, 300, generator=g).to(torch.bfloat16)
+    b = torch.randn(1000, 300, generator=g).to(torch.bfloat16)
+    d, o = update_sums(b, a)
+    assert d == pytest.approx(float(((b.double() - a.double()) ** 2).sum()), rel=F32_REL)
+    assert o == pytest.approx(float((a.double() ** 2).sum()), rel=F32_REL)
