@@ -257,8 +257,13 @@ def _tensor_rows(name: str, t: torch.Tensor, ref: CheckpointRef, prev: _Reader |
         return TensorResult(name, row, None)
     n = m.shape[1]
     gen = torch.Generator().manual_seed(tensor_seed(cfg.seed, name))
-    est = estimate_spectral_norm(m, _fit(task.vectors.get(f"est:{name}"), n), generator=gen, check_finite=False)
-    vectors[f"est:{name}"] = est.v.detach().cpu()
+    # warm start from the best vector of span{previous v, previous second Ritz vector} (follows a
+    # swap of sigma_1 and sigma_2; analyze.spectral.estimate_spectral_norm)
+    est = estimate_spectral_norm(m, _fit(task.vectors.get(f"est:{name}"), n), generator=gen, check_finite=False,
+                                 v0_second=_fit(task.vectors.get(f"est2:{name}"), n))
+    vectors[f"est:{name}"] = est.v.detach().cpu().clone()  # clones: v and v2 are views of one buffer
+    if est.v2 is not None:
+        vectors[f"est2:{name}"] = est.v2.detach().cpu().clone()
     pw = None
     if cfg.power_iteration:
         pw = power_iteration(m, _fit(task.vectors.get(f"pow:{name}"), n), tol=cfg.power_tol,

@@ -34,17 +34,19 @@ wrong cluster). Two consequences, both measured on 300 x 300 matrices with clust
   * the linear bound above with a stop at 1e-3 or 1e-4 still misses in 1-7% of cold starts
     (the Ritz vector is then almost pure v_2); at 1e-5 (DEFAULT_RTOL) 0 of 800 starts missed
     and the actual errors are ~1e-7, for ~10-15% more steps than 1e-4. Warm starts (the
-    normal case across checkpoints) begin close to v_1, with one exception:
+    normal case across checkpoints) begin close to v_1, with one exception, handled:
   * when sigma_1 and sigma_2 swap between two checkpoints while their vectors barely mix, the
-    previous v_1 is the new v_2 and the warm start reports sigma_2: the error is the gap
-    1 - sigma_2 / sigma_1. Measured (600 x 400, swapped tops, mixing angle eps, 5 trials each):
-    at rtol 1e-5 the swap is caught from eps >= 1e-3 for gaps of 1e-2 and 5e-2, and missed
-    below; at rtol 1e-4 it is caught only from eps >= 1e-2 (gaps 1e-2 to 5e-2) and never for a
-    gap of 1e-3. That is why the warm stop stays at 1e-5, not looser (a looser warm stop would
-    halve the steps on GPT-2-small: benchmarks/weights.py). Mixing 10% of a random vector into
-    every warm start catches every swap with a gap >= 1e-2 at 1e-5, but costs ~60% more steps
-    on every matrix; not done. `--exact-svd` (or the automatic exact pass up to 10M
-    parameters) shows such a miss in the validation table.
+    previous v_1 is the new v_2, and a start from it alone reports sigma_2 (error = the gap
+    1 - sigma_2 / sigma_1). Measured (600 x 400, swapped tops, mixing angle eps, 5 trials each):
+    at the 1e-5 stop such a start misses for eps < 1e-3 with gaps of 1e-2 and 5e-2; at 1e-4 it
+    misses up to eps = 1e-3. So the warm start is two vectors: the previous v and the previous
+    second Ritz vector ``v2``; the start is the best vector of their span (a 2 x 2 Rayleigh-Ritz
+    step, one skinny product: `_rayleigh_ritz_start`). It found sigma_1 in every case of that
+    grid (gaps 1e-3 to 5e-2, eps 0 to 1e-2) at every stop from 1e-3 to 1e-5, and it cuts the
+    steps on GPT-2-small-shaped weights from 274 to 164 (benchmarks/weights.py). A reordering
+    that brings sigma_3 or lower to the top is not covered; the exact pass (automatic up to 10M
+    parameters, `--exact-svd`) shows such a miss. Mixing a random vector into every start
+    would cover it but costs ~60% more steps on every matrix; not done.
 
 Speed: one host sync per half-step (the Lanczos coefficients); matrices with
 min(m, n) <= EXACT_MAX_DIM use the exact Gram eigensolve instead (cheaper than any loop).
@@ -114,6 +116,7 @@ class SpectralEstimate:
     method: str        # "lanczos" (Golub-Kahan bidiagonalisation) or "exact" (tiny matrices)
     warm_start: bool
     converged: bool    # err_bound <= rtol reached
+    v2: Tensor | None = None  # (n,) unit second Ritz vector (None after 1 step): pass as v0_second
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +330,8 @@ class _Ritz:
     bound: np.ndarray   # (b,) relative error bound on theta (module docstring)
     x: np.ndarray       # (b, j) left singular vector of B_j (coefficients on U)
     y: np.ndarray       # (b, j) right singular vector of B_j (coefficients on V)
+    x2: np.ndarray      # (b, j) second left singular vector (zeros when j = 1)
+    y2: np.ndarray      # (b, j) second right singular vector
 
 
 def _ritz(alpha: np.ndarray, beta: np.ndarray, floor: float) -> _Ritz:
@@ -348,7 +353,11 @@ def _ritz(alpha: np.ndarray, beta: np.ndarray, floor: float) -> _Ritz:
     theta = S[:, 0]
     res = beta[:, -1] * np.abs(X[:, -1, 0])
     bound = np.where(theta > 0, np.sqrt(1.0 + res / np.maximum(theta, 1e-300)) - 1.0, 0.0) + floor
-    return _Ritz(theta, bound, X[:, :, 0], Yh[:, 0, :])
+    if j > 1:
+        x2, y2 = X[:, :, 1], Yh[:, 1, :]
+    else:
+        x2, y2 = np.zeros((b, j)), np.zeros((b, j))
+    return _Ritz(theta, bound, X[:, :, 0], Yh[:, 0, :], x2, y2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +367,8 @@ class _GKLResult:
     iterations: np.ndarray  # (b,)
     v: Tensor              # (b, n) Ritz vector in the start space
     u: Tensor              # (b, m) Ritz vector in the other space
+    v2: Tensor             # (b, n) second Ritz vectors (zero rows where only one step ran)
+    u2: Tensor             # (b, m)
 
 
 def _grow(t: Tensor, rows: int) -> Tensor:
@@ -382,6 +393,7 @@ def _gkl(a: Tensor, v: Tensor, *, rtol: float, max_iter: int, generator: torch.G
     alphas, betas = np.zeros((bsz, kmax)), np.zeros((bsz, kmax))
     sigma, bound = np.zeros(bsz), np.full(bsz, np.inf)
     xs, ys = np.zeros((bsz, kmax)), np.zeros((bsz, kmax))
+    xs2, ys2 = np.zeros((bsz, kmax)), np.zeros((bsz, kmax))
     iters = np.zeros(bsz, dtype=np.int64)
     done = np.zeros(bsz, dtype=bool)
     scale = np.zeros(bsz)                                        # running max coefficient
@@ -405,6 +417,7 @@ def _gkl(a: Tensor, v: Tensor, *, rtol: float, max_iter: int, generator: torch.G
         if newly.any():
             sigma[newly], bound[newly], iters[newly] = r.theta[newly], r.bound[newly], j
             xs[newly, :j], ys[newly, :j] = r.x[newly], r.y[newly]
+            xs2[newly, :j], ys2[newly, :j] = r.x2[newly], r.y2[newly]
             done |= newly
         if done.all():
             break
@@ -413,18 +426,19 @@ def _gkl(a: Tensor, v: Tensor, *, rtol: float, max_iter: int, generator: torch.G
         u, alpha_t, alphas[:, j] = _orthonormalise(p, U[:, :j], scale, floor, generator)
         scale = np.maximum(scale, alphas[:, j])
     k = int(iters.max())
-    y = torch.from_numpy(ys[:, :k]).to(device=a.device, dtype=a.dtype)  # (b, k)
-    x = torch.from_numpy(xs[:, :k]).to(device=a.device, dtype=a.dtype)
-    v_r = torch.bmm(y.unsqueeze(1), V[:, :k]).squeeze(1)         # (b, n)
-    u_r = torch.bmm(x.unsqueeze(1), U[:, :k]).squeeze(1)         # (b, m)
+    coef = torch.from_numpy(np.stack([ys[:, :k], ys2[:, :k]], axis=1)).to(device=a.device, dtype=a.dtype)  # (b, 2, k)
+    coef_u = torch.from_numpy(np.stack([xs[:, :k], xs2[:, :k]], axis=1)).to(device=a.device, dtype=a.dtype)
+    v_r = torch.bmm(coef, V[:, :k])                              # (b, 2, n): first and second Ritz vectors
+    u_r = torch.bmm(coef_u, U[:, :k])                            # (b, 2, m)
     tiny = torch.finfo(a.dtype).tiny
     v_r = v_r / torch.linalg.vector_norm(v_r, dim=-1, keepdim=True).clamp_min(tiny)
     u_r = u_r / torch.linalg.vector_norm(u_r, dim=-1, keepdim=True).clamp_min(tiny)
-    return _GKLResult(sigma, bound, iters, v_r, u_r)
+    return _GKLResult(sigma, bound, iters, v_r[:, 0], u_r[:, 0], v_r[:, 1], u_r[:, 1])
 
 
-def _exact_small(a: Tensor) -> tuple[np.ndarray, np.ndarray, Tensor]:
-    """Exact sigma_1 and right singular vector of each (m, n) in a (b, m, n) stack (float64).
+def _exact_small(a: Tensor) -> tuple[np.ndarray, np.ndarray, Tensor, Tensor | None]:
+    """Exact sigma_1, right singular vector and second one of each (m, n) in a (b, m, n) stack
+    (float64; the second is None when min(m, n) = 1).
 
     sigma_1^2 is the top eigenvalue of the smaller Gram matrix; the relative error bound is
     rounding: ~ eps64 * cond, reported as 1e-12.
@@ -433,17 +447,37 @@ def _exact_small(a: Tensor) -> tuple[np.ndarray, np.ndarray, Tensor]:
     wide = d.shape[1] < d.shape[2]
     gram = d @ d.transpose(1, 2) if wide else d.transpose(1, 2) @ d   # (b, k, k)
     lam, vec = torch.linalg.eigh(gram)
-    top = vec[..., -1]                                                # (b, k)
+    top = vec[..., -2:].flip(-1).transpose(1, 2)                      # (b, 2 or 1, k): first, second
     sigma = lam[..., -1].clamp_min(0).sqrt()
     if wide:                                                          # top is u: v = W^T u / sigma
-        top = torch.bmm(top.unsqueeze(1), d).squeeze(1)
+        top = torch.bmm(top, d)
         top = top / torch.linalg.vector_norm(top, dim=-1, keepdim=True).clamp_min(1e-300)
-    return sigma.cpu().numpy(), np.full(d.shape[0], 1e-12), top.to(a.dtype)
+    top = top.to(a.dtype)
+    return sigma.cpu().numpy(), np.full(d.shape[0], 1e-12), top[:, 0], top[:, 1] if top.shape[1] > 1 else None
+
+
+def _rayleigh_ritz_start(a: Tensor, v1: Tensor, v2: Tensor) -> Tensor | None:
+    """The unit vector of span{v1, v2} that W stretches most: top eigenvector of the 2 x 2
+    (W Q)^T (W Q), Q an orthonormal basis of the span (two products in one skinny GEMM). None
+    when v2 adds no direction. When sigma_1 and sigma_2 swap between checkpoints, the previous
+    checkpoint's second vector is the new first one, and this start follows it."""
+    n = a.shape[1]
+    basis = torch.stack([v1.reshape(-1), v2.reshape(-1)]).to(device=a.device, dtype=a.dtype)  # (2, n)
+    if basis.shape[1] != n or not bool(torch.isfinite(basis).all()):
+        return None
+    q, r = torch.linalg.qr(basis.T)                               # (n, 2), (2, 2)
+    diag = r.diagonal().abs()
+    if not float(diag[1]) > 1e-6 * float(diag[0]):
+        return None
+    p = q.T @ a.T                                                 # (2, m) = (W Q)^T, one pass over W
+    _, vec = torch.linalg.eigh((p @ p.T).to(torch.float64))       # ascending
+    return q @ vec[:, -1].to(a.dtype)
 
 
 def estimate_spectral_norm(w: Tensor, v0: Tensor | None = None, *, rtol: float = DEFAULT_RTOL,
                            max_iter: int = DEFAULT_MAX_ITER, method: str = "auto",
-                           generator: torch.Generator | None = None, check_finite: bool = True) -> SpectralEstimate:
+                           generator: torch.Generator | None = None, check_finite: bool = True,
+                           v0_second: Tensor | None = None) -> SpectralEstimate:
     """sigma_1 of one weight (any shape `as_matrix` accepts) with a relative error bound.
 
     Golub-Kahan-Lanczos from ``v0`` (warm start: the previous checkpoint's ``.v``, a unit right
@@ -452,9 +486,19 @@ def estimate_spectral_norm(w: Tensor, v0: Tensor | None = None, *, rtol: float =
     ``method``: "auto" (exact for min(m, n) <= EXACT_MAX_DIM, else "lanczos"), "lanczos" or
     "exact". Raises ValueError for tensors `as_matrix` rejects and for non-finite ones;
     ``check_finite=False`` skips that pass over the data when the caller already knows (a finite
-    `analyze.gradients.sum_of_squares` proves every entry finite).
+    `analyze.gradients.sum_of_squares` proves every entry finite). ``v0_second``: the previous
+    checkpoint's ``.v2`` beside ``v0``; the start is then the best vector of their span
+    (`_rayleigh_ritz_start`), which follows a swap of sigma_1 and sigma_2 and saves steps when
+    they are close.
     """
     a = _require_matrix(w)
+    small = method == "exact" or (method == "auto" and min(a.shape) <= EXACT_MAX_DIM)
+    if v0 is not None and v0_second is not None and not small and v0.numel() == a.shape[1]:
+        if check_finite and not is_finite_tensor(a):
+            raise ValueError("non-finite entries: no spectral norm (check is_finite_tensor first)")
+        start = _rayleigh_ritz_start(a, v0, v0_second) if v0_second.numel() == a.shape[1] else None
+        v0 = v0 if start is None else start  # no usable pair: the plain warm start
+        check_finite = False
     return estimate_spectral_norm_batched(a.unsqueeze(0), None if v0 is None else v0.reshape(1, -1),
                                           rtol=rtol, max_iter=max_iter, method=method, generator=generator,
                                           check_finite=check_finite)[0]
@@ -481,8 +525,9 @@ def estimate_spectral_norm_batched(ws: Tensor, v0: Tensor | None = None, *, rtol
         raise ValueError("non-finite entries: no spectral norm (check is_finite_tensor first)")
     k, m, n = a.shape
     if method == "exact" or (method == "auto" and min(m, n) <= EXACT_MAX_DIM):
-        sig, bnd, vec = _exact_small(a)
-        return [SpectralEstimate(float(sig[i]), float(bnd[i]), vec[i], 0, "exact", False, True) for i in range(k)]
+        sig, bnd, vec, vec2 = _exact_small(a)
+        return [SpectralEstimate(float(sig[i]), float(bnd[i]), vec[i], 0, "exact", False, True,
+                                 None if vec2 is None else vec2[i]) for i in range(k)]
     if generator is None:
         generator = torch.Generator(device=a.device).manual_seed(0)  # also used on breakdowns
     # Start in the smaller space: its Krylov space is exhausted after min(m, n) steps.
@@ -498,5 +543,7 @@ def estimate_spectral_norm_batched(ws: Tensor, v0: Tensor | None = None, *, rtol
         start = _cold_vector(op.shape[2], a, generator, batch=(k,))
     r = _gkl(op, start, rtol=rtol, max_iter=max_iter, generator=generator)
     right = r.u if wide else r.v                                   # (k, n) right singular vector
+    right2 = r.u2 if wide else r.v2
     return [SpectralEstimate(float(r.sigma[i]), float(r.bound[i]), right[i], int(r.iterations[i]), "lanczos",
-                             warm, bool(r.bound[i] <= rtol)) for i in range(k)]
+                             warm, bool(r.bound[i] <= rtol), right2[i] if r.iterations[i] > 1 else None)
+            for i in range(k)]

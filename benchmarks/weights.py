@@ -187,12 +187,15 @@ def analyze_checkpoint(new: Path, old: Path | None = None, vectors: dict[str, to
         fro_sq = sum_of_squares(m)
         t_sr = time.perf_counter() - t
         t = time.perf_counter()
-        est = estimate_spectral_norm(m, vectors.get(f"est:{name}"), rtol=rtol, check_finite=False)
+        est = estimate_spectral_norm(m, vectors.get(f"est:{name}"), rtol=rtol, check_finite=False,
+                                     v0_second=vectors.get(f"est2:{name}"))
         t_est = time.perf_counter() - t
         t = time.perf_counter()
         ur = ratio_from_sums(*update_sums(w, w_old)) if w_old is not None else math.nan
         t_ur = time.perf_counter() - t
         out_vec[f"est:{name}"] = est.v
+        if est.v2 is not None:
+            out_vec[f"est2:{name}"] = est.v2
         rows.append(TensorRow(name, tensor_type(name), m.numel(), est.sigma, est.err_bound, est.iterations,
                               est.warm_start, fro_sq / est.sigma ** 2, ur, t_iter, t_est, t_sr, t_ur))
         del w, w_old, m
@@ -222,7 +225,7 @@ def package_analysis(new: Path, old: Path | None = None, vectors: dict[str, torc
         rows.append(TensorRow(tr.name, tensor_type(tr.name), math.prod(int(x) for x in sp["shape"].split("x")),
                               sp["sigma_est"], sp["err_bound"], sp["iterations"], sp["warm_start"], sp["stable_rank"],
                               up.get("update_ratio", math.nan), 0.0, 0.0, 0.0, 0.0))
-    vec = {k: v for k, v in res.vectors.items() if k.startswith("est:")}
+    vec = {k: v for k, v in res.vectors.items() if k.startswith(("est:", "est2:"))}
     return Analysis(tuple(rows), seconds, vec)
 
 

@@ -156,6 +156,66 @@ def test_warm_start_needs_fewer_iterations_than_cold(shape: tuple[int, int]) -> 
     assert power_iteration(w_new, p_prev.v, max_iter=500).iterations < power_iteration(w_new, max_iter=500).iterations
 
 
+def _swapped_pair(shape: tuple[int, int], gap: float, eps: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """W1 with sigma_1 = 1, sigma_2 = 1 - gap; W2 the same with the two values swapped and their
+    right vectors rotated into each other by the angle eps (a clean swap when eps is tiny)."""
+    m, n = shape
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=g, dtype=torch.float64))
+    s = torch.from_numpy(np.concatenate([[1.0, 1 - gap], np.linspace(0.9, 0.1, min(m, n) - 2) * (1 - gap)]))
+    s2 = s.clone()
+    s2[0], s2[1] = s[1], s[0]
+    rot = torch.eye(min(m, n), dtype=torch.float64)
+    rot[0, 0] = rot[1, 1] = math.cos(eps)
+    rot[0, 1], rot[1, 0] = -math.sin(eps), math.sin(eps)
+    return ((u * s) @ v.T).float(), ((u * s2) @ (v @ rot).T).float()
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (200, 300)], ids=["tall", "wide"])
+@pytest.mark.parametrize(("gap", "eps"), [(1e-2, 0.0), (5e-2, 0.0), (1e-3, 0.0), (5e-2, 1e-4), (1e-2, 1e-3)])
+def test_warm_start_follows_a_swap_of_sigma_1_and_sigma_2(shape: tuple[int, int], gap: float, eps: float) -> None:
+    w1, w2 = _swapped_pair(shape, gap, eps, seed=21)
+    prev = estimate_spectral_norm(w1, method="lanczos")
+    assert prev.v2 is not None and abs(float(prev.v @ prev.v2)) < 1e-3   # a second, orthogonal direction
+    sigma1 = ref_sigma(w2)
+    if eps == 0.0:  # control: a clean swap, v alone stays on sigma_2 (the error is the gap)
+        plain = estimate_spectral_norm(w2, prev.v, method="lanczos")
+        assert abs(plain.sigma - sigma1) / sigma1 > 0.5 * gap
+    both = estimate_spectral_norm(w2, prev.v, method="lanczos", v0_second=prev.v2)
+    assert both.warm_start and abs(both.sigma - sigma1) / sigma1 <= 1e-6
+    for rtol in (1e-3, 1e-4):                                            # whatever the stop
+        loose = estimate_spectral_norm(w2, prev.v, method="lanczos", v0_second=prev.v2, rtol=rtol)
+        assert abs(loose.sigma - sigma1) / sigma1 <= 1e-5
+
+
+def test_second_vector_start_is_never_worse_and_saves_steps_on_close_tops() -> None:
+    w_old = make(260, 200, spectrum("pair_0.995", 200), seed=8)
+    noise = torch.randn(260, 200, generator=torch.Generator().manual_seed(9))
+    w_new = w_old + 3e-3 * noise * (torch.linalg.vector_norm(w_old) / torch.linalg.vector_norm(noise))
+    sigma1 = ref_sigma(w_new)
+    prev = estimate_spectral_norm(w_old, method="lanczos")
+    plain = estimate_spectral_norm(w_new, prev.v, method="lanczos")
+    both = estimate_spectral_norm(w_new, prev.v, method="lanczos", v0_second=prev.v2)
+    assert abs(both.sigma - sigma1) / sigma1 <= min(1e-3, both.err_bound)
+    assert both.iterations < plain.iterations
+    # a second vector that adds nothing (parallel to v, or the wrong size) falls back to the plain start
+    same = estimate_spectral_norm(w_new, prev.v, method="lanczos", v0_second=2 * prev.v)
+    assert same.iterations == plain.iterations and same.sigma == plain.sigma
+    odd = estimate_spectral_norm(w_new, prev.v, method="lanczos", v0_second=torch.ones(3))
+    assert odd.sigma == plain.sigma
+
+
+def test_exact_method_returns_the_second_singular_vector() -> None:
+    w = make(40, 30, spectrum("fast0.5", 30), seed=3).double()
+    est = estimate_spectral_norm(w, method="exact")
+    _, _, vh = torch.linalg.svd(w)
+    assert abs(abs(float(est.v @ vh[0])) - 1) < 1e-9 and abs(abs(float(est.v2 @ vh[1])) - 1) < 1e-9
+    wide = estimate_spectral_norm(w.T.contiguous(), method="exact")
+    _, _, vh_t = torch.linalg.svd(w.T)
+    assert abs(abs(float(wide.v2 @ vh_t[1])) - 1) < 1e-9
+
+
 @pytest.mark.parametrize("shape", [(160, 130), (130, 160)], ids=["tall", "wide"])
 def test_batched_equals_per_matrix(shape: tuple[int, int]) -> None:
     kinds = ["fast0.5", "slow_0.9", "slow_0.99", "pair_0.995", "slow_0.995"]
