@@ -181,3 +181,38 @@ def test_scheduler_without_dask_or_unreachable_is_one_line_exit_2(tiny_demo_run:
     res = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / "o"), "--scheduler", "tcp://x:1"])
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert res.stderr.strip().splitlines()[-1] == f"trainaudit: error: {DASK_HINT}"
+
+
+def test_weights_task_values_against_numpy_with_recycled_buffers(tmp_path: Path) -> None:
+    """One task over tensors of falling size (a big one first, so its read buffer is reused for
+    the later ones), a 4-D weight and a bf16 one: every sigma, stable rank and update ratio
+    against a float64 numpy reference computed from the files."""
+    g = torch.Generator().manual_seed(11)
+    shapes = {"big.weight": (700, 400), "conv.weight": (16, 8, 3, 3), "mid.weight": (130, 200),
+              "half.weight": (150, 140), "small.weight": (9, 12), "bias": (400,)}
+    refs = []
+    for j, step in enumerate((100, 200)):
+        tensors = {k: torch.randn(s, generator=g) * (1 + j * 0.01) for k, s in shapes.items()}
+        tensors["half.weight"] = tensors["half.weight"].to(torch.bfloat16)
+        p = tmp_path / f"step_{step:08d}.safetensors"
+        save_file(tensors, str(p))
+        refs.append(CheckpointRef(step, p, "safetensors"))
+    cfg = AnalysisConfig(exact_svd=True)
+    first = run_weights_task(parallel.WeightsTask(refs[0], None, plan_checkpoint(refs[0]).names, {}, cfg, True, 0))
+    res = run_weights_task(parallel.WeightsTask(refs[1], refs[0], plan_checkpoint(refs[1]).names, first.vectors,
+                                                cfg, True, 0))
+    assert not res.error
+    from safetensors.torch import load_file as torch_load  # the safetensors library's reader, not ours
+
+    new_t, old_t = torch_load(str(refs[1].path)), torch_load(str(refs[0].path))
+    by_name = {t.name: t for t in res.tensors}
+    assert by_name["bias"].spectral is None and "1-D" in by_name["bias"].skip
+    for name in ("big.weight", "conv.weight", "mid.weight", "half.weight", "small.weight"):
+        w = new_t[name].double().reshape(new_t[name].shape[0], -1).numpy()
+        w0 = old_t[name].double().reshape(old_t[name].shape[0], -1).numpy()
+        s = np.linalg.svd(w, compute_uv=False)
+        row, upd = by_name[name].spectral, by_name[name].update
+        assert abs(row["sigma_est"] - s[0]) / s[0] <= 1e-3 and row["sigma_exact"] == pytest.approx(s[0], rel=1e-9)
+        assert row["stable_rank"] == pytest.approx((w ** 2).sum() / s[0] ** 2, rel=1e-6)
+        assert upd["update_ratio"] == pytest.approx(np.linalg.norm(w - w0) / np.linalg.norm(w0), rel=1e-6)
+        assert upd["update_ratio_per_step"] == pytest.approx(upd["update_ratio"] / 100, rel=1e-12)
