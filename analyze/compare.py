@@ -12,7 +12,6 @@ here computes a metric beyond picking first/last values.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -22,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from analyze.tables import json_safe
+from analyze.tables import finite_or_none, json_safe
 from loaders.errors import TrainauditError
 
 __all__ = ["SpectralGrowth", "RunComparison", "ComparisonFiles", "COMPARISON_FORMAT_VERSION",
@@ -186,14 +185,6 @@ def spectral_growth(spectral: pd.DataFrame) -> SpectralGrowth | None:
     return SpectralGrowth(float(ratio.max()), name, first, last, float(a[name]), float(b[name]))
 
 
-def _num(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
 def compare_row(result: Any, path: Path, folder: str) -> RunComparison:
     """The comparison row of one analysed run (an AnalysisResult)."""
     s = result.summary
@@ -204,12 +195,13 @@ def compare_row(result: Any, path: Path, folder: str) -> RunComparison:
     final_step = None
     if len(ot):
         last = ot.iloc[-1]
-        final_train, final_val, final_step = _num(last["train_loss"]), _num(last["val_loss"]), int(last["step"])
-        best_val = _num(pd.to_numeric(ot["val_loss"], errors="coerce").min())
+        final_train, final_val = finite_or_none(last["train_loss"]), finite_or_none(last["val_loss"])
+        final_step = int(last["step"])
+        best_val = finite_or_none(pd.to_numeric(ot["val_loss"], errors="coerce").min())
     else:  # no validation series: the last logged training loss
         loss = T["train"][T["train"]["series"] == "loss"]
         if len(loss):
-            final_train = _num(loss.sort_values("step")["value"].iloc[-1])
+            final_train = finite_or_none(loss.sort_values("step")["value"].iloc[-1])
     spikes = T["spikes"]
     kinds = spikes.groupby(["series", "kind"]).size() if len(spikes) else pd.Series(dtype=int)
     count = {s: {"spike": int(kinds.get((s, "spike"), 0)), "non-finite": int(kinds.get((s, "non-finite"), 0))}

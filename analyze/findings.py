@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analyze.config import AnalysisConfig
-from analyze.tables import SEVERITY_ORDER, Finding, Severity
+from analyze.tables import SEVERITY_ORDER, Finding, Severity, finite_or_none
 
 __all__ = ["Context", "derive", "MAX_PER_KIND", "EXPECTED_TAU_END"]
 
@@ -32,14 +32,6 @@ class Context:
     val_series: str | None
     n_data_warnings: int
     last_step: int = 0
-
-
-def _f(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def _capped(items: list[Finding], code: str, what: str) -> list[Finding]:
@@ -71,7 +63,7 @@ def _spikes(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
                     f"{labels[series]} spiked at step {r.peak_step}: {float(r.height_mad):.1f} robust sigmas above the "
                     f"median of the previous {cfg.spike_window} logged values (first flagged at step {r.first_step}, "
                     f"{int(r.length)} logged step(s)).",
-                    step=int(r.peak_step), value=_f(r.height_mad), threshold=cfg.spike_k, metric=series))
+                    step=int(r.peak_step), value=finite_or_none(r.height_mad), threshold=cfg.spike_k, metric=series))
         out += _capped(nonfin, f"nonfinite_{series}", "non-finite events")
         out += _capped(spikes, f"{series}_spike", f"{series} spike events")
     return out
@@ -85,8 +77,8 @@ def _overfitting(ctx: Context) -> list[Finding]:
     if of.verdict in ("overfitting", "unstable"):
         sev = Severity.WARNING if of.verdict == "overfitting" else Severity.ERROR
         out.append(Finding(sev, of.verdict, of.headline[:1].upper() + of.headline[1:] + ".",
-                           step=_int(of.val_min_step), value=_f(of.max_rise_pct), threshold=ctx.cfg.gl_alpha,
-                           metric=f"GL (validation {ctx.val_series})"))
+                           step=_int(of.val_min_step), value=finite_or_none(of.max_rise_pct),
+                           threshold=ctx.cfg.gl_alpha, metric=f"GL (validation {ctx.val_series})"))
     elif of.divergence_step is not None:
         out.append(Finding(Severity.INFO, "train_val_divergence",
                            f"The train/val gap has widened consistently since step {of.divergence_step}, while "
@@ -96,7 +88,7 @@ def _overfitting(ctx: Context) -> list[Finding]:
 
 
 def _int(x: Any) -> int | None:
-    v = _f(x)
+    v = finite_or_none(x)
     return None if v is None else int(v)
 
 
@@ -198,14 +190,14 @@ def _heads(t: pd.DataFrame) -> list[Finding]:
             Severity.INFO, "dead_head",
             f"Layer {r.layer} head {r.head} is dead by the sheet's rule (attention entropy below log 2 on more "
             f"than 99% of queries); label: {r.label}{ge4}.", step=int(r.step), tensor=f"layer {r.layer} head {r.head}",
-            value=_f(r.mean_entropy), threshold=math.log(2), metric="attention entropy"))
+            value=finite_or_none(r.mean_entropy), threshold=math.log(2), metric="attention entropy"))
     return _capped(out, "dead_head", "dead heads")
 
 
 def _rho(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
     out = []
     for r in _last(t).itertuples(index=False):
-        rho = _f(r.rho)
+        rho = finite_or_none(r.rho)
         if rho is not None and cfg.rho_low <= rho <= cfg.rho_high:
             continue
         side = ("above" if rho is not None and rho > cfg.rho_high else "below") if rho is not None else "outside"

@@ -14,7 +14,7 @@ from typing import Any
 
 __all__ = [
     "TABLE_COLUMNS", "SPECTRAL_COLUMNS", "Severity", "Finding", "SUMMARY_FORMAT_VERSION",
-    "build_summary", "validate_summary", "json_safe",
+    "build_summary", "validate_summary", "finite_or_none", "json_safe",
 ]
 
 SPECTRAL_COLUMNS = (
@@ -95,6 +95,15 @@ class Finding:
                 "step": None if self.step is None else int(self.step), "tensor": self.tensor,
                 "value": json_safe(self.value), "threshold": json_safe(self.threshold),
                 "metric": self.metric}
+
+
+def finite_or_none(x: Any) -> float | None:
+    """x as a float, or None when it is not a number or not finite (a cell shown as "-")."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
 
 
 def json_safe(x: Any) -> Any:
