@@ -36,6 +36,8 @@ from loaders.lightning_csv import read_metrics_csv
 from loaders.nanogpt import read_nanogpt
 from loaders.textlogs import read_json_log, read_jsonl, read_llmc
 
+from fuzzbytes import decode  # tests/fuzzbytes.py (pythonpath = tests)
+
 # Issue 6 asks for >= 2,000 examples per parser in CI (CI=true); locally 300 keep this file fast.
 # TRAINAUDIT_FUZZ_EXAMPLES overrides both.
 EXAMPLES = int(os.environ.get("TRAINAUDIT_FUZZ_EXAMPLES", "2000" if os.environ.get("CI") else "300"))
@@ -157,42 +159,6 @@ PARSERS: dict[str, tuple[str, Callable[[Path], list[bytes]], Callable[[Path, Dat
     "json": ("losses.json", _json, lambda p, w: read_json_log(p, warnings=w)),
     "tfevents": ("events.out.tfevents.1", _tfevents, _read_tb),
 }
-
-
-def decode(blob: bytes, templates: list[bytes]) -> bytes:
-    """One example's file from one drawn byte string.
-
-    Byte 0: bit 0 set -> the rest is the file (random bytes). Otherwise bits 1-2 pick a template,
-    bits 3-5 a number of mutations (0-7) and bit 6 a final cut; each mutation is 5 more bytes
-    (kind: replace / insert / delete, a 3-byte position, a value), then 3 bytes of cut position.
-    All zero bytes (what hypothesis shrinks to) is the unmodified first template.
-    """
-    if not blob:
-        return templates[0]
-    head, rest = blob[0], blob[1:]
-    if head & 1:
-        return rest
-    b = bytearray(templates[(head >> 1 & 3) % len(templates)])
-    k = 0
-    for _ in range(head >> 3 & 7):
-        op = rest[k:k + 5]
-        if len(op) < 5:
-            break
-        k += 5
-        if not b:
-            b.append(op[4])
-            continue
-        i = int.from_bytes(op[1:4], "little") % len(b)
-        kind = op[0] % 3
-        if kind == 0:
-            b[i] = op[4]
-        elif kind == 1:
-            b.insert(i, op[4])
-        else:
-            del b[i]
-    if head & 64 and b:
-        b = b[: int.from_bytes(rest[k:k + 3].ljust(3, b"\0"), "little") % (len(b) + 1)]
-    return bytes(b)
 
 
 def test_decode_covers_templates_mutations_and_raw_bytes() -> None:

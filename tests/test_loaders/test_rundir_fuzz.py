@@ -20,6 +20,8 @@ from loaders import RunLogger, TrainauditError
 from loaders.errors import DataWarnings
 from loaders.rundir import _read_class_log, _read_eval_log, read_run_dir, read_train_log
 
+from fuzzbytes import decode  # tests/fuzzbytes.py (pythonpath = tests)
+
 PARSERS = {  # file -> the parser that reads it alone (read_run_dir reads them all)
     "train.csv": lambda d, w: read_train_log(d, w),
     "class_losses.csv": lambda d, w: _read_class_log(d, w),
@@ -42,37 +44,6 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def decode(blob: bytes, original: bytes) -> bytes:
-    """One example's file from one drawn byte string: byte 0 bit 0 set -> the rest is the file;
-    otherwise bits 3-5 give 0-7 mutations of ``original`` (5 bytes each: kind replace / insert /
-    delete, 3-byte position, value) and bit 6 a final cut (3 bytes of position)."""
-    if not blob:
-        return original
-    head, rest = blob[0], blob[1:]
-    if head & 1:
-        return rest
-    b = bytearray(original)
-    k = 0
-    for _ in range(head >> 3 & 7):
-        op = rest[k:k + 5]
-        if len(op) < 5:
-            break
-        k += 5
-        if not b:
-            b.append(op[4])
-            continue
-        i = int.from_bytes(op[1:4], "little") % len(b)
-        if op[0] % 3 == 0:
-            b[i] = op[4]
-        elif op[0] % 3 == 1:
-            b.insert(i, op[4])
-        else:
-            del b[i]
-    if head & 64 and b:
-        b = b[: int.from_bytes(rest[k:k + 3].ljust(3, b"\0"), "little") % (len(b) + 1)]
-    return bytes(b)
-
-
 @pytest.mark.parametrize("name", ["train.csv", "class_losses.csv", "eval.jsonl", "run.json"])
 def test_mutated_files_end_in_a_run_or_the_project_error(template: Path, tmp_path: Path, name: str) -> None:
     work = tmp_path / "run"
@@ -89,7 +60,7 @@ def test_mutated_files_end_in_a_run_or_the_project_error(template: Path, tmp_pat
     @given(st.binary(max_size=400))
     def check(blob: bytes) -> None:
         count[0] += 1
-        (work / name).write_bytes(decode(blob, original))
+        (work / name).write_bytes(decode(blob, [original]))
         warnings = DataWarnings()
         try:
             parse(work, warnings)
