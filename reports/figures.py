@@ -344,26 +344,28 @@ def _band(ax: Axes, lo: float, hi: float, text: str) -> None:
     ax.axhspan(lo, hi, color="#2ca02c", alpha=0.08, lw=0, label=text)
 
 
-def plot_grad_ratio(table: pd.DataFrame, ax: Axes, *, healthy: tuple[float, float] = (1e-4, 1e-1)) -> None:
-    """Panel 7c: offline rho = ||G||_F / ||W||_F per weight matrix over checkpoints, healthy band shaded."""
-    _band(ax, *healthy, f"healthy {healthy[0]:g} to {healthy[1]:g}")
-    t = table[pd.to_numeric(table["rho"], errors="coerce") > 0]
-    _lines(ax, t, "tensor", "rho", log=True, marker="o" if t["step"].nunique() <= 30 else "")
+def _ratio_per_tensor(table: pd.DataFrame, ax: Axes, column: str, ylabel: str,
+                      band: tuple[float, float], band_label: str) -> None:
+    """A positive per-tensor ratio over checkpoints on a log axis, its healthy band shaded."""
+    _band(ax, *band, band_label)
+    t = table[pd.to_numeric(table[column], errors="coerce") > 0]
+    _lines(ax, t, "tensor", column, log=True, marker="o" if t["step"].nunique() <= 30 else "")
     ax.set_yscale("log")
     ax.set_xlabel("checkpoint step")
-    ax.set_ylabel("grad / weight (Frobenius)")
+    ax.set_ylabel(ylabel)
     _legend(ax, outside=True)
+
+
+def plot_grad_ratio(table: pd.DataFrame, ax: Axes, *, healthy: tuple[float, float] = (1e-4, 1e-1)) -> None:
+    """Panel 7c: offline rho = ||G||_F / ||W||_F per weight matrix over checkpoints, healthy band shaded."""
+    _ratio_per_tensor(table, ax, "rho", "grad / weight (Frobenius)", healthy,
+                      f"healthy {healthy[0]:g} to {healthy[1]:g}")
 
 
 def plot_update_ratio(table: pd.DataFrame, ax: Axes, *, healthy: tuple[float, float] = (1e-5, 1e-2)) -> None:
     """Panel 7d: update ratio per step elapsed between consecutive checkpoints (healthy near 1e-3)."""
-    _band(ax, *healthy, "typical range (near 1e-3 per step)")
-    t = table[pd.to_numeric(table["update_ratio_per_step"], errors="coerce") > 0]
-    _lines(ax, t, "tensor", "update_ratio_per_step", log=True, marker="o" if t["step"].nunique() <= 30 else "")
-    ax.set_yscale("log")
-    ax.set_xlabel("checkpoint step")
-    ax.set_ylabel("||dW|| / ||W|| per step")
-    _legend(ax, outside=True)
+    _ratio_per_tensor(table, ax, "update_ratio_per_step", "||dW|| / ||W|| per step", healthy,
+                      "typical range (near 1e-3 per step)")
 
 
 def plot_logits(attn_logits: pd.DataFrame, eval_set: pd.DataFrame, axes: Sequence[Axes]) -> None:
