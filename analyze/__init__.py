@@ -13,7 +13,8 @@ __all__ = ["analyze_run", "AnalysisConfig", "AnalysisResult"]
 
 def __getattr__(name: str) -> Any:  # lazy: the pipeline pulls in pandas (and torch when it computes)
     if name in __all__:
-        from analyze import config, pipeline
+        from analyze import config
+        from analyze.pipeline import analysis
 
-        return getattr(pipeline if hasattr(pipeline, name) else config, name)
+        return getattr(analysis if hasattr(analysis, name) else config, name)
     raise AttributeError(f"module 'analyze' has no attribute {name!r}")

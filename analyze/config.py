@@ -18,7 +18,7 @@ CACHE_VERSION = 5  # bump when the per-checkpoint rows change shape or meaning
 
 def default_workers() -> int:
     """CPU cores this process may use (the `--workers` default). Here rather than only in
-    `analyze.parallel`, which imports torch, so that a cached report need not import it."""
+    `analyze.pipeline.parallel`, which imports torch, so that a cached report need not import it."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):

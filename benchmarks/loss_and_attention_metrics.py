@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analyze.attention import HeadStatsState, causal_visible
-from analyze.neurons import DeadNeuronState
-from analyze.overfitting import analyze_overfitting
-from analyze.spikes import detect_spikes
+from analyze.metrics.attention import HeadStatsState, causal_visible
+from analyze.metrics.neurons import DeadNeuronState
+from analyze.metrics.overfitting import analyze_overfitting
+from analyze.metrics.spikes import detect_spikes
 
 
 def _best(fn, repeat: int = 3) -> float:

@@ -65,7 +65,7 @@ def synthetic_run(out: Path, n_checkpoints: int, steps: int = 800, seed: int = 0
 def _analyse(run: Path, repeat: int = 1, **cfg):
     """Seconds (best of `repeat`: the machine is shared) and the result of analyze_run, no cache."""
     from analyze.config import AnalysisConfig
-    from analyze.pipeline import analyze_run
+    from analyze.pipeline.analysis import analyze_run
 
     best = math.inf
     for _ in range(repeat):

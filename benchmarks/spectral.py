@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from analyze.spectral import (
+from analyze.metrics.spectral import (
     as_matrix,
     estimate_spectral_norm,
     estimate_spectral_norm_batched,

@@ -5,7 +5,7 @@ Recognised (issue 5), in this order for a folder: our run directory (``run.json`
 ``checkpoint-N/``), a Lightning log (``metrics.csv``, ``version_N/metrics.csv``), TensorBoard
 event files, a nanoGPT ``ckpt.pt``, a Hugging Face model folder, a folder of checkpoints, and a
 single plain log (JSONL / CSV / JSON / llm.c) or one log per DDP rank (``metrics.rank0.jsonl``,
-``metrics.rank1.jsonl``, ...: read by ``loaders.textlogs.read_rank_logs``). A file is recognised
+``metrics.rank1.jsonl``, ...: read by ``loaders.formats.textlogs.read_rank_logs``). A file is recognised
 by name and a peek at its first bytes. ``format=`` (the CLI's ``--format``) skips detection.
 Anything else raises ``TrainauditError`` listing what was looked for.
 
@@ -100,7 +100,7 @@ def _detect_file(p: Path) -> str:
         raise TrainauditError(p, _NUMPY_PROBLEM)
     text = head.decode("utf-8", "replace")
     lines = text.splitlines()[:50]
-    from loaders.textlogs import looks_like_llmc
+    from loaders.formats.textlogs import looks_like_llmc
     if looks_like_llmc(lines):
         return "llmc"
     if head.startswith(b"{"):
@@ -161,9 +161,9 @@ def _detect(p: Path, warnings: DataWarnings) -> _Detected:
     if not p.is_dir():
         check_regular(p)
         return _Detected(_detect_file(p), p)
-    from loaders.hf_trainer import checkpoint_dirs
-    from loaders.lightning_csv import find_metrics_csv
-    from loaders.tensorboard import find_event_files
+    from loaders.formats.hf_trainer import checkpoint_dirs
+    from loaders.formats.lightning_csv import find_metrics_csv
+    from loaders.formats.tensorboard import find_event_files
 
     if _is_rundir(p):
         return _Detected("rundir", p)
@@ -243,7 +243,7 @@ def read_checkpoints(path: str | os.PathLike[str], *, warnings: DataWarnings | N
     if p.is_file():
         if p.name.lower().endswith(TORCH_SUFFIXES):
             obj = load_torch_object(p, warnings=warnings)
-            from loaders.nanogpt import is_nanogpt_dict, read_nanogpt
+            from loaders.formats.nanogpt import is_nanogpt_dict, read_nanogpt
             if is_nanogpt_dict(obj):
                 del obj
                 return read_nanogpt(p, warnings=warnings)
@@ -310,7 +310,7 @@ _LOG_READERS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 def _read_log(fmt: str, target: Path | dict[int, Path], folder: Path | None, warnings: DataWarnings) -> Run:
     """One plain log (or one per rank) with the reader of ``fmt``; files must stay in ``folder``."""
-    from loaders import textlogs
+    from loaders.formats import textlogs
 
     reader = getattr(textlogs, _LOG_READERS[fmt][0])
     if isinstance(target, dict):
@@ -321,10 +321,10 @@ def _read_log(fmt: str, target: Path | dict[int, Path], folder: Path | None, war
 
 
 def _readers() -> dict[str, Callable[[Path, DataWarnings], Run]]:
-    from loaders.hf_trainer import read_hf
-    from loaders.lightning_csv import read_lightning
-    from loaders.nanogpt import read_nanogpt
-    from loaders.tensorboard import read_tensorboard
+    from loaders.formats.hf_trainer import read_hf
+    from loaders.formats.lightning_csv import read_lightning
+    from loaders.formats.nanogpt import read_nanogpt
+    from loaders.formats.tensorboard import read_tensorboard
 
     def log(fmt: str) -> Callable[[Path, DataWarnings], Run]:
         def read(p: Path, w: DataWarnings) -> Run:

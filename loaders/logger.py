@@ -10,7 +10,7 @@ Cheap and crash-safe by construction:
 - checkpoints are written to a temp file in the same folder, fsynced and `os.replace`d, so a
   kill at any moment leaves either the old or the new file under a final name.
 
-Imports only the standard library, torch, safetensors and `analyze.gradients` (torch only): no
+Imports only the standard library, torch, safetensors and `analyze.metrics.gradients` (torch only): no
 pandas, scipy or seaborn.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from analyze.gradients import global_grad_norm  # the §2 formula, one implementation (torch only)
+from analyze.metrics.gradients import global_grad_norm  # the §2 formula, one implementation (torch only)
 from loaders import runformat as fmt
 from loaders.errors import TrainauditError
 

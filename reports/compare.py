@@ -25,13 +25,13 @@ FOLDER_RE = re.compile(r"^runs/[0-9]{2,}-[a-z0-9._-]{1,40}$")
 
 def _link(folder: str) -> str:
     if not FOLDER_RE.match(folder) or ".." in folder:
-        raise ValueError(f"unsafe report folder {folder!r}")  # a bug in analyze.compare, not user data
+        raise ValueError(f"unsafe report folder {folder!r}")  # a bug in analyze.pipeline.compare, not user data
     return f"{folder}/report.html"
 
 
 def render_comparison(rows: Sequence[Any], curves: pd.DataFrame, *,
                       figure_cache: str | os.PathLike[str] | None = None) -> str:
-    """The comparison page as one HTML string (rows: analyze.compare.RunComparison)."""
+    """The comparison page as one HTML string (rows: analyze.pipeline.compare.RunComparison)."""
     cache = FigureCache(None if figure_cache is None else Path(figure_cache))
     fig = Panel("losses", "", "", "")
     if len(curves):

@@ -7,7 +7,7 @@ overrides; long names are shortened for display with the full name in a quoted `
 attribute; no URL derived from input ever reaches ``href`` or ``src``; a Content-Security-Policy
 meta tag forbids scripts, fonts, styles and images from anywhere but the page itself.
 
-Only `analyze.tables` is imported from `analyze`: the report reads the result's tables,
+Only `analyze.pipeline.tables` is imported from `analyze`: the report reads the result's tables,
 findings, notes and headlines, and never touches torch or the metric math.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from markupsafe import Markup
 
-from analyze.tables import TABLE_COLUMNS
+from analyze.pipeline.tables import TABLE_COLUMNS
 from loaders.errors import TrainauditError
 
 __all__ = ["render_report", "write_report", "write_text_atomic", "clean_text", "short_name", "CSP", "Panel"]

@@ -1191,7 +1191,7 @@ def test_f2_checkpoint_larger_than_the_memory_budget(tmp_path: Path) -> None:
     child = textwrap.dedent("""
         import sys, torch
         torch.set_num_threads(1)
-        from analyze.checkpoint_audit import audit_checkpoint
+        from analyze.pipeline.audit import audit_checkpoint
         hwm = lambda: int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")))
         before = hwm()
         r = audit_checkpoint(sys.argv[1])

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from analyze.activations import batch_mean_abs, mean_abs_activation
-from analyze.welford import RunningStats
+from analyze.metrics.activations import batch_mean_abs, mean_abs_activation
+from analyze.metrics.welford import RunningStats
 
 
 def _ref(a: np.ndarray, mask: np.ndarray) -> tuple[float, list[float]]:

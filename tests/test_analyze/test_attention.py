@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.special import logsumexp
 
-from analyze.attention import (
+from analyze.metrics.attention import (
     HeadStatsState, causal_visible, log_partition, max_attention_logit, query_entropy,
 )
 

@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
-from analyze.cache import CheckpointCache, as_tensors
+from analyze.pipeline.cache import CheckpointCache, as_tensors
 from analyze.config import AnalysisConfig
-from analyze.findings import spectral_growth_ratio
-from analyze.pipeline import analyze_run
-from analyze.spectral import spectral_growth
+from analyze.pipeline.findings import spectral_growth_ratio
+from analyze.pipeline.analysis import analyze_run
+from analyze.metrics.spectral import spectral_growth
 
 REPO = Path(__file__).resolve().parents[2]
 CLASS_TABLES = ("class_losses", "tau", "class_gaps")
@@ -32,8 +32,8 @@ try:
     main(sys.argv[1:])
 except SystemExit as exc:
     code = exc.code
-print(json.dumps({"code": code, "imported": sorted(m for m in ("torch", "analyze.parallel", "analyze.losses",
-                                                                  "analyze.spectral", "safetensors.torch")
+print(json.dumps({"code": code, "imported": sorted(m for m in ("torch", "analyze.pipeline.parallel", "analyze.metrics.losses",
+                                                                  "analyze.metrics.spectral", "safetensors.torch")
                                                        if m in sys.modules)}))
 """
 

@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from analyze.checkpoint_audit import MAX_ABS_WARN, SPECTRAL_JSON_KEYS
-from analyze.cmd_checkpoint import audit, spectral
+from analyze.pipeline.audit import MAX_ABS_WARN, SPECTRAL_JSON_KEYS
+from analyze.cli.checkpoint import audit, spectral
 
 
 def _decaying(m: int, n: int, seed: int, top: float = 3.0, decay: float = 0.8) -> torch.Tensor:

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from analyze.cli import main
-from analyze.cmd_report import default_out_dir, report, write_full_report
-from analyze.tables import SPECTRAL_COLUMNS, TABLE_COLUMNS, validate_summary
+from analyze.cli.report import default_out_dir, report, write_full_report
+from analyze.pipeline.tables import SPECTRAL_COLUMNS, TABLE_COLUMNS, validate_summary
 
 REQUIRED_SPECTRAL = ("step", "tensor", "shape", "method", "sigma_est", "err_bound", "sigma_power", "sigma_exact",
                      "rel_err", "power_rel_err", "iterations", "warm_start", "sigma_ratio")
@@ -144,7 +144,7 @@ def test_report_help_lists_the_contract_options() -> None:
 
 def test_user_model_only_through_explicit_model_option(tiny_demo_run: Path, tmp_path: Path, monkeypatch) -> None:
     from analyze.config import AnalysisConfig
-    from analyze.pipeline import analyze_run
+    from analyze.pipeline.analysis import analyze_run
 
     run = tmp_path / "run"
     shutil.copytree(tiny_demo_run, run, ignore=shutil.ignore_patterns("report", "checkpoints"))

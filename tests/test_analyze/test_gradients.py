@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from analyze.gradients import (
+from analyze.metrics.gradients import (
     RHO_HEALTHY,
     classify_rho,
     global_grad_norm,

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from analyze.losses import (
+from analyze.metrics.losses import (
     ClassLossState, gaps_to_mean, per_example_loss, per_token_loss, tau, token_losses,
 )
 

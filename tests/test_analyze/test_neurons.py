@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyze.neurons import DeadNeuronState, dead_neurons, dead_threshold_note
+from analyze.metrics.neurons import DeadNeuronState, dead_neurons, dead_threshold_note
 
 
 def _reference(h: np.ndarray, mask: np.ndarray | None, eps: float):

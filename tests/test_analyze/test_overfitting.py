@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from analyze.overfitting import align_train_to_evals, analyze_overfitting, smooth_gap
+from analyze.metrics.overfitting import align_train_to_evals, analyze_overfitting, smooth_gap
 
 EVALS = np.arange(100, 1300, 100)  # t_1..t_12 = 100..1200
 
@@ -187,7 +187,7 @@ def test_unsorted_input_is_sorted():
 def test_spearman_matches_scipy_with_ties() -> None:
     from scipy import stats
 
-    from analyze.overfitting import spearman
+    from analyze.metrics.overfitting import spearman
 
     rng = np.random.default_rng(7)
     for _ in range(50):

@@ -1,4 +1,4 @@
-"""Per-checkpoint tasks (analyze.parallel): the same bits serially, on a process pool and on a Dask
+"""Per-checkpoint tasks (analyze.pipeline.parallel): the same bits serially, on a process pool and on a Dask
 LocalCluster; a checkpoint failing mid-chain restarts the chains exactly; the cache still serves
 every checkpoint (failed ones included) on a second run."""
 from __future__ import annotations
@@ -14,13 +14,13 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from analyze import parallel
+from analyze.pipeline import parallel
 from analyze.cli import main
 from analyze.config import AnalysisConfig
-from analyze.parallel import (DASK_HINT, CheckpointOutcome, SerialRunner, WeightsResult, plan_checkpoint,
+from analyze.pipeline.parallel import (DASK_HINT, CheckpointOutcome, SerialRunner, WeightsResult, plan_checkpoint,
                               plan_groups, run_checkpoints, run_weights_task)
-from analyze.pipeline import analyze_run
-from analyze.tables import TABLE_COLUMNS
+from analyze.pipeline.analysis import analyze_run
+from analyze.pipeline.tables import TABLE_COLUMNS
 from loaders.errors import TrainauditError
 from loaders.run import CheckpointRef, Run
 

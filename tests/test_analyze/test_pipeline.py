@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
-from analyze.cache import CheckpointCache
+from analyze.pipeline.cache import CheckpointCache
 from analyze.config import AnalysisConfig
-from analyze.pipeline import analyze_run
-from analyze.tables import TABLE_COLUMNS, validate_summary
+from analyze.pipeline.analysis import analyze_run
+from analyze.pipeline.tables import TABLE_COLUMNS, validate_summary
 from loaders.run import CheckpointRef, Run
 
 def _matrix(m: int, n: int, s: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -112,7 +112,7 @@ def test_synthetic_run_tables_match_numpy(tmp_path: Path) -> None:
         a = load_file(str(truth["refs"][j].path))["layer.weight"].double().numpy()
         b = load_file(str(truth["refs"][j - 1].path))["layer.weight"].double().numpy()
         expect = np.linalg.norm(a - b) / np.linalg.norm(b)
-        # float32 difference and 1024-element float32 partial norms (analyze.gradients.update_sums): ~1e-7
+        # float32 difference and 1024-element float32 partial norms (analyze.metrics.gradients.update_sums): ~1e-7
         assert ur.loc[j - 1, "update_ratio"] == pytest.approx(expect, rel=1e-6)
         steps = truth["refs"][j].step - truth["refs"][j - 1].step
         assert ur.loc[j - 1, "update_ratio_per_step"] == pytest.approx(expect / steps, rel=1e-6)

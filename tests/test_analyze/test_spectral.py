@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from analyze.spectral import (
+from analyze.metrics.spectral import (
     SPECTRAL_GROWTH_FLAG,
     as_matrix,
     estimate_spectral_norm,

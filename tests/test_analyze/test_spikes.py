@@ -5,7 +5,7 @@ import statistics
 import numpy as np
 import pytest
 
-from analyze.spikes import detect_spikes, rolling_median_mad
+from analyze.metrics.spikes import detect_spikes, rolling_median_mad
 
 
 def _slow(x, window, k):

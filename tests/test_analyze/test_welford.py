@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from analyze.welford import RunningStats, merge_all
+from analyze.metrics.welford import RunningStats, merge_all
 
 
 def test_large_offset_matches_numpy_where_naive_formula_fails() -> None:

@@ -31,10 +31,10 @@ from safetensors.torch import save_file
 
 from loaders.checkpoints import check_safetensors_header, iter_tensors
 from loaders.errors import DataWarnings, TrainauditError
-from loaders.hf_trainer import read_trainer_state
-from loaders.lightning_csv import read_metrics_csv
-from loaders.nanogpt import read_nanogpt
-from loaders.textlogs import read_json_log, read_jsonl, read_llmc
+from loaders.formats.hf_trainer import read_trainer_state
+from loaders.formats.lightning_csv import read_metrics_csv
+from loaders.formats.nanogpt import read_nanogpt
+from loaders.formats.textlogs import read_json_log, read_jsonl, read_llmc
 
 from fuzzbytes import decode  # tests/fuzzbytes.py (pythonpath = tests)
 
@@ -134,7 +134,7 @@ def _tfevents(d: Path) -> list[bytes]:
 
 
 def _read_tb(p: Path, w: DataWarnings) -> Any:
-    from loaders.tensorboard import read_tensorboard
+    from loaders.formats.tensorboard import read_tensorboard
     return read_tensorboard(p, warnings=w)
 
 

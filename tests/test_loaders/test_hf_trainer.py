@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from loaders.errors import TrainauditError
-from loaders.hf_trainer import checkpoint_dirs, read_hf, read_trainer_state
+from loaders.formats.hf_trainer import checkpoint_dirs, read_hf, read_trainer_state
 
 
 def trainer_state(logging_steps: int | None = 10, eval_names: tuple[str, ...] = ("eval_loss",),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from loaders.errors import DataWarnings, TrainauditError
-from loaders.lightning_csv import read_lightning, read_metrics_csv
+from loaders.formats.lightning_csv import read_lightning, read_metrics_csv
 
 
 def lightning_rows(epochs: int = 3, steps_per_epoch: int = 100,

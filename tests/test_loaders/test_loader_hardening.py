@@ -94,7 +94,7 @@ def test_hub_cache_snapshot_links_into_blobs_are_followed(tmp_path: Path) -> Non
 
 
 def test_batched_audit_matches_one_tensor_at_a_time() -> None:
-    from analyze import checkpoint_audit as A
+    from analyze.pipeline import audit as A
 
     g = torch.Generator().manual_seed(0)
     items = [(f"m{i}", torch.randn(5, 7, generator=g)) for i in range(6)]

@@ -8,7 +8,7 @@ import torch
 
 from loaders.checkpoints import checkpoint_info, iter_tensors
 from loaders.errors import TrainauditError
-from loaders.nanogpt import read_nanogpt
+from loaders.formats.nanogpt import read_nanogpt
 
 
 def nanogpt_state(n_layer: int = 2, n_embd: int = 8, vocab: int = 11, block: int = 6) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ pytest.importorskip("tensorboard")
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from loaders.errors import DataWarnings  # noqa: E402
-from loaders.tensorboard import crc32c, iter_records, masked_crc32c, read_tensorboard  # noqa: E402
+from loaders.formats.tensorboard import crc32c, iter_records, masked_crc32c, read_tensorboard  # noqa: E402
 
 
 def write_run(d: Path, steps: range, base: float = 0.0, every_eval: int = 5) -> Path:
@@ -55,7 +55,7 @@ def test_crc32c_reference_values() -> None:
 
 
 def test_batched_crc_equals_scalar_crc() -> None:
-    from loaders.tensorboard import _masked_crc_batch
+    from loaders.formats.tensorboard import _masked_crc_batch
     rng = np.random.default_rng(1)
     for n in (1, 8, 61):
         mat = rng.integers(0, 256, (20, n), dtype=np.uint8)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from loaders.errors import TrainauditError
-from loaders.textlogs import read_csv_log, read_json_log, read_jsonl, read_llmc
+from loaders.formats.textlogs import read_csv_log, read_json_log, read_jsonl, read_llmc
 
 
 def test_llmc_main_format(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from analyze.cli import main
-from analyze.compare import expand_runs, runs_in_folder, spectral_growth
+from analyze.pipeline.compare import expand_runs, runs_in_folder, spectral_growth
 from reports.compare import FOLDER_RE
 
 EVIL = "<img src=x onerror=alert(1)> \u202eevil"

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from analyze.config import AnalysisConfig
-from analyze.pipeline import analyze_run
+from analyze.pipeline.analysis import analyze_run
 from loaders.errors import TrainauditError
 from loaders.run import CheckpointRef, ModelSpec, Run
 from reports import html as H

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from analyze.activations import mean_abs_activation
-from analyze.attention import HeadStatsState, causal_visible, log_partition, max_attention_logit
-from analyze.gradients import classify_rho, grad_to_weight_ratio
-from analyze.losses import ClassLossState, per_example_loss, per_token_loss, token_losses
-from analyze.neurons import DeadNeuronState
-from analyze.welford import RunningStats
+from analyze.metrics.activations import mean_abs_activation
+from analyze.metrics.attention import HeadStatsState, causal_visible, log_partition, max_attention_logit
+from analyze.metrics.gradients import classify_rho, grad_to_weight_ratio
+from analyze.metrics.losses import ClassLossState, per_example_loss, per_token_loss, token_losses
+from analyze.metrics.neurons import DeadNeuronState
+from analyze.metrics.welford import RunningStats
 from loaders.errors import TrainauditError
 
 __all__ = ["EvalSet", "ModelProbe", "load_eval_set", "resolve_model_factory", "find_hook_points", "HookPoints"]

@@ -42,7 +42,7 @@ def demo(steps: int, out: str, seed: int, report: bool) -> None:
     train_demo(run, DemoSettings(steps=steps, seed=seed), progress=progress)
     click.echo(f"run written to {run}")
     if report:
-        from analyze.cmd_report import write_full_report
+        from analyze.cli.report import write_full_report
 
         out_dir = write_full_report(run, run / "report")
         click.echo(f"report: {Path(out_dir) / 'report.html'}")

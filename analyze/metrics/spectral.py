@@ -218,7 +218,7 @@ def stable_rank(w: Tensor, sigma1: float) -> float:
     """||W||_F^2 / sigma_1^2 (§12), with W reshaped like `as_matrix`; NaN when sigma_1 = 0."""
     if not sigma1 > 0:
         return math.nan
-    from analyze.gradients import frobenius_norm
+    from analyze.metrics.gradients import frobenius_norm
 
     return frobenius_norm(w) ** 2 / (sigma1 * sigma1)
 
@@ -486,7 +486,7 @@ def estimate_spectral_norm(w: Tensor, v0: Tensor | None = None, *, rtol: float =
     ``method``: "auto" (exact for min(m, n) <= EXACT_MAX_DIM, else "lanczos"), "lanczos" or
     "exact". Raises ValueError for tensors `as_matrix` rejects and for non-finite ones;
     ``check_finite=False`` skips that pass over the data when the caller already knows (a finite
-    `analyze.gradients.sum_of_squares` proves every entry finite). ``v0_second``: the previous
+    `analyze.metrics.gradients.sum_of_squares` proves every entry finite). ``v0_second``: the previous
     checkpoint's ``.v2`` beside ``v0``; the start is then the best vector of their span
     (`_rayleigh_ritz_start`), which follows a swap of sigma_1 and sigma_2 and saves steps when
     they are close.

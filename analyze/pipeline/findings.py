@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analyze.config import AnalysisConfig
-from analyze.tables import SEVERITY_ORDER, Finding, Severity, finite_or_none
+from analyze.pipeline.tables import SEVERITY_ORDER, Finding, Severity, finite_or_none
 
 __all__ = ["Context", "derive", "MAX_PER_KIND", "EXPECTED_TAU_END"]
 
@@ -28,7 +28,7 @@ class Context:
     cfg: AnalysisConfig
     run_name: str
     is_builtin_corpus: bool
-    overfitting: Any  # analyze.overfitting.Overfitting | None
+    overfitting: Any  # analyze.metrics.overfitting.Overfitting | None
     val_series: str | None
     n_data_warnings: int
     last_step: int = 0
@@ -159,7 +159,7 @@ def _spectral(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
 def spectral_growth_ratio(first: pd.Series, last: pd.Series) -> pd.Series:
     """sigma_end / sigma_start per tensor, NaN dropped (and where sigma_start <= 0)."""
     both = pd.concat({"a": first, "b": last}, axis=1).dropna()
-    # analyze.spectral.spectral_growth's formula, written out: that module imports torch, which a
+    # analyze.metrics.spectral.spectral_growth's formula, written out: that module imports torch, which a
     # report served from the cache otherwise never needs.
     return (both["b"] / both["a"]).where(both["a"] > 0).astype(float).dropna()
 

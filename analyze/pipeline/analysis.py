@@ -7,14 +7,14 @@ Thin orchestration over the metric modules (no formula lives here):
 2. per checkpoint, in step order: tensors one at a time -> both spectral estimators warm-started
    from the previous checkpoint's vectors, exact SVD beside them, stable rank, update ratio
    (§4, §11, §12); then, when the run names a built-in model (or `--model` gives one) and stores
-   an evaluation set, a forward pass with hooks and one backward pass (`analyze.probe`). This
-   work is a set of tasks (`analyze.parallel`) run in process, on a process pool or on Dask,
+   an evaluation set, a forward pass with hooks and one backward pass (`analyze.pipeline.probe`). This
+   work is a set of tasks (`analyze.pipeline.parallel`) run in process, on a process pool or on Dask,
    with identical results;
-3. findings from the tables (`analyze.findings`) and the summary.json object.
+3. findings from the tables (`analyze.pipeline.findings`) and the summary.json object.
 
-Per-checkpoint results are cached in the output folder (`analyze.cache`), so a second run on an
+Per-checkpoint results are cached in the output folder (`analyze.pipeline.cache`), so a second run on an
 unchanged run recomputes nothing - and imports no torch: the per-class tables (computed with
-torch) are cached too, and `analyze.parallel` is imported only when a checkpoint needs work.
+torch) are cached too, and `analyze.pipeline.parallel` is imported only when a checkpoint needs work.
 """
 from __future__ import annotations
 
@@ -29,18 +29,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from analyze import findings as findings_mod
-from analyze.cache import CheckpointCache
+from analyze.pipeline import findings as findings_mod
+from analyze.pipeline.cache import CheckpointCache
 from analyze.config import AnalysisConfig
-from analyze.overfitting import Overfitting, analyze_overfitting
-from analyze.spikes import SpikeReport, detect_spikes
-from analyze.tables import TABLE_COLUMNS, Finding, build_summary
+from analyze.metrics.overfitting import Overfitting, analyze_overfitting
+from analyze.metrics.spikes import SpikeReport, detect_spikes
+from analyze.pipeline.tables import TABLE_COLUMNS, Finding, build_summary
 from loaders.errors import TrainauditError
 from loaders.run import CheckpointRef, Run
 
 if TYPE_CHECKING:  # these import torch: only work the output folder's cache cannot serve needs it
-    from analyze.losses import ClassLossState
-    from analyze.parallel import CheckpointOutcome, ProbeSpec
+    from analyze.metrics.losses import ClassLossState
+    from analyze.pipeline.parallel import CheckpointOutcome, ProbeSpec
 
 __all__ = ["analyze_run", "AnalysisResult", "PANELS", "VAL_SERIES_PREFERENCE", "BUILTIN_CLASS_PAIR"]
 
@@ -184,7 +184,7 @@ def _state_from_rows(df: pd.DataFrame, names: list[str]) -> ClassLossState:
     """A per-class ClassLossState from (cls, count, loss_sum, loss_m2) rows of one step."""
     import torch
 
-    from analyze.losses import ClassLossState
+    from analyze.metrics.losses import ClassLossState
 
     idx = {n: i for i, n in enumerate(names)}
     c = len(names)
@@ -206,7 +206,7 @@ def _train_class_windows(df: pd.DataFrame, names: list[str], window: int) -> lis
         return []
     import torch
 
-    from analyze.losses import ClassLossState
+    from analyze.metrics.losses import ClassLossState
 
     idx = {n: i for i, n in enumerate(names)}
     steps_u, step_i = np.unique(df["step"].to_numpy(np.int64), return_inverse=True)
@@ -267,7 +267,7 @@ def _class_pair(names: list[str], cfg: AnalysisConfig,
 
 def _class_rows(source: str, step: int, step_start: int, st: ClassLossState, names: list[str],
                 pair: tuple[int, int] | None) -> tuple[list[dict], list[dict], list[dict]]:
-    from analyze.losses import gaps_to_mean, tau
+    from analyze.metrics.losses import gaps_to_mean, tau
 
     mean, var = st.mean().numpy(), st.var().numpy()
     cls_rows = [{"source": source, "step": step, "step_start": step_start, "cls": n, "count": int(st.count[i]),
@@ -286,11 +286,11 @@ def _class_rows(source: str, step: int, step_start: int, st: ClassLossState, nam
 
 def _class_key(run: Run, cfg: AnalysisConfig, names: list[str], tau_states: list[dict]) -> str:
     """Hash of every input of `_class_tables` and of the code that computes it."""
-    from analyze.cache import json_text
+    from analyze.pipeline.cache import json_text
 
     h = hashlib.sha256()
     here = Path(__file__)
-    for src in (here, here.with_name("losses.py")):  # changed code recomputes
+    for src in (here, here.parent.parent / "metrics" / "losses.py"):  # changed code recomputes
         h.update(src.read_bytes())
     h.update(json_text([names, cfg.class_window, cfg.class_pair, tau_states]).encode())
     for df in (run.class_losses, run.eval_class_losses):
@@ -350,7 +350,7 @@ def _class_tables(run: Run, cfg: AnalysisConfig, names: list[str], tau_states: l
 def _probe_spec(run: Run, cfg: AnalysisConfig) -> ProbeSpec:
     import json
 
-    from analyze.parallel import ProbeSpec
+    from analyze.pipeline.parallel import ProbeSpec
 
     config = run.model.config if run.model else {}
     return ProbeSpec(model_name=run.model.name if run.model else None,
@@ -367,7 +367,7 @@ def _checkpoints(run: Run, cfg: AnalysisConfig, cache: CheckpointCache, progress
     """All per-checkpoint rows (cached or computed), notes, data warnings, probe reason, exact flag.
 
     The longest prefix of checkpoints found in the cache is replayed; the rest runs as tasks
-    (`analyze.parallel`) serially, on a process pool (cfg.workers) or on Dask (cfg.scheduler), and
+    (`analyze.pipeline.parallel`) serially, on a process pool (cfg.workers) or on Dask (cfg.scheduler), and
     each finished checkpoint is cached as soon as it and every one before it are done.
     """
     refs = sorted(run.checkpoints, key=lambda r: r.step)
@@ -382,7 +382,7 @@ def _checkpoints(run: Run, cfg: AnalysisConfig, cache: CheckpointCache, progress
         notes.append(f"exact SVD {'on' if exact else 'off'} (auto: {n_params:,} parameters by {how}; "
                      f"on up to 10,000,000)" if n_params is not None else "exact SVD on (auto: size unknown)")
     # What else changes a checkpoint's rows: the model the run names, its classes and the eval set.
-    from analyze.cache import checkpoint_fingerprint
+    from analyze.pipeline.cache import checkpoint_fingerprint
 
     cfg_key = "|".join((cfg.cache_key(), "exact" if exact else "noexact",
                         repr(None if run.model is None else (run.model.name, sorted(run.model.config.items()))),
@@ -416,15 +416,15 @@ def _checkpoints(run: Run, cfg: AnalysisConfig, cache: CheckpointCache, progress
     if not todo:  # everything from the cache: say why model panels may be empty
         if rows.get("activations") or rows.get("dead_neurons"):
             return rows, notes, warns, "", exact
-        from analyze.parallel import probe_reason
+        from analyze.pipeline.parallel import probe_reason
 
         return rows, notes, warns, probe_reason(_probe_spec(run, cfg)), exact
     cache.count_misses(len(todo) - 1)  # the first was counted by its failed load
 
-    # 2. the rest as tasks (analyze.parallel and torch are imported only here: a report served
+    # 2. the rest as tasks (analyze.pipeline.parallel and torch are imported only here: a report served
     # wholly from the cache needs neither)
-    from analyze.cache import as_tensors
-    from analyze.parallel import make_runner, plan_checkpoint, probe_reason, run_checkpoints
+    from analyze.pipeline.cache import as_tensors
+    from analyze.pipeline.parallel import make_runner, plan_checkpoint, probe_reason, run_checkpoints
 
     spec = _probe_spec(run, cfg)
     reason = probe_reason(spec)

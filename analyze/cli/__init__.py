@@ -17,10 +17,10 @@ from loaders.errors import TrainauditError
 
 # name -> "module:attribute" of the click command
 COMMANDS = {
-    "demo": "analyze.cmd_demo:demo",
-    "report": "analyze.cmd_report:report",
-    "audit": "analyze.cmd_checkpoint:audit",
-    "spectral": "analyze.cmd_checkpoint:spectral",
+    "demo": "analyze.cli.demo:demo",
+    "report": "analyze.cli.report:report",
+    "audit": "analyze.cli.checkpoint:audit",
+    "spectral": "analyze.cli.checkpoint:spectral",
 }
 SHORT_HELP = {
     "demo": "Train the built-in MiniGPT demo with the logger, then write its report.",

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from analyze.spectral import (
+from analyze.metrics.spectral import (
     EXACT_MAX_DIM,
     as_matrix,
     estimate_spectral_norm,
@@ -34,7 +34,7 @@ from analyze.spectral import (
     power_iteration,
     stable_rank,
 )
-from analyze.tables import SEVERITY_ORDER, Finding, Severity
+from analyze.pipeline.tables import SEVERITY_ORDER, Finding, Severity
 from loaders.checkpoints import checkpoint_info, iter_tensors, skipped_side_files, step_from_name, step_metadata
 from loaders.errors import DataWarnings, TrainauditError
 

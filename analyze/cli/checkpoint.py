@@ -38,7 +38,7 @@ def audit(checkpoint: Path, as_json: bool, fail_on: str) -> None:
     folder (sharded or not). Exit 0 when healthy, 1 when a finding at or above --fail-on
     exists, 2 when the input cannot be read.
     """
-    from analyze.checkpoint_audit import audit_checkpoint, fails
+    from analyze.pipeline.audit import audit_checkpoint, fails
 
     try:
         result = audit_checkpoint(checkpoint)
@@ -80,7 +80,7 @@ def spectral(checkpoint: Path, exact: bool, as_json: bool, method: str, tol: flo
     Shows the default estimate with its relative error bound, the sheet's power iteration,
     and with --exact the exact value and both relative errors.
     """
-    from analyze.checkpoint_audit import spectral_rows
+    from analyze.pipeline.audit import spectral_rows
 
     try:
         rows, warnings = spectral_rows(checkpoint, exact=exact, method=method, tol=tol)

@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from analyze.tables import finite_or_none, json_safe
+from analyze.pipeline.tables import finite_or_none, json_safe
 from loaders.errors import TrainauditError
 
 __all__ = ["SpectralGrowth", "RunComparison", "ComparisonFiles", "COMPARISON_FORMAT_VERSION",
@@ -174,7 +174,7 @@ def spectral_growth(spectral: pd.DataFrame) -> SpectralGrowth | None:
     first, last = int(t["step"].min()), int(t["step"].max())
     if first == last:
         return None
-    from analyze.findings import spectral_growth_ratio
+    from analyze.pipeline.findings import spectral_growth_ratio
 
     a = t[t["step"] == first].set_index("tensor")["sigma"]
     b = t[t["step"] == last].set_index("tensor")["sigma"]
@@ -248,7 +248,7 @@ def write_comparison(paths: Sequence[Path], out_dir: str | os.PathLike[str] | No
     the others are still compared. Per-run caches make a second call recompute nothing."""
     import json
 
-    from analyze.cmd_report import write_full_report
+    from analyze.cli.report import write_full_report
     from reports.compare import write_comparison_html
     from reports.html import write_text_atomic
 

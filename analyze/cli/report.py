@@ -2,7 +2,7 @@
 `trainaudit report RUN1 RUN2 ...` (or a folder of runs): each run's report plus a comparison page.
 
 `write_full_report` is the library function behind the one-run command (`trainaudit demo` calls it
-too); `analyze.compare.write_comparison` the one behind several runs.
+too); `analyze.pipeline.compare.write_comparison` the one behind several runs.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class ReportFiles:
     summary: Path
     tables_dir: Path
     n_data_warnings: int
-    result: Any  # analyze.pipeline.AnalysisResult
+    result: Any  # analyze.pipeline.analysis.AnalysisResult
 
     def __fspath__(self) -> str:
         return os.fspath(self.out_dir)
@@ -58,8 +58,8 @@ def write_full_report(run_path: str | os.PathLike[str], out_dir: str | os.PathLi
     per-checkpoint tasks (None: one per CPU core); `scheduler`: a Dask scheduler address to run
     them on instead. Raises TrainauditError on unreadable input or an unwritable output folder."""
     from analyze.config import AnalysisConfig, default_workers
-    from analyze.pipeline import analyze_run
-    from analyze.tables import validate_summary
+    from analyze.pipeline.analysis import analyze_run
+    from analyze.pipeline.tables import validate_summary
     from loaders.rundir import load_run
     from reports.html import write_report, write_text_atomic
 
@@ -126,7 +126,7 @@ def report(runs: tuple[Path, ...], out: Path | None, exact_svd: bool | None, str
     def progress(msg: str) -> None:
         click.echo(f"  {msg}", err=True)
 
-    from analyze.compare import expand_runs
+    from analyze.pipeline.compare import expand_runs
 
     paths = expand_runs(runs)
     if len(runs) > 1 or len(paths) > 1 or paths[0] != runs[0]:
@@ -154,7 +154,7 @@ def report(runs: tuple[Path, ...], out: Path | None, exact_svd: bool | None, str
 
 def _compare(paths: list[Path], out: Path | None, *, strict: bool, progress: Callable[[str], None],
              **options: Any) -> None:
-    from analyze.compare import write_comparison
+    from analyze.pipeline.compare import write_comparison
 
     try:
         files = write_comparison(paths, out, progress=progress, **options)

@@ -9,7 +9,7 @@ Two kinds of task:
   §12). The task of checkpoint j needs the vectors of checkpoint j-1, so each group is a chain
   along checkpoints; the chains of different groups, and all model passes, run side by side.
 - ``ProbeTask``: the model pass of one checkpoint (forward hooks + one backward pass,
-  `analyze.probe`); independent of every other task.
+  `analyze.pipeline.probe`); independent of every other task.
 
 Why (checkpoint x group) tasks with explicit vectors rather than one task per group walking every
 checkpoint: results arrive checkpoint by checkpoint, so progress and the per-checkpoint cache are
@@ -225,7 +225,7 @@ def _fit(v: torch.Tensor | None, n: int) -> torch.Tensor | None:
 def _update_row(name: str, t: torch.Tensor, ref: CheckpointRef, prev: _Reader) -> dict[str, Any] | None:
     """The update ratio of `t` against the same tensor at the previous checkpoint (§11, §12),
     reading the old tensor in row blocks; None when it is absent there or changed shape."""
-    from analyze.gradients import ratio_from_sums, update_sums
+    from analyze.metrics.gradients import ratio_from_sums, update_sums
 
     blocks = prev.row_blocks(name, tuple(t.shape))
     if blocks is None:
@@ -242,8 +242,8 @@ def _update_row(name: str, t: torch.Tensor, ref: CheckpointRef, prev: _Reader) -
 
 def _tensor_rows(name: str, t: torch.Tensor, ref: CheckpointRef, prev: _Reader | None, task: WeightsTask,
                  vectors: dict[str, torch.Tensor]) -> TensorResult:
-    from analyze.gradients import sum_of_squares
-    from analyze.spectral import (as_matrix, estimate_spectral_norm, exact_top_singular_values,
+    from analyze.metrics.gradients import sum_of_squares
+    from analyze.metrics.spectral import (as_matrix, estimate_spectral_norm, exact_top_singular_values,
                                   matrix_skip_reason, power_iteration, sigma_ratio)
 
     cfg = task.cfg
@@ -258,7 +258,7 @@ def _tensor_rows(name: str, t: torch.Tensor, ref: CheckpointRef, prev: _Reader |
     n = m.shape[1]
     gen = torch.Generator().manual_seed(tensor_seed(cfg.seed, name))
     # warm start from the best vector of span{previous v, previous second Ritz vector} (follows a
-    # swap of sigma_1 and sigma_2; analyze.spectral.estimate_spectral_norm)
+    # swap of sigma_1 and sigma_2; analyze.metrics.spectral.estimate_spectral_norm)
     est = estimate_spectral_norm(m, _fit(task.vectors.get(f"est:{name}"), n), generator=gen, check_finite=False,
                                  v0_second=_fit(task.vectors.get(f"est2:{name}"), n))
     vectors[f"est:{name}"] = est.v.detach().cpu().clone()  # clones: v and v2 are views of one buffer
@@ -367,7 +367,7 @@ class _ProbePool:
         self.keep = keep
 
     def _build(self, spec: ProbeSpec) -> tuple[Any, str]:
-        from analyze.probe import ModelProbe, build_run_model, load_eval_set
+        from analyze.pipeline.probe import ModelProbe, build_run_model, load_eval_set
 
         model, why = build_run_model(spec.model_name, json.loads(spec.model_config_json), spec.model_factory)
         if model is None:

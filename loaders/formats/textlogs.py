@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from loaders.errors import DataWarnings, TrainauditError
-from loaders.lightning_csv import STEP_KEYS, read_metrics_csv, wide_to_run
+from loaders.formats.lightning_csv import STEP_KEYS, read_metrics_csv, wide_to_run
 from loaders.longtables import Triples, WideLog, build_run, empty_frame, preferred_val_series, run_name, to_float
 from loaders.run import CLASS_LOSS_COLUMNS, EVAL_CLASS_LOSS_COLUMNS, Run
 from loaders.safeio import iter_line_batches, parse_json_line, read_bounded
