@@ -17,7 +17,9 @@ D1-D14):
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -49,6 +51,11 @@ __all__ = [
     "rewind_groups",
     "rewind_keep",
     "warn_rewinds",
+    "TEMP_MARK",
+    "atomic_path",
+    "fsync_dir",
+    "is_temp_name",
+    "write_atomic",
 ]
 
 MAX_LINE = 1 << 20          # longest accepted log line (bytes); longer lines are skipped
@@ -135,6 +142,77 @@ def open_regular(path: str | os.PathLike[str], root: str | os.PathLike[str] | No
     f = io.BufferedReader(f, buffer_size=1 << 16)  # type: ignore[arg-type]
     f.snapshot_size = st.st_size  # type: ignore[attr-defined]
     return f  # type: ignore[return-value]
+
+
+TEMP_MARK = ".tmp-"              # a temp file of an atomic write: ".<name>.tmp-<pid>-<n>"
+_TEMP_IDS = itertools.count()
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the name of an unfinished atomic write (a process killed while writing)."""
+    return name.startswith(".") and TEMP_MARK in name
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename in folder `path` durable (best effort: some file systems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, what: str = "file") -> Iterator[Path]:
+    """A temp path in `path`'s folder to write; on success it is fsynced and renamed onto `path`.
+
+    A kill at any moment leaves the old file or the new one under the final name, never a torn
+    one. On failure the temp file is removed and the old file stays; an ``OSError`` becomes
+    ``TrainauditError("<path>: cannot write <what>: <reason>")``.
+    """
+    final = Path(path)
+    tmp = final.with_name(f".{final.name}{TEMP_MARK}{os.getpid()}-{next(_TEMP_IDS)}")
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise TrainauditError(final, f"cannot write {what}: {(exc.strerror or str(exc)).lower()}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(final.parent)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | str, *, what: str = "file") -> Path:
+    """Write `data` (a str as UTF-8) to `path` atomically (``atomic_path``); returns the path.
+
+    Raises ``TrainauditError`` naming the file when it cannot be written.
+    """
+    raw = data.encode("utf-8", errors="replace") if isinstance(data, str) else data
+    with atomic_path(path, what=what) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+    return Path(path)
 
 
 _T = TypeVar("_T")
