@@ -1,15 +1,16 @@
 """Global gradient norm (formulas.md §2), grad-to-weight ratio and checkpoint update ratio (§11).
 
-`global_grad_norm` is the in-loop one: it stays on the device and never syncs with the host,
-so the logger can call it every step. The ratios are offline and return Python floats.
+`global_grad_norm` is the in-loop one (it lives in `analyze.kernels`, shared with the logger):
+it stays on the device and never syncs with the host. The ratios are offline and return floats.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from analyze.kernels import global_grad_norm
 
 __all__ = [
     "RHO_HEALTHY",
@@ -24,31 +25,6 @@ __all__ = [
 ]
 
 RHO_HEALTHY = (1e-4, 1e-1)  # §11: healthy band for rho = ||G||_F / ||W||_F (inclusive)
-
-
-def global_grad_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """g = sqrt(sum_p sum_i grad_{p,i}^2) over all tensors, as a 0-d tensor (§2).
-
-    One fused ``_foreach_norm`` per dtype group, then the norm of the stacked per-tensor
-    norms; computed in float32 or wider, so bf16 gradients do not overflow the sum.
-    Non-finite gradients give a non-finite result (stored and flagged, never dropped).
-    """
-    tensors = [t for t in tensors if t is not None]
-    if not tensors:
-        return torch.tensor(0.0)
-    device = tensors[0].device
-    groups: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault(t.dtype, []).append(t)
-    if len(groups) == 1 and tensors[0].dtype in (torch.float32, torch.float64):  # the common case, per step
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2.0)))
-    norms: list[Tensor] = []
-    for dtype, group in groups.items():  # half types accumulate in float32 without a float32 copy
-        acc = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        norms.extend(torch._foreach_norm(group, 2.0, dtype=acc))
-    out_dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
-    stacked = torch.stack([n.to(device=device, dtype=out_dtype) for n in norms])
-    return torch.linalg.vector_norm(stacked)
 
 
 _CHUNK = 1024               # elements per float32 partial norm: rounding ~1e-7 relative (longer sums drift: ~8e-6 at 1e5)

@@ -3,8 +3,8 @@
 
 Losses are in nats. Per-class statistics live in a mergeable :class:`ClassLossState` (count, sum
 and sum of squared deviations per class: the columns ``count, loss_sum, loss_m2`` of the run's
-class-loss table), reduced from a batch with ``index_add_`` and merged with Chan et al.'s rule,
-so neither a loop over examples nor a host synchronisation is needed.
+class-loss table), reduced from a batch with ``index_add_`` and merged with Chan et al.'s rule by
+the kernels the logger uses too (`analyze.kernels`): no loop over examples, no host sync.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from analyze.kernels import class_welford, merge_welford
 
 __all__ = [
     "ClassLossState", "Tau", "token_losses", "per_token_loss", "per_example_loss", "tau", "gaps_to_mean",
@@ -79,30 +81,16 @@ class ClassLossState:
         if example_loss.dim() != 1 or class_ids.shape != example_loss.shape:
             raise ValueError(f"example_loss {tuple(example_loss.shape)} and class_ids {tuple(class_ids.shape)} "
                              "must both be (B,)")
-        dev = example_loss.device
-        idx = class_ids.to(device=dev, dtype=torch.int64)
-        x = example_loss.detach().to(torch.float64)
-        ok = torch.isfinite(x)
-        zero = torch.zeros((), dtype=torch.float64, device=dev)
-        x0 = torch.where(ok, x, zero)
-        count = torch.zeros(n_classes, dtype=torch.int64, device=dev).index_add_(0, idx, ok.to(torch.int64))
-        total = torch.zeros(n_classes, dtype=torch.float64, device=dev).index_add_(0, idx, x0)
-        mean = total / count.clamp(min=1)  # (C,)
-        dev2 = torch.where(ok, (x0 - mean[idx]) ** 2, zero)  # two-pass within the batch: no cancellation
-        m2 = torch.zeros(n_classes, dtype=torch.float64, device=dev).index_add_(0, idx, dev2)
-        skipped = torch.zeros(n_classes, dtype=torch.int64, device=dev).index_add_(0, idx, (~ok).to(torch.int64))
-        return ClassLossState(count, total, m2, skipped)
+        count, total, m2, skipped = class_welford(example_loss, class_ids, n_classes)
+        return ClassLossState(count[0], total[0], m2[0], skipped[0])
 
     def merge(self, other: ClassLossState) -> ClassLossState:
         """Chan et al.'s parallel combination (associative; ``empty`` is the identity)."""
         if self.count.shape != other.count.shape:
             raise ValueError(f"cannot merge {self.count.numel()} classes with {other.count.numel()}")
-        na, nb = self.count.to(torch.float64), other.count.to(torch.float64)
-        n = na + nb
-        delta = other.loss_sum / nb.clamp(min=1) - self.loss_sum / na.clamp(min=1)
-        cross = torch.where((na > 0) & (nb > 0), delta * delta * na * nb / n.clamp(min=1), torch.zeros_like(n))
-        return ClassLossState(self.count + other.count, self.loss_sum + other.loss_sum,
-                              self.loss_m2 + other.loss_m2 + cross, self.n_skipped + other.n_skipped)
+        count, total, m2 = merge_welford((self.count, self.loss_sum, self.loss_m2),
+                                         (other.count, other.loss_sum, other.loss_m2))
+        return ClassLossState(count, total, m2, self.n_skipped + other.n_skipped)
 
     @property
     def n_classes(self) -> int:
