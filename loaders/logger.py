@@ -10,8 +10,9 @@ Cheap and crash-safe by construction:
 - checkpoints are written to a temp file in the same folder, fsynced and `os.replace`d, so a
   kill at any moment leaves either the old or the new file under a final name.
 
-Imports only the standard library, torch, safetensors and `analyze.metrics.gradients` (torch only): no
-pandas, scipy or seaborn.
+Imports only the standard library, torch, safetensors and `analyze.kernels` (torch only): no
+pandas, scipy or seaborn. The §2 norm and the per-class Welford kernels there are the very
+ones the offline analysis uses, so both sides skip a non-finite example loss the same way.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-from analyze.metrics.gradients import global_grad_norm  # the §2 formula, one implementation (torch only)
+from analyze.kernels import class_welford, global_grad_norm, recentred_m2  # shared with the analysis
 from loaders import runformat as fmt
 from loaders.errors import TrainauditError
 
@@ -39,36 +40,24 @@ def _grads_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [p.grad for p in params if p.grad is not None]
 
 
-def class_welford_states(per_example_loss: torch.Tensor, class_ids: torch.Tensor, n_classes: int,
-                         group: torch.Tensor | None = None, n_groups: int = 1) -> torch.Tensor:
-    """Per-(group, class) (count, sum, M2) as a (G, 3, C) float64 tensor in one vectorised pass.
-
-    `group` (same shape as the losses) says which step each example came from, so a whole
-    flush window of steps is reduced at once (formulas.md §1, §8).
-    """
-    loss = per_example_loss.detach().reshape(-1).to(torch.float64)
-    ids = class_ids.detach().reshape(-1).to(device=loss.device, dtype=torch.long)
-    if group is not None:
-        ids = group.to(device=loss.device, dtype=torch.long) * n_classes + ids
-    size = n_groups * n_classes
-    ones_loss = torch.stack([torch.ones_like(loss), loss], dim=1)                     # (N, 2)
-    count_total = torch.zeros(size, 2, dtype=torch.float64, device=loss.device).index_add_(0, ids, ones_loss)
-    mean = count_total[:, 1] / count_total[:, 0].clamp_min(1.0)                       # (G*C,)
-    m2 = torch.zeros(size, dtype=torch.float64, device=loss.device).index_add_(0, ids, (loss - mean[ids]) ** 2)
-    return torch.stack([count_total[:, 0], count_total[:, 1], m2]).view(3, n_groups, n_classes).transpose(0, 1)
-
-
 def class_welford_state(per_example_loss: torch.Tensor, class_ids: torch.Tensor,
                         n_classes: int) -> torch.Tensor:
     """Per-class (count, sum, M2) of one batch as a (3, C) float64 tensor (formulas.md §1, §8).
 
-    One vectorised scatter per statistic; classes absent from the batch get count 0 and are
-    skipped downstream (§8: "skip the class when |B_c| = 0").
+    One vectorised scatter per statistic (`analyze.kernels.class_welford`); classes absent
+    from the batch get count 0 (§8: skipped downstream), non-finite losses are left out.
     """
     if class_ids.numel() != per_example_loss.numel():
         raise ValueError(f"class_ids shape {tuple(class_ids.shape)} != per_example_loss shape "
                          f"{tuple(per_example_loss.shape)}")
-    return class_welford_states(per_example_loss, class_ids, n_classes)[0]
+    return _stacked_states(per_example_loss, class_ids, n_classes)[0, :3]
+
+
+def _stacked_states(loss: torch.Tensor, class_ids: torch.Tensor, n_classes: int,
+                    group: torch.Tensor | None = None, n_groups: int = 1) -> torch.Tensor:
+    """(count, sum, M2, skipped) per (group, class) as one (G, 4, C) float64 tensor: one host copy."""
+    return torch.stack([t.to(torch.float64) for t in class_welford(loss, class_ids, n_classes, group, n_groups)],
+                       dim=1)
 
 
 def _dist_info() -> tuple[int, int]:
@@ -78,15 +67,17 @@ def _dist_info() -> tuple[int, int]:
 
 
 def _reduce_class_state(state: torch.Tensor) -> torch.Tensor:
-    """Combine (..., 3, C) states over ranks exactly: M2 is re-centred on the global mean."""
-    n, s, m2 = state.unbind(-2)
-    count_sum = torch.stack([n, s], dim=-2).clone()
-    torch.distributed.all_reduce(count_sum)
-    n_all, s_all = count_sum.unbind(-2)
-    # sum over ranks of [M2_r + n_r (mu_r - mu)^2] = total squared deviation about the global mean
-    local = m2 + n * (s / n.clamp_min(1.0) - s_all / n_all.clamp_min(1.0)) ** 2
+    """Combine (..., 4, C) states (count, sum, M2, skipped) over ranks exactly (§1).
+
+    M2 is re-centred on the global mean (`recentred_m2`), so the sum over ranks is exact.
+    """
+    n, s, m2, skipped = state.unbind(-2)
+    sums = torch.stack([n, s, skipped], dim=-2).clone()
+    torch.distributed.all_reduce(sums)
+    n_all, s_all, skipped_all = sums.unbind(-2)
+    local = recentred_m2(n, s, m2, n_all, s_all)
     torch.distributed.all_reduce(local)
-    return torch.stack([n_all, s_all, local], dim=-2)
+    return torch.stack([n_all, s_all, local, skipped_all], dim=-2)
 
 
 def _library_versions() -> dict[str, str]:
@@ -217,7 +208,7 @@ class RunLogger:
         self._fds["events"] = self._open_append(fmt.EVENTS_FILE, None)
         self._event("open", resumed=self.resumed, pid=os.getpid())
         ref = weakref.ref(self)
-        atexit.register(lambda: (lambda log: log is not None and not log._closed and log.close())(ref()))
+        atexit.register(lambda: (lambda log: log is not None and log._close_at_exit("at exit"))(ref()))
 
     # ------------------------------------------------------------------ files
     def _open_append(self, name: str, header: str | None) -> int:
@@ -331,14 +322,16 @@ class RunLogger:
         """
         self._check_open()
         classes: dict[str, dict[str, float]] = {}
+        n_skipped = 0
         if per_example_loss is not None and class_ids is not None:
-            state = class_welford_state(per_example_loss, class_ids, len(self.class_names))
+            state = _stacked_states(per_example_loss, class_ids, len(self.class_names))
             if self.world_size > 1:
                 state = _reduce_class_state(state)
-            count, total, m2 = state.cpu().tolist()
+            count, total, m2, skipped = state[0].cpu().tolist()
             for i, name in enumerate(self.class_names):
                 if count[i] > 0:
                     classes[name] = {"count": int(count[i]), "loss_sum": total[i], "loss_m2": m2[i]}
+            n_skipped = int(sum(skipped))
         for name, value in (class_losses or {}).items():
             classes[str(name)] = self._class_entry(value)
         if not self.writes:
@@ -346,6 +339,8 @@ class RunLogger:
         rec = {"step": int(step), "split": str(split),
                "loss": None if loss is None else float(loss.detach() if isinstance(loss, torch.Tensor) else loss),
                "n_tokens": n_tokens, "classes": classes, "wall_time": time.time()}
+        if n_skipped:  # examples with a non-finite loss, left out of the class states (§8)
+            rec["n_nonfinite"] = n_skipped
         self._append("eval", json.dumps(rec) + "\n")
         self._sync("eval")
 
@@ -438,20 +433,23 @@ class RunLogger:
                 for s, v, lr, wall in zip(self._pending_steps, values, self._pending_lr, self._pending_wall)
             )
         class_lines = ""
+        nonfinite: dict[int, int] = {}  # step -> examples whose loss was NaN/inf, left out (§8)
         if self._pending_class:
             sizes = [loss.numel() for _, loss, _ in self._pending_class]
             losses = torch.cat([loss for _, loss, _ in self._pending_class])
             ids = torch.cat([i.to(losses.device) for _, _, i in self._pending_class])
             group = torch.repeat_interleave(torch.arange(len(sizes), device=losses.device),
                                             torch.tensor(sizes, device=losses.device))
-            states = class_welford_states(losses, ids, len(self.class_names), group, len(sizes))  # (K, 3, C)
+            states = _stacked_states(losses, ids, len(self.class_names), group, len(sizes))  # (K, 4, C)
             if self.world_size > 1:
                 states = _reduce_class_state(states)
             states = states.cpu().tolist()
             rows = []
-            for (step, _, _), (count, total, m2) in zip(self._pending_class, states):
+            for (step, _, _), (count, total, m2, skipped) in zip(self._pending_class, states):
                 rows.extend(f"{step},{_csv_name(name)},{int(count[i])},{_fmt(total[i])},{_fmt(m2[i])}\n"
                             for i, name in enumerate(self.class_names) if count[i] > 0)
+                if any(skipped):
+                    nonfinite[step] = nonfinite.get(step, 0) + int(sum(skipped))
             class_lines = "".join(rows)
         self._pending_steps, self._pending_values, self._pending_lr, self._pending_wall = [], [], [], []
         self._pending_class = []
@@ -460,6 +458,9 @@ class RunLogger:
         if class_lines:
             self._append("class", class_lines)
             self._sync("class")
+        if nonfinite:
+            self._event("nonfinite_class_losses", n=sum(nonfinite.values()),
+                        steps={str(k): v for k, v in nonfinite.items()})
         if train_lines:
             self._append("train", train_lines)
             self._sync("train")
@@ -485,13 +486,40 @@ class RunLogger:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:  # best effort: a logger dropped without close still flushes
+    def __del__(self) -> None:  # a logger dropped without close still flushes
         if sys.is_finalizing():  # torch may be half torn down: the atexit hook already flushed
             return
+        self._close_at_exit("dropped without close()")
+
+    def _close_at_exit(self, when: str) -> None:
+        """Close from `__del__` or atexit, where nobody can catch an error: a failed flush is
+        reported on stderr, one line naming the run directory and the records lost."""
+        if getattr(self, "_closed", True) or not getattr(self, "_fds", None):
+            return
+        n_steps, n_class = len(self._pending_steps), len(self._pending_class)
         try:
-            if not self._closed and self._fds:
-                self.close()
-        except Exception:
+            self.flush()
+        except Exception as exc:  # noqa: BLE001 - reported, never raised out of __del__/atexit
+            self._report_exit_failure(when, exc, f"{n_steps} step record(s) and {n_class} per-class "
+                                                 "batch(es) not written")
+            return
+        try:
+            self.close()
+        except Exception as exc:  # noqa: BLE001
+            self._report_exit_failure(when, exc, "the close event not written; no step records lost")
+
+    def _report_exit_failure(self, when: str, exc: BaseException, lost: str) -> None:
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = {}
+        self._closed = True
+        try:
+            print(f"trainaudit: RunLogger {when}: could not flush {self.path} "
+                  f"({type(exc).__name__}: {exc}); {lost}", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - stderr itself is gone: nothing left to tell
             pass
 
 
