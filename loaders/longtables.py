@@ -19,7 +19,7 @@ import pandas as pd
 
 from loaders.errors import DataWarnings
 from loaders.run import CLASS_LOSS_COLUMNS, EVAL_CLASS_LOSS_COLUMNS, CheckpointRef, Run
-from loaders.safeio import STEP_REASONS, coerce_step, rewind_groups
+from loaders.steps import STEP_REASONS, coerce_step, rewind_groups
 
 __all__ = ["PREFERRED_VAL", "Triples", "WideLog", "build_run", "preferred_val_series", "to_float",
            "classify_train_key", "is_val_loss_key", "run_name", "empty_frame"]

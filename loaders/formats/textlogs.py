@@ -34,7 +34,8 @@ from loaders.errors import DataWarnings, TrainauditError
 from loaders.formats.lightning_csv import STEP_KEYS, read_metrics_csv, wide_to_run
 from loaders.longtables import Triples, WideLog, build_run, empty_frame, preferred_val_series, run_name, to_float
 from loaders.run import CLASS_LOSS_COLUMNS, EVAL_CLASS_LOSS_COLUMNS, Run
-from loaders.safeio import iter_line_batches, parse_json_line, read_bounded
+from loaders.lines import iter_line_batches, parse_json_line
+from loaders.safeio import read_bounded
 
 __all__ = ["MAX_JSON_BYTES", "MAX_RANKS", "looks_like_llmc", "rank_series", "read_csv_log", "read_json_log",
            "read_jsonl", "read_llmc", "read_rank_logs"]

@@ -1,4 +1,5 @@
-"""loaders.safeio: regular files only, bounded reads, streamed lines, the rewind policy.
+"""loaders.safeio, loaders.lines, loaders.steps: regular files only, bounded reads, atomic writes,
+streamed lines, step values and the rewind policy.
 
 bad-inputs.md rows A12-A14 (escapes), D1, D4, D6-D9, D11, D14. References are independent:
 ``bytes.split`` for line streaming, a dictionary timeline replayed row by row for rewinds.
@@ -17,17 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import loaders.lines as lines_mod
 import loaders.safeio as safeio
 from loaders.errors import DataWarnings, TrainauditError
-from loaders.safeio import (
-    check_regular,
-    coerce_steps,
-    iter_lines,
-    open_regular,
-    parse_json_line,
-    read_bounded,
-    resolve_rewinds,
-)
+from loaders.lines import iter_lines, parse_json_line
+from loaders.safeio import check_regular, open_regular, read_bounded
+from loaders.steps import coerce_steps, resolve_rewinds
 
 # --------------------------------------------------------------------------- open_regular
 
@@ -188,7 +184,7 @@ def test_streaming_matches_split_for_any_chunking(tmp_path: Path, monkeypatch: p
                                                   lines: list[bytes], chunk: int, cap: int,
                                                   final_newline: bool) -> None:
     """Property: for any chunk size, the streamer equals a whole-file split with the same rules."""
-    monkeypatch.setattr(safeio, "_CHUNK", chunk)
+    monkeypatch.setattr(lines_mod, "_CHUNK", chunk)
     data = b"\n".join(lines) + (b"\n" if final_newline and lines else b"")
     p = tmp_path / "prop.log"
     p.write_bytes(data)

@@ -1,0 +1,262 @@
+"""Text logs streamed line by line with bounded memory, and the one JSONL record parser.
+
+``iter_line_blocks`` is the one line streamer: it reads at most the size seen at open (a log
+still being appended to, or ``/dev/zero``, cannot make it run forever or change the result),
+keeps at most ``max_line`` bytes of a partial line, and repairs what a killed or resumed
+process leaves behind, each repair reported in ``DataWarnings`` (bad-inputs.md D1-D14): a
+UTF-8 BOM and the CR of CRLF are removed, NUL bytes (preallocated or torn tails) are dropped,
+a line longer than ``max_line`` is skipped, a final line without newline is ignored.
+``iter_line_batches`` and ``iter_lines`` decode its blocks; CSV readers hand them to pandas.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from loaders.errors import DataWarnings
+from loaders.safeio import open_regular
+
+__all__ = ["MAX_LINE", "iter_line_blocks", "iter_line_batches", "iter_lines", "parse_json_line"]
+
+MAX_LINE = 1 << 20          # longest accepted log line (bytes); longer lines are skipped
+_CHUNK = 1 << 20            # read size of the line streamer
+_BOM = b"\xef\xbb\xbf"
+
+
+def _human(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n} bytes"
+
+
+def _line_by_line(block: bytes, lineno: int, p: Path, warnings: DataWarnings, max_line: int,
+                  nul_lines: list[int]) -> list[tuple[int, bytes]]:
+    """The repairs one line at a time: overlong lines, NUL bytes, CR, BOM (the slow path)."""
+    out: list[tuple[int, bytes]] = []
+    cur: list[bytes] = []
+    start = lineno + 1
+    for part in block.split(b"\n"):
+        lineno += 1
+        if len(part) > max_line:
+            warnings.add(p, f"line {lineno} exceeds {_human(max_line)}, skipped")
+            part = None
+        else:
+            if part.endswith(b"\r"):
+                part = part[:-1]
+            if lineno == 1 and part.startswith(_BOM):
+                part = part[3:]
+            if b"\x00" in part:
+                nul_lines.append(lineno)
+                part = part.replace(b"\x00", b"") or None
+        if part is None:  # a skipped line ends the run of consecutive lines
+            if cur:
+                out.append((start, b"\n".join(cur)))
+            cur, start = [], lineno + 1
+        else:
+            cur.append(part)
+    if cur:
+        out.append((start, b"\n".join(cur)))
+    return out
+
+
+def _repaired(block: bytes, lineno: int, p: Path, warnings: DataWarnings, max_line: int,
+              nul_lines: list[int]) -> list[tuple[int, bytes]]:
+    """Complete lines of ``block`` (newline-separated, no final newline) after line ``lineno``.
+
+    Fast path, one pass over the bytes: no NUL byte and no line that can exceed the cap. Only the
+    first line of a block can be longer than a read (it continues the previous read), so only it
+    is measured unless a read is longer than the cap.
+    """
+    if b"\x00" not in block:
+        first = block.find(b"\n")
+        if ((first if first >= 0 else len(block)) <= max_line
+                and (_CHUNK <= max_line or len(block) <= max_line)):
+            if lineno == 0 and block.startswith(_BOM):
+                block = block[3:]
+            if b"\r" in block:
+                block = block.replace(b"\r\n", b"\n")
+                if block.endswith(b"\r"):
+                    block = block[:-1]
+            return [(lineno + 1, block)]
+    return _line_by_line(block, lineno, p, warnings, max_line, nul_lines)
+
+
+def iter_line_blocks(path: str | os.PathLike[str], warnings: DataWarnings, *,
+                     root: str | os.PathLike[str] | None = None, max_line: int = MAX_LINE,
+                     keep_unterminated: bool = False) -> Iterator[tuple[int, bytes]]:
+    """Stream a text file as ``(first_line_number, lines joined by b"\\n")``, repaired, undecoded.
+
+    Lines are numbered from 1; a block holds consecutive lines only (a skipped line starts a new
+    block) and never ends with a newline. A final line without newline is ignored with a warning
+    ("<file>:<N>: incomplete final line ignored") unless ``keep_unterminated``. Raises
+    ``TrainauditError`` when the file may not be opened (``open_regular``).
+    """
+    p = Path(path)
+    nul_lines: list[int] = []
+    with open_regular(p, root) as f:
+        left = f.snapshot_size  # type: ignore[attr-defined]
+        carry = b""            # partial line so far (at most max_line bytes)
+        skipping = False       # inside an overlong line whose start was dropped
+        lineno = 0             # number of the last completed line
+        while left > 0:
+            data = f.read(min(_CHUNK, left))
+            if not data:
+                break  # the file shrank after the snapshot
+            left -= len(data)
+            nl = data.rfind(b"\n")
+            if nl < 0:  # no line ends in this chunk
+                if not skipping:
+                    if len(carry) + len(data) > max_line:
+                        skipping, carry = True, b""
+                    else:
+                        carry += data
+                continue
+            head, tail = data[:nl], data[nl + 1:]
+            block: bytes | None
+            if skipping:
+                lineno += 1
+                warnings.add(p, f"line {lineno} exceeds {_human(max_line)}, skipped")
+                skipping = False
+                k = head.find(b"\n")
+                block = None if k < 0 else head[k + 1:]
+            else:
+                block = carry + head
+            carry = b""
+            if block is not None:
+                blocks = _repaired(block, lineno, p, warnings, max_line, nul_lines)
+                lineno += block.count(b"\n") + 1
+                yield from blocks
+            if len(tail) > max_line:
+                skipping = True
+            else:
+                carry = tail
+        if nul_lines:
+            span = f"{nul_lines[0]}" if len(nul_lines) == 1 else f"{nul_lines[0]}-{nul_lines[-1]}"
+            warnings.add(p, f"NUL bytes ignored (line{'s' if len(nul_lines) > 1 else ''} {span})")
+        if skipping:
+            warnings.add(p, f"line {lineno + 1} exceeds {_human(max_line)}, skipped")
+        elif carry:
+            lineno += 1
+            if carry.endswith(b"\r"):
+                carry = carry[:-1]
+            if lineno == 1 and carry.startswith(_BOM):
+                carry = carry[3:]
+            body = carry.replace(b"\x00", b"")
+            if not body.strip():
+                if b"\x00" in carry:
+                    warnings.add(p, "NUL bytes at end of file ignored", line=lineno)
+            elif keep_unterminated:
+                yield lineno, body
+            else:
+                warnings.add(p, "incomplete final line ignored", line=lineno)
+
+
+def iter_line_batches(path: str | os.PathLike[str], warnings: DataWarnings, *,
+                      root: str | os.PathLike[str] | None = None, max_line: int = MAX_LINE,
+                      keep_unterminated: bool = False) -> Iterator[tuple[int, list[str]]]:
+    """``iter_line_blocks`` decoded: ``(first_line_number, [line, ...])``.
+
+    Invalid UTF-8 is replaced (one warning per file, naming the first line). This form saves
+    a Python call per line over ``iter_lines``.
+    """
+    bad_utf8 = False
+    for start, block in iter_line_blocks(path, warnings, root=root, max_line=max_line,
+                                         keep_unterminated=keep_unterminated):
+        try:
+            yield start, block.decode("utf-8").split("\n")
+            continue
+        except UnicodeDecodeError:
+            pass
+        lines = []
+        for i, raw in enumerate(block.split(b"\n"), start):
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                if not bad_utf8:
+                    warnings.add(path, "invalid UTF-8 bytes replaced", line=i)
+                bad_utf8 = True
+                lines.append(raw.decode("utf-8", errors="replace"))
+        yield start, lines
+
+
+def iter_lines(path: str | os.PathLike[str], warnings: DataWarnings, *,
+               root: str | os.PathLike[str] | None = None, max_line: int = MAX_LINE,
+               keep_unterminated: bool = False) -> Iterator[tuple[int, str]]:
+    """Stream ``(line_number, text)`` pairs of a text log (``iter_line_batches``, one at a time).
+
+    Empty lines are yielded as "" so callers can count them.
+    """
+    for start, lines in iter_line_batches(path, warnings, root=root, max_line=max_line,
+                                          keep_unterminated=keep_unterminated):
+        yield from enumerate(lines, start)
+
+
+class _DupKeys:
+    """``object_pairs_hook`` that records duplicate keys (Python keeps the last silently)."""
+
+    __slots__ = ("dups",)
+
+    def __init__(self) -> None:
+        self.dups: list[str] = []
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        d = dict(pairs)
+        if len(d) != len(pairs):
+            seen: set[str] = set()
+            for k, _ in pairs:
+                if k in seen:
+                    self.dups.append(k)
+                seen.add(k)
+        return d
+
+
+_LOCAL = threading.local()
+_SLOW = object()  # parse_json_line: the fast path gave no value
+
+
+def _decoder() -> tuple[json.JSONDecoder, _DupKeys]:
+    """One decoder per thread: ``json.loads(..., object_pairs_hook=)`` would build one per call."""
+    d = getattr(_LOCAL, "decoder", None)
+    if d is None:
+        hook = _DupKeys()
+        d = _LOCAL.decoder = (json.JSONDecoder(object_pairs_hook=hook), hook)
+    return d
+
+
+def parse_json_line(text: str, warnings: DataWarnings, path: str | os.PathLike[str],
+                    lineno: int | None) -> dict[str, Any] | None:
+    """Parse one JSONL record; ``None`` (with a warning naming file and line) if unusable.
+
+    A blank line gives ``None`` without a warning.
+    ``NaN``, ``Infinity`` and ``-Infinity`` tokens are accepted (Python's json and Transformers
+    write them); duplicate keys keep the last value and are warned about.
+    """
+    decoder, hook = _decoder()
+    hook.dups.clear()
+    try:  # the C scanner directly: JSONDecoder.decode adds two whitespace regexes per line
+        obj, end = decoder.scan_once(text, 0)
+        if end != len(text) and text[end:].strip():
+            obj = _SLOW
+    except (StopIteration, ValueError, RecursionError):
+        obj = _SLOW
+    if obj is _SLOW:  # leading blanks, a blank line or an error: the documented way, for its message
+        if not text.strip():
+            return None
+        hook.dups.clear()
+        try:
+            obj = decoder.decode(text)
+        except json.JSONDecodeError as e:
+            warnings.add(path, f"not valid JSON ({e.msg} at column {e.colno}), skipped", line=lineno)
+            return None
+        except (ValueError, RecursionError) as e:
+            warnings.add(path, f"not valid JSON ({type(e).__name__}), skipped", line=lineno)
+            return None
+    if type(obj) is not dict:
+        warnings.add(path, f"not a JSON object ({type(obj).__name__}), skipped", line=lineno)
+        return None
+    if hook.dups:
+        names = ", ".join(sorted(set(hook.dups)))
+        warnings.add(path, f"duplicate keys {names} (last value kept)", line=lineno)
+    return obj
