@@ -34,6 +34,7 @@ import torch
 from analyze.kernels import class_welford, global_grad_norm, recentred_m2  # shared with the analysis
 from loaders import runformat as fmt
 from loaders.errors import TrainauditError
+from loaders.safeio import atomic_path, is_temp_name, write_atomic
 
 
 def _grads_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -87,38 +88,6 @@ def _library_versions() -> dict[str, str]:
         if mod is not None:
             versions[name] = getattr(mod, "__version__", "?")
     return versions
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder, fsync and os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _fmt(x: float | None) -> str:
@@ -245,8 +214,9 @@ class RunLogger:
 
     def _clean_stale_temp_files(self) -> None:
         for folder in (self.path, self.path / fmt.CHECKPOINT_DIR):
-            for p in folder.glob(".*.tmp-*"):
-                p.unlink(missing_ok=True)
+            for p in folder.iterdir():
+                if is_temp_name(p.name):
+                    p.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ logging
     def log_step(
@@ -391,19 +361,8 @@ class RunLogger:
             meta.update({str(k): str(v) for k, v in metadata.items()})
         folder = self.path / fmt.CHECKPOINT_DIR
         final = folder / fmt.CHECKPOINT_PATTERN.format(step=int(step))
-        tmp = folder / f".{final.name}.tmp-{os.getpid()}"
-        try:
+        with atomic_path(final, what="checkpoint") as tmp:
             save_file(tensors, str(tmp), metadata=meta)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(folder)
         self._event("checkpoint", step=int(step), file=final.name)
         return final
 
