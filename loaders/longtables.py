@@ -1,9 +1,9 @@
 """Shared plumbing of the foreign-format loaders: values to floats, records to long Run tables.
 
 Every foreign reader collects ``(step, series, value)`` triples in file order and hands them to
-``build_run``; the rewind policy, dtypes, sort order and the preferred validation series
-(issue 5: ``eval_loss``, else ``val_loss``, ``eval/loss``, else the first in sorted order) are
-decided here once.
+``build_run``; the rewind policy, dtypes and sort order are decided here once, and so is the
+validation series the overfitting verdict uses (`preferred_val_series`, also the analysis's
+choice for every run format).
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import math
 import os
 from array import array
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,8 @@ from loaders.errors import DataWarnings
 from loaders.run import CLASS_LOSS_COLUMNS, EVAL_CLASS_LOSS_COLUMNS, CheckpointRef, Run
 from loaders.steps import STEP_REASONS, coerce_step, rewind_groups
 
-__all__ = ["PREFERRED_VAL", "Triples", "WideLog", "build_run", "preferred_val_series", "to_float",
-           "classify_train_key", "is_val_loss_key", "run_name", "empty_frame"]
+__all__ = ["PREFERRED_VAL", "TRAIN_EVAL_SERIES", "Triples", "WideLog", "build_run", "preferred_val_series",
+           "to_float", "classify_train_key", "is_val_loss_key", "run_name", "empty_frame"]
 
 _INT64_MAX = 2**63 - 1
 
@@ -30,7 +31,10 @@ _INT64_MAX = 2**63 - 1
 _GENERIC_NAMES = ("metrics", "trainer_state", "ckpt", "model", "pytorch_model", "main", "log", "train",
                   "losses", "events", "run", "checkpoint", "last", "best")
 
+# The validation series of the overfitting verdict (§10), most preferred first.
 PREFERRED_VAL = ("eval_loss", "val_loss", "eval/loss", "val/loss", "val", "validation_loss", "valid_loss")
+# Eval-mode losses on a training subset: the train side of §10, never a validation series.
+TRAIN_EVAL_SERIES = ("train", "train_eval", "eval_train")
 
 # Canonical training series and the names other tools give them.
 TRAIN_ALIASES: dict[str, tuple[str, ...]] = {
@@ -90,13 +94,15 @@ def run_name(path: str | os.PathLike[str]) -> str:
     return p.stem
 
 
-def preferred_val_series(names: list[str] | set[str] | tuple[str, ...]) -> str | None:
-    """The validation series the overfitting verdict uses (issue 5)."""
-    names = list(names)
+def preferred_val_series(names: Iterable[str]) -> str | None:
+    """The validation series the overfitting verdict uses (§10), among a run's evaluation series:
+    the first of PREFERRED_VAL present, else the first in sorted order; never a TRAIN_EVAL_SERIES.
+    The one chooser: loaders record it, the analysis and the report use it."""
+    candidates = sorted({str(n) for n in names} - set(TRAIN_EVAL_SERIES))
     for p in PREFERRED_VAL:
-        if p in names:
+        if p in candidates:
             return p
-    return sorted(names)[0] if names else None
+    return candidates[0] if candidates else None
 
 
 def to_float(v: Any) -> float | None:

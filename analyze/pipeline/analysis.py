@@ -1,9 +1,10 @@
-"""The offline analysis: a Run in, tidy tables + findings + notes out (issue 4).
+"""The offline analysis: a Run in, tidy tables + findings + notes out.
 
 Thin orchestration over the metric modules (no formula lives here):
 
 1. logs: training series with spike flags (§9), validation series, the §10 train/val alignment
-   and verdict, per-class training losses in Welford windows with tau and its SE (§8);
+   and verdict (`analyze.pipeline.log_tables`), per-class losses in Welford windows with tau
+   and its SE (§8, `analyze.pipeline.class_tables`);
 2. per checkpoint, in step order: tensors one at a time -> both spectral estimators warm-started
    from the previous checkpoint's vectors, exact SVD beside them, stable rank, update ratio
    (§4, §11, §12); then, when the run names a built-in model (or `--model` gives one) and stores
@@ -18,7 +19,6 @@ torch) are cached too, and `analyze.pipeline.parallel` is imported only when a c
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -29,26 +29,23 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from analyze.config import AnalysisConfig
 from analyze.pipeline import findings as findings_mod
 from analyze.pipeline.cache import CheckpointCache
-from analyze.config import AnalysisConfig
-from analyze.metrics.overfitting import Overfitting, analyze_overfitting
-from analyze.metrics.spikes import SpikeReport, detect_spikes
+from analyze.pipeline.class_tables import BUILTIN_CLASS_PAIR, class_index, class_tables
+from analyze.pipeline.log_tables import frame as _frame
+from analyze.pipeline.log_tables import overfitting_table, train_table
 from analyze.pipeline.tables import TABLE_COLUMNS, Finding, build_summary
 from loaders.errors import TrainauditError
 from loaders.run import CheckpointRef, Run
 
 if TYPE_CHECKING:  # these import torch: only work the output folder's cache cannot serve needs it
-    from analyze.metrics.losses import ClassLossState
     from analyze.pipeline.parallel import CheckpointOutcome, ProbeSpec
 
-__all__ = ["analyze_run", "AnalysisResult", "PANELS", "VAL_SERIES_PREFERENCE", "BUILTIN_CLASS_PAIR"]
+__all__ = ["analyze_run", "AnalysisResult", "PANELS", "BUILTIN_CLASS_PAIR"]
 
 Progress = Callable[[str], None]
 
-VAL_SERIES_PREFERENCE = ("eval_loss", "val_loss", "eval/loss")  # issue 5: the overfitting block's series
-TRAIN_EVAL_SERIES = ("train", "train_eval", "eval_train")          # eval-mode loss on a training subset (§10)
-BUILTIN_CLASS_PAIR = ("irregular", "regular")                       # tau = L_I - L_R (§8)
 
 # Panel id -> title; AnalysisResult.panels says why a panel could not be computed ("" when it could).
 PANELS = {
@@ -89,13 +86,6 @@ class AnalysisResult:
 # --------------------------------------------------------------------------- helpers
 
 
-def _frame(name: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
-    cols = list(TABLE_COLUMNS[name])
-    if not rows:
-        return pd.DataFrame({c: pd.Series(dtype="object") for c in cols})
-    return pd.DataFrame.from_records(rows, columns=cols)
-
-
 def _say(progress: Progress | None, msg: str) -> None:
     if progress is not None:
         progress(msg)
@@ -109,242 +99,6 @@ def _param_count(ref: CheckpointRef) -> tuple[int | None, str]:
         return checkpoint_info(ref).n_params, "checkpoint header"
     except (TrainauditError, OSError, ValueError, RuntimeError):
         return None, "unknown"
-
-
-# --------------------------------------------------------------------------- logs
-
-
-def _train_table(run: Run, cfg: AnalysisConfig) -> tuple[pd.DataFrame, dict[str, SpikeReport]]:
-    s = run.scalars[run.scalars["series"] != "wall_time"]
-    parts, reports = [], {}
-    for series, g in s.groupby("series", sort=True):
-        g = g.sort_values("step", kind="stable")
-        steps = g["step"].to_numpy()
-        values = g["value"].to_numpy(dtype=np.float64)
-        spike = np.zeros(len(g), bool)
-        kind = np.full(len(g), "", dtype=object)
-        if series in ("loss", "grad_norm") and len(g):
-            rep = detect_spikes(steps, values, window=cfg.spike_window, k=cfg.spike_k,
-                                window_averaged=int(run.window_averaged.get(series, 1)))
-            reports[series] = rep  # steps are already sorted, so rep's arrays line up with g's rows
-            spike, kind = rep.flags, rep.kind.astype(object)
-        parts.append(pd.DataFrame({"step": steps, "series": series, "value": values, "spike": spike,
-                                   "spike_kind": kind}))
-    df = pd.concat(parts, ignore_index=True) if parts else _frame("train", [])
-    return df[list(TABLE_COLUMNS["train"])], reports
-
-
-def _choose_val_series(evals: pd.DataFrame) -> str | None:
-    names = sorted(set(evals["series"].astype(str)) - set(TRAIN_EVAL_SERIES))
-    for pref in VAL_SERIES_PREFERENCE:
-        if pref in names:
-            return pref
-    return names[0] if names else None
-
-
-def _overfitting(run: Run, cfg: AnalysisConfig) -> tuple[Overfitting | None, str | None, pd.DataFrame, list[str]]:
-    notes: list[str] = []
-    val_series = _choose_val_series(run.evals)
-    if val_series is None:
-        return None, None, _frame("overfitting", []), notes
-    ev = run.evals[run.evals["series"].astype(str) == val_series].sort_values("step", kind="stable")
-    train_eval = [s for s in TRAIN_EVAL_SERIES if s in set(run.evals["series"].astype(str))]
-    if train_eval:
-        t = run.evals[run.evals["series"] == train_eval[0]].sort_values("step", kind="stable")
-        t_steps, t_loss = t["step"].to_numpy(), t["loss"].to_numpy(dtype=np.float64)
-        kind = f"eval-mode loss on a training subset ('{train_eval[0]}')"
-    else:
-        t = run.series("loss")
-        t_steps, t_loss = t["step"].to_numpy(), t["value"].to_numpy(dtype=np.float64)
-        kind = "logged training loss (train mode)"
-    of = analyze_overfitting(t_steps, t_loss, ev["step"].to_numpy(), ev["loss"].to_numpy(dtype=np.float64),
-                             alpha=cfg.gl_alpha, delta=cfg.divergence_delta, train_kind=kind)
-    a = of.aligned
-    table = pd.DataFrame({"step": a.eval_step, "val_series": val_series, "val_loss": a.val, "train_loss": a.train,
-                          "gap": a.gap, "gap_smoothed": a.gap_smooth, "gl": a.gl})
-    others = sorted(set(run.evals["series"].astype(str)) - {val_series} - set(TRAIN_EVAL_SERIES))
-    if others:
-        notes.append(f"validation series {val_series!r} is used for the overfitting verdict; also shown: "
-                     + ", ".join(repr(o) for o in others))
-    return of, val_series, table, notes
-
-
-def _class_index(run: Run) -> list[str]:
-    names = [str(c) for c in run.class_names]
-    seen = set(names)
-    for df in (run.class_losses, run.eval_class_losses):
-        for c in df["cls"].astype(str).unique() if len(df) else ():
-            if c not in seen:
-                names.append(c)
-                seen.add(c)
-    return names
-
-
-def _state_from_rows(df: pd.DataFrame, names: list[str]) -> ClassLossState:
-    """A per-class ClassLossState from (cls, count, loss_sum, loss_m2) rows of one step."""
-    import torch
-
-    from analyze.metrics.losses import ClassLossState
-
-    idx = {n: i for i, n in enumerate(names)}
-    c = len(names)
-    count = np.zeros(c, np.int64)
-    total = np.zeros(c)
-    m2 = np.zeros(c)
-    ci = df["cls"].astype(str).map(idx).to_numpy()
-    count[ci] = df["count"].to_numpy(np.int64)
-    total[ci] = df["loss_sum"].to_numpy(np.float64)
-    m2[ci] = df["loss_m2"].to_numpy(np.float64)
-    return ClassLossState(torch.from_numpy(count), torch.from_numpy(total), torch.from_numpy(m2),
-                          torch.zeros(c, dtype=torch.int64))
-
-
-def _train_class_windows(df: pd.DataFrame, names: list[str], window: int) -> list[tuple[int, int, ClassLossState]]:
-    """Chan-merge the per-step class states into windows of `window` steps, vectorised: the steps
-    of all windows are laid out as (n_windows, P, C) and halved by merges (log2 P merges)."""
-    if df.empty:
-        return []
-    import torch
-
-    from analyze.metrics.losses import ClassLossState
-
-    idx = {n: i for i, n in enumerate(names)}
-    steps_u, step_i = np.unique(df["step"].to_numpy(np.int64), return_inverse=True)
-    win_of_step = steps_u // window
-    win_u, win_i = np.unique(win_of_step, return_inverse=True)
-    first = np.searchsorted(win_i, np.arange(win_u.size))  # steps_u is sorted, so windows are contiguous
-    pos = np.arange(steps_u.size) - first[win_i]
-    p = int(pos.max()) + 1
-    shape = (win_u.size, p, len(names))
-    count, total, m2 = np.zeros(shape, np.int64), np.zeros(shape), np.zeros(shape)
-    w, q = win_i[step_i], pos[step_i]
-    c = df["cls"].astype(str).map(idx).to_numpy()
-    np.add.at(count, (w, q, c), df["count"].to_numpy(np.int64))
-    np.add.at(total, (w, q, c), df["loss_sum"].to_numpy(np.float64))
-    np.add.at(m2, (w, q, c), np.nan_to_num(df["loss_m2"].to_numpy(np.float64)))
-    st = ClassLossState(torch.from_numpy(count), torch.from_numpy(total), torch.from_numpy(m2),
-                        torch.zeros(shape, dtype=torch.int64))
-    while st.count.shape[1] > 1:
-        if st.count.shape[1] % 2:
-            pad = ClassLossState.empty(1)
-            z = (st.count.shape[0], 1, len(names))
-            st = ClassLossState(*(torch.cat([getattr(st, f), torch.zeros(z, dtype=getattr(pad, f).dtype)], 1)
-                                  for f in ("count", "loss_sum", "loss_m2", "n_skipped")))
-        h = st.count.shape[1] // 2
-        left = ClassLossState(st.count[:, :h], st.loss_sum[:, :h], st.loss_m2[:, :h], st.n_skipped[:, :h])
-        right = ClassLossState(st.count[:, h:], st.loss_sum[:, h:], st.loss_m2[:, h:], st.n_skipped[:, h:])
-        st = left.merge(right)
-    start = steps_u[first]
-    last = np.r_[steps_u[first[1:] - 1], steps_u[-1]]
-    return [(int(start[i]), int(last[i]),
-             ClassLossState(st.count[i, 0], st.loss_sum[i, 0], st.loss_m2[i, 0], st.n_skipped[i, 0]))
-            for i in range(win_u.size)]
-
-
-def _class_pair(names: list[str], cfg: AnalysisConfig,
-                states: list[ClassLossState]) -> tuple[tuple[int, int] | None, str]:
-    if len(names) < 2:
-        return None, "fewer than two classes: no class pair for tau"
-    if cfg.class_pair is not None:
-        a, b = cfg.class_pair
-        if a in names and b in names:
-            return (names.index(a), names.index(b)), f"tau = L({a}) - L({b}) as configured"
-        return None, f"configured class pair {cfg.class_pair!r} not among the run's classes"
-    if all(n in names for n in BUILTIN_CLASS_PAIR):
-        return (names.index(BUILTIN_CLASS_PAIR[0]), names.index(BUILTIN_CLASS_PAIR[1])), \
-            "tau = L(irregular) - L(regular), the sheet's irregular-verb tax"
-    if not states:
-        return (0, 1), f"tau = L({names[0]}) - L({names[1]}) (the first two classes)"
-    final = states[-1].mean().numpy()
-    ok = np.isfinite(final)
-    if ok.sum() < 2:
-        return (0, 1), f"tau = L({names[0]}) - L({names[1]}) (the first two classes)"
-    order = np.argsort(np.where(ok, final, np.nan))
-    lo, hi = int(order[0]), int(order[ok.sum() - 1])
-    return (hi, lo), (f"tau = L({names[hi]}) - L({names[lo]}): the classes with the highest and lowest final loss "
-                      "(set class_pair to choose)")
-
-
-def _class_rows(source: str, step: int, step_start: int, st: ClassLossState, names: list[str],
-                pair: tuple[int, int] | None) -> tuple[list[dict], list[dict], list[dict]]:
-    from analyze.metrics.losses import gaps_to_mean, tau
-
-    mean, var = st.mean().numpy(), st.var().numpy()
-    cls_rows = [{"source": source, "step": step, "step_start": step_start, "cls": n, "count": int(st.count[i]),
-                 "mean": float(mean[i]), "std": float(np.sqrt(var[i]))}
-                for i, n in enumerate(names) if int(st.count[i]) > 0]
-    gaps = gaps_to_mean(st)
-    gap_rows = [{"source": source, "step": step, "cls": n, "gap_to_mean": float(gaps[i])}
-                for i, n in enumerate(names) if int(st.count[i]) > 0]
-    tau_rows = []
-    if pair is not None:
-        t = tau(st, *pair)
-        tau_rows.append({"source": source, "step": step, "class_a": names[pair[0]], "class_b": names[pair[1]],
-                         "tau": t.tau, "se": t.se, "n_a": t.n_a, "n_b": t.n_b})
-    return cls_rows, gap_rows, tau_rows
-
-
-def _class_key(run: Run, cfg: AnalysisConfig, names: list[str], tau_states: list[dict]) -> str:
-    """Hash of every input of `_class_tables` and of the code that computes it."""
-    from analyze.pipeline.cache import json_text
-
-    h = hashlib.sha256()
-    here = Path(__file__)
-    for src in (here, here.parent.parent / "metrics" / "losses.py"):  # changed code recomputes
-        h.update(src.read_bytes())
-    h.update(json_text([names, cfg.class_window, cfg.class_pair, tau_states]).encode())
-    for df in (run.class_losses, run.eval_class_losses):
-        h.update(repr([(str(c), str(df[c].dtype)) for c in df.columns] + [len(df)]).encode())
-        for c in df.columns:
-            col = df[c]
-            if isinstance(col.dtype, np.dtype) and col.dtype.kind in "biufcmM":
-                h.update(np.ascontiguousarray(col.to_numpy()).tobytes())
-            else:  # repr: 1 and "1" differ; NUL (escaped by repr) separates
-                h.update("\0".join(map(repr, col.tolist())).encode("utf-8", "backslashreplace"))
-    return h.hexdigest()[:20]
-
-
-def _class_tables(run: Run, cfg: AnalysisConfig, names: list[str], tau_states: list[dict],
-                  cache: CheckpointCache) -> dict[str, Any]:
-    """The per-class rows (§8): class_rows of the training windows and evaluations, gap_rows and
-    tau_rows of those and of the checkpoints' class states, the tau class pair and its note.
-
-    They are computed with torch (`ClassLossState`), so they are kept in the output folder's cache
-    under a hash of all their inputs: a report served wholly from the cache then imports no torch.
-    """
-    key = _class_key(run, cfg, names, tau_states)
-    hit = cache.load_doc("class_tables", key)
-    if isinstance(hit, dict) and set(hit) == {"class_rows", "gap_rows", "tau_rows", "pair", "pair_note"}:
-        return hit
-    windows = _train_class_windows(run.class_losses, names, cfg.class_window) if names else []
-    pair, pair_note = _class_pair(names, cfg, [w[2] for w in windows])
-    class_rows, gap_rows, tau_rows = [], [], []
-    for start, last, st in windows:
-        c, g, t = _class_rows("train", last, start, st, names, pair)
-        class_rows += c
-        gap_rows += g
-        tau_rows += t
-    ecl = run.eval_class_losses
-    if len(ecl):
-        for (series, step), g in ecl.groupby(["series", "step"], sort=True):
-            c, gg, t = _class_rows(f"eval:{series}", int(step), int(step), _state_from_rows(g, names), names, pair)
-            class_rows += c
-            gap_rows += gg
-            tau_rows += t
-    if tau_states:
-        ts = pd.DataFrame(tau_states)
-        for step, g in ts.groupby("step", sort=True):
-            st = _state_from_rows(g, names)
-            _, gg, t = _class_rows("checkpoint", int(step), int(step), st, names, pair)
-            gap_rows += gg
-            tau_rows += t
-    out = {"class_rows": class_rows, "gap_rows": gap_rows, "tau_rows": tau_rows,
-           "pair": None if pair is None else list(pair), "pair_note": pair_note}
-    cache.store_doc("class_tables", key, out)
-    return out
-
-
-# --------------------------------------------------------------------------- checkpoints
 
 
 def _probe_spec(run: Run, cfg: AnalysisConfig) -> ProbeSpec:
@@ -498,9 +252,9 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
     headlines: dict[str, str] = {}
 
     # 1. logs
-    train, spike_reports = _train_table(run, cfg)
+    train, spike_reports = train_table(run, cfg)
     evals = run.evals.sort_values(["series", "step"], kind="stable").reset_index(drop=True)
-    of, val_series, of_table, of_notes = _overfitting(run, cfg)
+    of, val_series, of_table, of_notes = overfitting_table(run, cfg)
     notes += of_notes
     if of is not None:
         headlines["overfitting"] = of.headline
@@ -520,7 +274,7 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
     if not (train["series"] == "grad_norm").any() or train.loc[train["series"] == "grad_norm", "value"].isna().all():
         panels["grad_norm"] = "the run logs no global gradient norm"
 
-    names = _class_index(run)
+    names = class_index(run)
 
     # 2. checkpoints
     cache = CheckpointCache(None if cache_dir is None else Path(cache_dir))
@@ -541,7 +295,7 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
     if not ck_rows.get("grad_ratio") and not ck_rows.get("update_ratio"):
         panels["grad_ratio"] = probe_reason or "fewer than two checkpoints and no model pass"
     ck_class_rows = ck_rows.pop("class_losses", [])
-    per_class = _class_tables(run, cfg, names, ck_rows.pop("tau_state", []), cache)
+    per_class = class_tables(run, cfg, names, ck_rows.pop("tau_state", []), cache)
     pair = None if per_class["pair"] is None else (int(per_class["pair"][0]), int(per_class["pair"][1]))
     pair_note = per_class["pair_note"]
     class_rows = per_class["class_rows"] + ck_class_rows
@@ -550,6 +304,7 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
         panels["class_losses"] = "the run logs no per-class losses (RunLogger.log_class_losses writes them)"
     if class_rows:
         notes.append(pair_note)
+    notes += per_class["notes"]
 
     tables: dict[str, pd.DataFrame] = {
         "train": train,

@@ -241,7 +241,7 @@ def read_rank_logs(folder: str | os.PathLike[str], files: dict[int, Path],
     meta = dict(base.meta)
     val_names = sorted(set(evals_df["series"].astype(str)))
     meta.update(ranks=sorted(runs), world_size=world, rank_files={r: str(f) for r, f in files.items()},
-                val_series=val_names, val_series_preferred=preferred_val_series(list(set(base.evals["series"]))))
+                val_series=val_names, val_series_preferred=preferred_val_series(base.evals["series"]))
     notes = list(base.notes)
     notes.append(f"DDP log with {world} rank(s) ({len(runs)} read): the global series are rank {primary}'s; "
                  f"other ranks' are shown as '<series>/rank<k>' and never counted in the global ones")

@@ -1,0 +1,85 @@
+"""Tables from a run's logs: the training series with spike flags (§9) and the train/val
+alignment with the overfitting verdict (§10)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analyze.config import AnalysisConfig
+from analyze.metrics.overfitting import Overfitting, analyze_overfitting
+from analyze.metrics.spikes import SpikeReport, detect_spikes
+from analyze.pipeline.tables import TABLE_COLUMNS
+from loaders.longtables import TRAIN_EVAL_SERIES, preferred_val_series
+from loaders.run import Run
+
+__all__ = ["frame", "train_table", "val_series", "overfitting_table"]
+
+
+def frame(name: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Table `name` (TABLE_COLUMNS) from row dicts; typed-empty when there are none."""
+    cols = list(TABLE_COLUMNS[name])
+    if not rows:
+        return pd.DataFrame({c: pd.Series(dtype="object") for c in cols})
+    return pd.DataFrame.from_records(rows, columns=cols)
+
+
+def train_table(run: Run, cfg: AnalysisConfig) -> tuple[pd.DataFrame, dict[str, SpikeReport]]:
+    """The long training table with spike flags on loss and grad_norm (§9), and their reports."""
+    s = run.scalars[run.scalars["series"] != "wall_time"]
+    parts, reports = [], {}
+    for series, g in s.groupby("series", sort=True):
+        g = g.sort_values("step", kind="stable")
+        steps = g["step"].to_numpy()
+        values = g["value"].to_numpy(dtype=np.float64)
+        spike = np.zeros(len(g), bool)
+        kind = np.full(len(g), "", dtype=object)
+        if series in ("loss", "grad_norm") and len(g):
+            rep = detect_spikes(steps, values, window=cfg.spike_window, k=cfg.spike_k,
+                                window_averaged=int(run.window_averaged.get(series, 1)))
+            reports[series] = rep  # steps are already sorted, so rep's arrays line up with g's rows
+            spike, kind = rep.flags, rep.kind.astype(object)
+        parts.append(pd.DataFrame({"step": steps, "series": series, "value": values, "spike": spike,
+                                   "spike_kind": kind}))
+    df = pd.concat(parts, ignore_index=True) if parts else frame("train", [])
+    return df[list(TABLE_COLUMNS["train"])], reports
+
+
+def val_series(run: Run) -> str | None:
+    """The validation series of the overfitting verdict: the loader's recorded choice, else the
+    same chooser (`loaders.longtables.preferred_val_series`) over the run's evaluation series."""
+    names = set(run.evals["series"].astype(str))
+    chosen = run.meta.get("val_series_preferred")
+    if isinstance(chosen, str) and chosen in names and chosen not in TRAIN_EVAL_SERIES:
+        return chosen
+    return preferred_val_series(names)
+
+
+def overfitting_table(run: Run, cfg: AnalysisConfig) -> tuple[Overfitting | None, str | None, pd.DataFrame, list[str]]:
+    """The §10 verdict on the chosen validation series, its aligned table and notes."""
+    notes: list[str] = []
+    chosen = val_series(run)
+    if chosen is None:
+        return None, None, frame("overfitting", []), notes
+    series = run.evals["series"].astype(str)
+    ev = run.evals[series == chosen].sort_values("step", kind="stable")
+    train_eval = [s for s in TRAIN_EVAL_SERIES if s in set(series)]
+    if train_eval:
+        t = run.evals[run.evals["series"] == train_eval[0]].sort_values("step", kind="stable")
+        t_steps, t_loss = t["step"].to_numpy(), t["loss"].to_numpy(dtype=np.float64)
+        kind = f"eval-mode loss on a training subset ('{train_eval[0]}')"
+    else:
+        t = run.series("loss")
+        t_steps, t_loss = t["step"].to_numpy(), t["value"].to_numpy(dtype=np.float64)
+        kind = "logged training loss (train mode)"
+    of = analyze_overfitting(t_steps, t_loss, ev["step"].to_numpy(), ev["loss"].to_numpy(dtype=np.float64),
+                             alpha=cfg.gl_alpha, delta=cfg.divergence_delta, train_kind=kind)
+    a = of.aligned
+    table = pd.DataFrame({"step": a.eval_step, "val_series": chosen, "val_loss": a.val, "train_loss": a.train,
+                          "gap": a.gap, "gap_smoothed": a.gap_smooth, "gl": a.gl})
+    others = sorted(set(series) - {chosen} - set(TRAIN_EVAL_SERIES))
+    if others:
+        notes.append(f"validation series {chosen!r} is used for the overfitting verdict; also shown: "
+                     + ", ".join(repr(o) for o in others))
+    return of, chosen, table, notes
