@@ -33,7 +33,7 @@ def _command(run: Path, out: Path, workers: int) -> float:
 def _in_process(run: Path, out: Path, workers: int) -> tuple[float, float, int]:
     from analyze.config import AnalysisConfig
     from analyze.pipeline.analysis import analyze_run
-    from reports.html import write_report
+    from analyze.pipeline.output import write_report
 
     t0 = time.perf_counter()
     res = analyze_run(run, AnalysisConfig(workers=workers), cache_dir=out / "cache")

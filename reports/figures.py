@@ -25,7 +25,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 __all__ = [
     "DPI", "label", "new_figure", "fig_to_data_uri", "plot_loss", "plot_spikes", "plot_grad_norm",
     "plot_activations", "plot_spectral", "plot_dead_neurons", "plot_attention_entropy", "plot_attention_heads",
-    "plot_class_losses", "plot_tau", "plot_grad_ratio", "plot_update_ratio", "plot_logits", "EXPECTED_TAU_BANDS",
+    "plot_class_losses", "plot_tau", "plot_grad_ratio", "plot_update_ratio", "plot_logits",
     "plot_compare_losses",
 ]
 
@@ -36,9 +36,6 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 RC = {"axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
       "font.size": 9, "axes.titlesize": 10, "legend.fontsize": 8, "legend.frameon": False,
       "axes.prop_cycle": matplotlib.cycler(color=PALETTE), "text.usetex": False}
-# The sheet's expected tau on the built-in corpus (formulas.md §8): (first step, last step, low, high);
-# None as the first step means "the last 20% of the run".
-EXPECTED_TAU_BANDS = ((0, 100, -0.1, 0.1), (400, 600, 0.5, 1.0), (None, None, 0.2, 0.5))
 
 
 def label(name: object, width: int = 40) -> str:
@@ -308,11 +305,13 @@ def plot_class_losses(table: pd.DataFrame, ax: Axes) -> None:
     _legend(ax, outside=True)
 
 
-def plot_tau(table: pd.DataFrame, ax: Axes, *, expected: bool = False, last_step: float | None = None) -> None:
-    """Panel 7b: tau = L_a - L_b with its +-2 SE band; grey boxes: the sheet's expected band."""
-    if expected:
+def plot_tau(table: pd.DataFrame, ax: Axes, *, bands: Sequence[tuple[float | None, float | None, float, float]] = (),
+             last_step: float | None = None) -> None:
+    """Panel 7b: tau = L_a - L_b with its +-2 SE band; grey boxes: the expected `bands`, each
+    (first step, last step, low, high), None steps meaning the last 20% of the run."""
+    if bands:
         end = last_step if last_step is not None else float(table["step"].max())
-        for i, (lo_s, hi_s, lo, hi) in enumerate(EXPECTED_TAU_BANDS):
+        for i, (lo_s, hi_s, lo, hi) in enumerate(bands):
             if lo_s is None:
                 lo_s, hi_s = 0.8 * end, end
             if lo_s > end:
@@ -356,13 +355,13 @@ def _ratio_per_tensor(table: pd.DataFrame, ax: Axes, column: str, ylabel: str,
     _legend(ax, outside=True)
 
 
-def plot_grad_ratio(table: pd.DataFrame, ax: Axes, *, healthy: tuple[float, float] = (1e-4, 1e-1)) -> None:
+def plot_grad_ratio(table: pd.DataFrame, ax: Axes, *, healthy: tuple[float, float]) -> None:
     """Panel 7c: offline rho = ||G||_F / ||W||_F per weight matrix over checkpoints, healthy band shaded."""
     _ratio_per_tensor(table, ax, "rho", "grad / weight (Frobenius)", healthy,
                       f"healthy {healthy[0]:g} to {healthy[1]:g}")
 
 
-def plot_update_ratio(table: pd.DataFrame, ax: Axes, *, healthy: tuple[float, float] = (1e-5, 1e-2)) -> None:
+def plot_update_ratio(table: pd.DataFrame, ax: Axes, *, healthy: tuple[float, float]) -> None:
     """Panel 7d: update ratio per step elapsed between consecutive checkpoints (healthy near 1e-3)."""
     _ratio_per_tensor(table, ax, "update_ratio_per_step", "||dW|| / ||W|| per step", healthy,
                       "typical range (near 1e-3 per step)")

@@ -3,17 +3,16 @@ options, calls one library function and prints. Commands are imported lazily so 
 is fast and a command's heavy imports happen only when it runs.
 
 Any TrainauditError (a problem with the user's files) ends as one line on stderr and exit
-code 2, never a traceback.
+code 2, never a traceback (`analyze.cli.errors`, used by every command and the group).
 """
 from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any
 
 import click
 
-from loaders.errors import TrainauditError
+from analyze.cli.errors import ErrorsExit2
 
 # name -> "module:attribute" of the click command
 COMMANDS = {
@@ -30,7 +29,7 @@ SHORT_HELP = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(ErrorsExit2, click.Group):
     """A click group whose subcommands are imported on first use."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -46,13 +45,6 @@ class LazyGroup(click.Group):
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):
             formatter.write_dl([(n, SHORT_HELP[n]) for n in COMMANDS])
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except TrainauditError as exc:
-            click.echo(f"trainaudit: error: {exc}", err=True)
-            ctx.exit(2)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

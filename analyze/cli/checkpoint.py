@@ -12,21 +12,16 @@ from pathlib import Path
 
 import click
 
-from loaders.errors import TrainauditError
+from analyze.cli.errors import Command, fail
 
 __all__ = ["audit", "spectral"]
-
-
-def _die(exc: TrainauditError) -> None:
-    click.echo(f"trainaudit: error: {exc}", err=True)
-    sys.exit(2)
 
 
 def _fmt(x: float | None, spec: str = ".6g") -> str:
     return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
-@click.command("audit")
+@click.command("audit", cls=Command)
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON (summary.json finding shape).")
 @click.option("--fail-on", type=click.Choice(["warning", "error"]), default="error", show_default=True,
@@ -40,11 +35,7 @@ def audit(checkpoint: Path, as_json: bool, fail_on: str) -> None:
     """
     from analyze.pipeline.audit import audit_checkpoint, fails
 
-    try:
-        result = audit_checkpoint(checkpoint)
-    except TrainauditError as exc:
-        _die(exc)
-        return
+    result = audit_checkpoint(checkpoint)
     if as_json:
         click.echo(json.dumps([f.to_json() for f in result.findings], indent=2, allow_nan=False))
     else:
@@ -61,12 +52,11 @@ def audit(checkpoint: Path, as_json: bool, fail_on: str) -> None:
                        f"per-tensor values with --json or `trainaudit spectral`")
         click.echo(f"{counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info")
     if result.error is not None:
-        click.echo(f"trainaudit: error: {result.error}", err=True)
-        sys.exit(2)
+        fail(result.error)
     sys.exit(1 if fails(result, fail_on) else 0)
 
 
-@click.command("spectral")
+@click.command("spectral", cls=Command)
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @click.option("--exact", is_flag=True, help="Also compute the exact sigma_1 (and sigma_2) for comparison.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per matrix.")
@@ -82,11 +72,7 @@ def spectral(checkpoint: Path, exact: bool, as_json: bool, method: str, tol: flo
     """
     from analyze.pipeline.audit import spectral_rows
 
-    try:
-        rows, warnings = spectral_rows(checkpoint, exact=exact, method=method, tol=tol)
-    except TrainauditError as exc:
-        _die(exc)
-        return
+    rows, warnings = spectral_rows(checkpoint, exact=exact, method=method, tol=tol)
     for w in warnings:
         click.echo(f"trainaudit: warning: {w}", err=True)
     if as_json:

@@ -5,8 +5,10 @@ from pathlib import Path
 
 import click
 
+from analyze.cli.errors import Command
 
-@click.command()
+
+@click.command(cls=Command)
 @click.option("--steps", default=2000, show_default=True, type=click.IntRange(1),
               help="Optimizer steps to train.")
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
@@ -42,7 +44,7 @@ def demo(steps: int, out: str, seed: int, report: bool) -> None:
     train_demo(run, DemoSettings(steps=steps, seed=seed), progress=progress)
     click.echo(f"run written to {run}")
     if report:
-        from analyze.cli.report import write_full_report
+        from analyze.pipeline.output import write_full_report
 
-        out_dir = write_full_report(run, run / "report")
-        click.echo(f"report: {Path(out_dir) / 'report.html'}")
+        files = write_full_report(run, run / "report")
+        click.echo(f"report: {files.html}")

@@ -1,98 +1,24 @@
 """`trainaudit report RUN`: analyse a run and write report.html, summary.json and tables/*.csv;
 `trainaudit report RUN1 RUN2 ...` (or a folder of runs): each run's report plus a comparison page.
 
-`write_full_report` is the library function behind the one-run command (`trainaudit demo` calls it
-too); `analyze.pipeline.compare.write_comparison` the one behind several runs.
+The library functions behind them: `analyze.pipeline.output.write_full_report` (one run) and
+`analyze.pipeline.compare.write_comparison` (several runs).
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
-from loaders.errors import TrainauditError
+from analyze.cli.errors import Command, fail, say_error
 
-__all__ = ["report", "write_full_report", "default_out_dir", "ReportFiles"]
-
-
-@dataclass(frozen=True, slots=True)
-class ReportFiles:
-    """What `write_full_report` wrote. `os.fspath(files)` is the output folder."""
-
-    out_dir: Path
-    html: Path
-    summary: Path
-    tables_dir: Path
-    n_data_warnings: int
-    result: Any  # analyze.pipeline.analysis.AnalysisResult
-
-    def __fspath__(self) -> str:
-        return os.fspath(self.out_dir)
+__all__ = ["report"]
 
 
-def default_out_dir(run_path: str | os.PathLike[str]) -> Path:
-    """RUN/report/ for a folder; <file-stem>-report/ beside a single file."""
-    p = Path(run_path)
-    return p / "report" if p.is_dir() else p.with_name(f"{p.stem}-report")
-
-
-def _mkdir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TrainauditError(path, f"cannot create output folder: {(exc.strerror or str(exc)).lower()}") from None
-
-
-def write_full_report(run_path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None, *,
-                      exact_svd: bool | None = None, fmt: str | None = None, model: str | None = None,
-                      workers: int | None = None, scheduler: str | None = None,
-                      progress: Callable[[str], None] | None = None, config: Any = None) -> ReportFiles:
-    """Load `run_path`, analyse it (per-checkpoint results cached in OUT/cache/) and write
-    OUT/report.html, OUT/summary.json and OUT/tables/<name>.csv. `workers`: processes for the
-    per-checkpoint tasks (None: one per CPU core); `scheduler`: a Dask scheduler address to run
-    them on instead. Raises TrainauditError on unreadable input or an unwritable output folder."""
-    from analyze.config import AnalysisConfig, default_workers
-    from analyze.pipeline.analysis import analyze_run
-    from analyze.pipeline.tables import validate_summary
-    from loaders.rundir import load_run
-    from reports.html import write_report, write_text_atomic
-
-    run_path = Path(run_path)
-    if not run_path.exists():
-        raise TrainauditError(run_path, "no such file or directory")
-    out = Path(out_dir) if out_dir is not None else default_out_dir(run_path)
-    if config is None:
-        config = AnalysisConfig(exact_svd=exact_svd, model_factory=model, scheduler=scheduler,
-                                workers=default_workers() if workers is None else workers)
-    try:
-        run = load_run(run_path, format=fmt)
-    except ImportError as exc:  # the foreign-format readers are another module
-        raise TrainauditError(run_path, f"not a trainaudit run directory, and the foreign-format readers are "
-                                        f"unavailable ({exc})") from None
-    _mkdir(out)
-    tables_dir = out / "tables"
-    _mkdir(tables_dir)
-    result = analyze_run(run, config, progress=progress, cache_dir=out / "cache")
-    if progress is not None:
-        progress("writing tables, summary.json and report.html")
-    for name, df in result.tables.items():
-        write_text_atomic(tables_dir / f"{name}.csv", df.to_csv(index=False))
-    problems = validate_summary(result.summary)
-    if problems:  # a bug in trainaudit, not in the user's data
-        raise RuntimeError("summary.json does not match format_version 1: " + "; ".join(problems[:5]))
-    summary_path = write_text_atomic(out / "summary.json",
-                                     json.dumps(result.summary, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
-    html = write_report(result, out / "report.html", figure_cache=out / "cache" / "figures")
-    return ReportFiles(out, html, summary_path, tables_dir, len(result.data_warnings), result)
-
-
-@click.command("report")
+@click.command("report", cls=Command)
 @click.argument("runs", nargs=-1, required=True, metavar="RUN...", type=click.Path(path_type=Path))
 @click.option("--out", "out", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Output folder [default: RUN/report/ for one run folder, <file>-report/ beside a single "
@@ -133,13 +59,11 @@ def report(runs: tuple[Path, ...], out: Path | None, exact_svd: bool | None, str
         _compare(paths, out, exact_svd=exact_svd, strict=strict, fmt=fmt, model=model, workers=workers,
                  scheduler=scheduler, progress=progress)
         return
+    from analyze.pipeline.output import write_full_report
+
     run = runs[0]
-    try:
-        files = write_full_report(run, out, exact_svd=exact_svd, fmt=fmt, model=model, workers=workers,
-                                  scheduler=scheduler, progress=progress)
-    except TrainauditError as exc:
-        click.echo(f"trainaudit: error: {exc}", err=True)
-        raise click.exceptions.Exit(2) from None
+    files = write_full_report(run, out, exact_svd=exact_svd, fmt=fmt, model=model, workers=workers,
+                              scheduler=scheduler, progress=progress)
     res = files.result
     counts = {s: sum(1 for f in res.findings if str(f.severity) == s) for s in ("error", "warning", "info")}
     click.echo(f"report: {files.html}")
@@ -148,31 +72,26 @@ def report(runs: tuple[Path, ...], out: Path | None, exact_svd: bool | None, str
     if files.n_data_warnings:
         click.echo(f"{files.n_data_warnings} data warning(s): see 'Data issues' in the report", err=True)
         if strict:
-            click.echo(f"trainaudit: error: {run}: {files.n_data_warnings} data warning(s) (--strict)", err=True)
-            raise click.exceptions.Exit(2)
+            fail(f"{run}: {files.n_data_warnings} data warning(s) (--strict)")
 
 
 def _compare(paths: list[Path], out: Path | None, *, strict: bool, progress: Callable[[str], None],
              **options: Any) -> None:
     from analyze.pipeline.compare import write_comparison
 
-    try:
-        files = write_comparison(paths, out, progress=progress, **options)
-    except TrainauditError as exc:
-        click.echo(f"trainaudit: error: {exc}", err=True)
-        raise click.exceptions.Exit(2) from None
+    files = write_comparison(paths, out, progress=progress, **options)
     ok = [r for r in files.rows if r.ok]
     click.echo(f"comparison: {files.html} ({len(ok)} of {len(files.rows)} run(s) analysed)")
     click.echo(f"summary: {files.json}")
     for r in files.rows:
         if not r.ok:
-            click.echo(f"trainaudit: error: {r.error}", err=True)
+            say_error(r.error)
     n_warn = sum(r.data_warnings for r in ok)
     if n_warn:
         click.echo(f"{n_warn} data warning(s) across the runs: see 'Data issues' in each report", err=True)
     if len(ok) < len(files.rows) or (strict and n_warn):
         if strict and n_warn:
-            click.echo(f"trainaudit: error: {n_warn} data warning(s) (--strict)", err=True)
+            fail(f"{n_warn} data warning(s) (--strict)")
         raise click.exceptions.Exit(2)
 
 

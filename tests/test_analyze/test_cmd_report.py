@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from analyze.cli import main
-from analyze.cli.report import default_out_dir, report, write_full_report
+from analyze.cli.report import report
+from analyze.pipeline.output import default_out_dir, write_full_report
 from analyze.pipeline.tables import SPECTRAL_COLUMNS, TABLE_COLUMNS, validate_summary
 
 REQUIRED_SPECTRAL = ("step", "tensor", "shape", "method", "sigma_est", "err_bound", "sigma_power", "sigma_exact",

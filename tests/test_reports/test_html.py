@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -14,9 +15,11 @@ from safetensors.torch import save_file
 
 from analyze.config import AnalysisConfig
 from analyze.pipeline.analysis import analyze_run
+from analyze.pipeline.output import FigureFolder, write_report
 from loaders.errors import TrainauditError
 from loaders.run import CheckpointRef, ModelSpec, Run
 from reports import html as H
+from reports import page as P
 
 EVIL = "<img src=x onerror=alert(1)>"
 TEMPLATE_TAGS = {"html", "head", "meta", "title", "style", "body", "main", "header", "h1", "h2", "dl", "dt", "dd",
@@ -98,7 +101,7 @@ def fig_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def hostile_html(tmp_path_factory: pytest.TempPathFactory, fig_cache: Path) -> tuple[str, object]:
     tmp = tmp_path_factory.mktemp("hostile")
     res = analyze_run(hostile_run(tmp), AnalysisConfig(exact_svd=True))
-    return H.render_report(res, {"<i>extra</i>": "<u>v</u>"}, figure_cache=fig_cache), res
+    return H.render_report(res, {"<i>extra</i>": "<u>v</u>"}, figure_cache=FigureFolder(fig_cache)), res
 
 
 def test_checker_catches_live_markup() -> None:
@@ -128,7 +131,7 @@ def test_every_run_supplied_name_is_escaped(hostile_html) -> None:
 
 
 def test_autoescape_is_on_for_the_j2_template() -> None:
-    env = H._env()
+    env = P.environment()
     assert env.autoescape is True
     out = env.from_string("{{ x }}").render(x="<b>")
     assert out == "&lt;b&gt;"
@@ -152,7 +155,7 @@ def test_unicode_tricks_are_neutralised(tmp_path: Path, hostile_html, fig_cache:
     long_tail = "x" * 1_000_000
     name = "a\x00b\ud800c\u202ed" + long_tail
     res = analyze_run(hostile_run(tmp_path, name=name), AnalysisConfig(exact_svd=True))
-    doc = H.render_report(res, figure_cache=fig_cache)  # same tables as hostile_html: figures from the cache
+    doc = H.render_report(res, figure_cache=FigureFolder(fig_cache))  # hostile_html's tables: cached figures
     doc.encode("utf-8")  # no lone surrogate survives (strict encoding would raise)
     assert "\x00" not in doc and "\u202e" not in doc and "[U+202E]" in doc
     p = _Collect()
@@ -164,21 +167,37 @@ def test_unicode_tricks_are_neutralised(tmp_path: Path, hostile_html, fig_cache:
     assert live_problems(doc) == []
 
 
-def test_write_is_atomic_and_disk_full_leaves_old_report(tmp_path: Path, monkeypatch) -> None:
+def test_write_is_atomic_and_disk_full_leaves_old_report(hostile_html, fig_cache: Path, tmp_path: Path,
+                                                         monkeypatch) -> None:
+    doc, res = hostile_html
     target = tmp_path / "report.html"
     target.write_text("old report")
 
     def disk_full(_fd: int) -> None:  # data written, then the flush to disk fails (ENOSPC)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(H.os, "fsync", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(TrainauditError, match="cannot write report: no space left"):
-        H.write_text_atomic(target, "new report")
+        write_report(res, target, figure_cache=fig_cache)
     monkeypatch.undo()
     assert target.read_text() == "old report"
     assert list(tmp_path.iterdir()) == [target]  # the temp file was removed
-    H.write_text_atomic(target, "new report")
-    assert target.read_text() == "new report"
+    write_report(res, target, {"<i>extra</i>": "<u>v</u>"}, figure_cache=fig_cache)
+    strip = lambda s: re.sub(r"on \d{4}-\d\d-\d\d \d\d:\d\d UTC", "", s)  # noqa: E731
+    assert strip(target.read_text(encoding="utf-8")) == strip(doc)
+
+
+def test_reports_write_no_file_and_refuse_a_path_as_cache(hostile_html, tmp_path: Path, monkeypatch) -> None:
+    _, res = hostile_html
+    store: dict[str, str] = {"stale": "data:image/png;base64,AAAA"}
+    calls = []
+    monkeypatch.setattr(P, "draw_figure", lambda *a, **k: calls.append(a[0]) or "data:image/png;base64,QQ==")
+    doc = H.render_report(res, figure_cache=store)
+    assert "stale" not in store and len(store) == len(calls) >= 5  # pruned, every drawn figure kept
+    assert doc.count('src="data:image/png;base64,QQ=="') == len(calls)
+    with pytest.raises(TypeError, match="FigureFolder"):
+        H.render_report(res, figure_cache=tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_figure_cache_draws_nothing_the_second_time(hostile_html, fig_cache: Path, monkeypatch) -> None:
@@ -186,24 +205,24 @@ def test_figure_cache_draws_nothing_the_second_time(hostile_html, fig_cache: Pat
     n_img = first.count('<img src="data:image/png;base64,')
     assert n_img >= 5 and len(list(fig_cache.glob("*.b64"))) == n_img
     calls = []
-    monkeypatch.setattr(H, "_figure", lambda *a, **k: calls.append(a) or "data:image/png;base64,")
-    second = H.render_report(res, {"<i>extra</i>": "<u>v</u>"}, figure_cache=fig_cache)
+    monkeypatch.setattr(P, "draw_figure", lambda *a, **k: calls.append(a) or "data:image/png;base64,")
+    second = H.render_report(res, {"<i>extra</i>": "<u>v</u>"}, figure_cache=FigureFolder(fig_cache))
     assert calls == []
     strip = lambda s: re.sub(r"on \d{4}-\d\d-\d\d \d\d:\d\d UTC", "", s)  # noqa: E731
     assert strip(first) == strip(second)
 
 
 def test_fmt_num_and_names() -> None:
-    assert H.fmt_num(float("nan")) == "\u2013" and H.fmt_num(None) == "\u2013"
-    assert H.fmt_num(1.23456789) == "1.235" and H.fmt_num(2.5e-7) == "2.50e-07"
-    assert H.fmt_num(12345) == "12,345" and H.fmt_num(True) == "yes"
-    assert H.clean_text("a\x00\x07b") == "a\ufffd\ufffdb"
-    s = H.short_name("n" * 500)
+    assert P.fmt_num(float("nan")) == "\u2013" and P.fmt_num(None) == "\u2013"
+    assert P.fmt_num(1.23456789) == "1.235" and P.fmt_num(2.5e-7) == "2.50e-07"
+    assert P.fmt_num(12345) == "12,345" and P.fmt_num(True) == "yes"
+    assert P.clean_text("a\x00\x07b") == "a\ufffd\ufffdb"
+    s = P.short_name("n" * 500)
     assert len(s) == 80 and "\u2026" in s
 
 
 def test_template_quotes_every_attribute_and_builds_no_url_from_input() -> None:
-    text = (H.TEMPLATES / "report.html.j2").read_text(encoding="utf-8")
+    text = (P.TEMPLATES / "report.html.j2").read_text(encoding="utf-8")
     tags = re.findall(r"<[a-zA-Z][^<>]*>", re.sub(r"\{#.*?#\}", "", text, flags=re.S))
     assert len(tags) > 30
     for tag in tags:
