@@ -246,11 +246,7 @@ def write_comparison(paths: Sequence[Path], out_dir: str | os.PathLike[str] | No
     """Write each run's full report under OUT/runs/NN-<name>/ and the comparison page and JSON in
     OUT (default ./trainaudit-compare/). A run that cannot be read becomes a row with its error;
     the others are still compared. Per-run caches make a second call recompute nothing."""
-    import json
-
-    from analyze.cli.report import write_full_report
-    from reports.compare import write_comparison_html
-    from reports.html import write_text_atomic
+    from analyze.pipeline.output import write_comparison_html, write_full_report, write_json
 
     out = Path(out_dir) if out_dir is not None else DEFAULT_COMPARE_DIR
     try:
@@ -278,8 +274,7 @@ def write_comparison(paths: Sequence[Path], out_dir: str | os.PathLike[str] | No
         rows.append(compare_row(files.result, Path(path), folder))
         curves.extend(_curves(files.result, f"{i:02d} {rows[-1].name}"))
     doc = {"format_version": COMPARISON_FORMAT_VERSION, "runs": [r.to_json() for r in rows]}
-    json_path = write_text_atomic(out / "comparison.json",
-                                  json.dumps(doc, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+    json_path = write_json(out / "comparison.json", doc)
     table = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["run", "curve", "step", "value"])
     html = write_comparison_html(rows, table, out / "comparison.html", figure_cache=out / "cache" / "figures")
     return ComparisonFiles(out, html, json_path, tuple(rows))
