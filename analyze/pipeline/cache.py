@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from loaders.errors import TrainauditError
+from loaders.safeio import write_atomic
 
 if TYPE_CHECKING:  # torch only for writing an entry, or for a warm start from one (`as_tensors`)
     import torch
@@ -86,14 +88,12 @@ def _load_vectors(path: Path) -> dict[str, np.ndarray | torch.Tensor]:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """``loaders.safeio.write_atomic``; its error is an ``OSError`` here, which every caller
+    catches: a cache that cannot be written only costs time, never the analysis."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        write_atomic(path, data, what="cache entry")
+    except TrainauditError as exc:
+        raise OSError(str(exc)) from None
 
 
 class CheckpointCache:
