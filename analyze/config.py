@@ -1,7 +1,16 @@
 """AnalysisConfig: every knob of the offline analysis, with the formulas.md defaults.
 
 One frozen dataclass; the `report` command's options map onto its fields. `cache_key()` hashes
-the fields that change per-checkpoint results, so a changed setting invalidates the cache.
+the fields that change per-checkpoint results, so a changed setting invalidates the cache (the
+healthy rho band does: the grad-ratio rows carry their §11 verdict).
+
+Every rule threshold of the analysis and the checkpoint audit is a field here, nowhere else. The
+audit's two (`max_abs_warn`, `sigma_warn`) are ours, not the sheet's:
+* ``max_abs_warn = 1e4``: no trained float weight we know of has entries this large (typical
+  entries are O(1) or smaller; LayerNorm gains reach tens); float16 overflows at 6.5e4.
+* ``sigma_warn = 1e3``: spectral norms of trained matrices are O(1)-O(100) (the largest in
+  all-MiniLM-L6-v2 is its 30k x 384 word embedding, ~29); 1e3 means a layer that amplifies
+  its input a thousandfold, the signature of a diverged run.
 """
 from __future__ import annotations
 
@@ -18,7 +27,7 @@ CACHE_VERSION = 5  # bump when the per-checkpoint rows change shape or meaning
 
 def default_workers() -> int:
     """CPU cores this process may use (the `--workers` default). Here rather than only in
-    `analyze.pipeline.parallel`, which imports torch, so that a cached report need not import it."""
+    `analyze.pipeline.runners`, which imports torch, so that a cached report need not import it."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
@@ -39,11 +48,19 @@ class AnalysisConfig:
     spike_k: float = 6.0                 # MAD units above the median (§9)
     gl_alpha: float = 5.0                # Prechelt GL_alpha in percent (§10)
     divergence_delta: float = 0.05       # nats the smoothed gap must widen by (§10)
-    rho_low: float = 1e-4                # healthy grad-to-weight ratio range (§11)
+    rho_low: float = 1e-4                # healthy grad-to-weight ratio range, inclusive (§11)
     rho_high: float = 1e-1
     update_ratio_low: float = 1e-5       # per-step update ratio range shown as healthy (§12: ~1e-3)
     update_ratio_high: float = 1e-2
-    spectral_growth: float = 2.0         # flag sigma_1 growing by more than this factor (first -> last)
+    spectral_growth: float = 2.0         # flag sigma_1 growing by more than this factor, mid-run -> last
+                                         # (analyze.metrics.growth; §4, §12)
+    dead_fraction_warn: float = 0.05     # dead FFN unit fraction that makes the finding a warning (§5)
+    logit_growth: float = 2.0            # max attention logit growing by more than this factor, first -> last,
+    logit_growth_min: float = 10.0       # ... and ending above this value, is reported (§12)
+    expected_tau_end: tuple[float, float] = (0.2, 0.5)  # tau at the end of the built-in corpus's run, nats (§8)
+    tau_band_min_steps: int = 1000       # that band describes the ~2000-step demo: shorter runs are not judged
+    max_abs_warn: float = 1e4            # checkpoint audit: |w| above this is "exploding weights" (see below)
+    sigma_warn: float = 1e3              # checkpoint audit: sigma_1 above this is "large spectral norm" (see below)
     class_window: int = 50               # training steps per per-class Welford window (§8)
     class_pair: tuple[str, str] | None = None  # (hard, easy) for tau; None = built-in / automatic
     eval_batch_size: int = 64            # examples per forward batch on the stored eval set
@@ -62,6 +79,7 @@ class AnalysisConfig:
             "divergence_delta": self.divergence_delta >= 0, "class_window": self.class_window >= 1,
             "eval_batch_size": self.eval_batch_size >= 1, "grad_batch_size": self.grad_batch_size >= 1,
             "workers": self.workers >= 1, "rho_low": 0 < self.rho_low < self.rho_high,
+            "expected_tau_end": len(self.expected_tau_end) == 2 and self.expected_tau_end[0] <= self.expected_tau_end[1],
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -77,8 +95,9 @@ class AnalysisConfig:
     def cache_key(self) -> str:
         """Hash of the fields that change per-checkpoint results (not where they run, not log-only knobs)."""
         skip = {"workers", "scheduler", "spike_window", "spike_k", "gl_alpha", "divergence_delta",
-                "class_window", "class_pair", "spectral_growth", "rho_low", "rho_high",
-                "update_ratio_low", "update_ratio_high", "estimator_rel_tol"}
+                "class_window", "class_pair", "spectral_growth", "update_ratio_low", "update_ratio_high",
+                "estimator_rel_tol", "dead_fraction_warn", "logit_growth", "logit_growth_min",
+                "expected_tau_end", "tau_band_min_steps", "max_abs_warn", "sigma_warn"}
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         d["cache_version"] = CACHE_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

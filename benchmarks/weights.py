@@ -5,7 +5,7 @@
 
 Issue 7, target 2: two consecutive 124M-parameter float32 safetensors checkpoints (generated,
 see _gpt2_weights.py); the analysis of the second = the package's own weights task
-(``analyze.pipeline.parallel.run_weights_task``: default spectral estimator warm-started from the first's
+(``analyze.pipeline.weights_task.run_weights_task``: default spectral estimator warm-started from the first's
 vectors, stable rank, update ratio against the first; formulas.md §4, §11, §12), with the
 sheet's power iteration off (timed separately, as the report runs it). Compared with a cold read
 of the file (page cache dropped with fsync + ``posix_fadvise(DONTNEED)``, checked with
@@ -46,7 +46,8 @@ from _gpt2_weights import SIZES, CheckpointPair, Layout, tensor_type, write_pair
 
 from analyze.config import AnalysisConfig  # noqa: E402
 from analyze.metrics.gradients import ratio_from_sums, sum_of_squares, update_sums  # noqa: E402
-from analyze.pipeline.parallel import WeightsTask, plan_checkpoint, run_weights_task  # noqa: E402
+from analyze.pipeline.scheduler import plan_checkpoint  # noqa: E402
+from analyze.pipeline.weights_task import WeightsTask, run_weights_task  # noqa: E402
 from analyze.metrics.spectral import (  # noqa: E402
     DEFAULT_RTOL,
     as_matrix,
@@ -157,7 +158,7 @@ class Analysis:
 
 def analyze_checkpoint(new: Path, old: Path | None = None, vectors: dict[str, torch.Tensor] | None = None, *,
                        rtol: float = DEFAULT_RTOL) -> Analysis:
-    """Where the time goes: the package task's steps (`analyze.pipeline.parallel._tensor_rows`) one after
+    """Where the time goes: the package task's steps (`analyze.pipeline.weights_task._tensor_rows`) one after
     the other with a timer around each, no read-ahead: ||W||_F (`sum_of_squares`, which also
     proves the tensor finite), the default estimator warm-started from ``vectors`` (keys
     "est:<name>"), and ``update_sums`` against the same tensor of ``old``. 1-D tensors skipped.
@@ -204,7 +205,7 @@ def analyze_checkpoint(new: Path, old: Path | None = None, vectors: dict[str, to
 
 def package_analysis(new: Path, old: Path | None = None, vectors: dict[str, torch.Tensor] | None = None, *,
                      power: bool = False) -> Analysis:
-    """The package's own code path: one `analyze.pipeline.parallel.run_weights_task` over every tensor of
+    """The package's own code path: one `analyze.pipeline.weights_task.run_weights_task` over every tensor of
     ``new`` (default estimator warm from ``vectors``, stable rank, update ratio against ``old``;
     the next tensor read ahead in a thread; one intra-op thread, as every pipeline task). ``power``
     adds the sheet's power iteration that the report's validation table runs beside it."""

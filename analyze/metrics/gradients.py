@@ -6,6 +6,7 @@ it stays on the device and never syncs with the host. The ratios are offline and
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -13,7 +14,6 @@ from torch import Tensor
 from analyze.kernels import global_grad_norm
 
 __all__ = [
-    "RHO_HEALTHY",
     "classify_rho",
     "frobenius_norm",
     "global_grad_norm",
@@ -21,10 +21,10 @@ __all__ = [
     "ratio_from_sums",
     "sum_of_squares",
     "update_ratio",
+    "update_ratio_of_blocks",
+    "update_ratio_per_step",
     "update_sums",
 ]
-
-RHO_HEALTHY = (1e-4, 1e-1)  # §11: healthy band for rho = ||G||_F / ||W||_F (inclusive)
 
 
 _CHUNK = 1024               # elements per float32 partial norm: rounding ~1e-7 relative (longer sums drift: ~8e-6 at 1e5)
@@ -134,6 +134,17 @@ def ratio_from_sums(diff_sq: float, old_sq: float) -> float:
     return math.sqrt(diff_sq / old_sq) if old_sq > 0 else math.nan
 
 
+def update_ratio_of_blocks(blocks: Iterable[tuple[Tensor, Tensor]]) -> float:
+    """||W_new - W_old||_F / ||W_old||_F (§11, §12) from (W_new rows, W_old rows) block pairs that
+    together cover both tensors (each pair of equal shape): `update_sums` added up, then
+    `ratio_from_sums`. A caller reading W_old in row blocks never holds a second full copy."""
+    diff_sq = old_sq = 0.0
+    for new, old in blocks:
+        d, o = update_sums(new, old)
+        diff_sq, old_sq = diff_sq + d, old_sq + o
+    return ratio_from_sums(diff_sq, old_sq)
+
+
 def update_ratio(w_new: Tensor, w_old: Tensor) -> float:
     """||W_new - W_old||_F / ||W_old||_F between consecutive checkpoints (§11, §12 "update ratio").
 
@@ -141,17 +152,23 @@ def update_ratio(w_new: Tensor, w_old: Tensor) -> float:
     """
     if w_new.shape != w_old.shape:
         raise ValueError(f"update_ratio: shapes differ {tuple(w_new.shape)} vs {tuple(w_old.shape)}")
-    return ratio_from_sums(*update_sums(w_new, w_old))
+    return update_ratio_of_blocks([(w_new, w_old)])
 
 
-def classify_rho(rho: float) -> str:
-    """§11 verdict: "barely training" below 1e-4, "unstable" above 1e-1, else "healthy".
+def update_ratio_per_step(ratio: float, steps_elapsed: int) -> float:
+    """The update ratio per training step elapsed between the two checkpoints (§11); NaN when
+    no step elapsed."""
+    return ratio / steps_elapsed if steps_elapsed > 0 else math.nan
+
+
+def classify_rho(rho: float, low: float, high: float) -> str:
+    """§11 verdict against the healthy band [low, high] (`AnalysisConfig.rho_low`, `rho_high`):
+    "barely training" below it, "unstable" above it, else "healthy".
 
     Non-finite rho is "unstable" (a NaN/inf gradient is an instability, not health).
     """
-    lo, hi = RHO_HEALTHY
-    if not math.isfinite(rho) or rho > hi:
+    if not math.isfinite(rho) or rho > high:
         return "unstable"
-    if rho < lo:
+    if rho < low:
         return "barely training"
     return "healthy"

@@ -9,13 +9,13 @@ Thin orchestration over the metric modules (no formula lives here):
    from the previous checkpoint's vectors, exact SVD beside them, stable rank, update ratio
    (§4, §11, §12); then, when the run names a built-in model (or `--model` gives one) and stores
    an evaluation set, a forward pass with hooks and one backward pass (`analyze.pipeline.probe`). This
-   work is a set of tasks (`analyze.pipeline.parallel`) run in process, on a process pool or on Dask,
+   work is a set of tasks (`analyze.pipeline.scheduler`) run in process, on a process pool or on Dask,
    with identical results;
 3. findings from the tables (`analyze.pipeline.findings`) and the summary.json object.
 
 Per-checkpoint results are cached in the output folder (`analyze.pipeline.cache`), so a second run on an
 unchanged run recomputes nothing - and imports no torch: the per-class tables (computed with
-torch) are cached too, and `analyze.pipeline.parallel` is imported only when a checkpoint needs work.
+torch) are cached too, and the task modules are imported only when a checkpoint needs work.
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ from loaders.errors import TrainauditError
 from loaders.run import CheckpointRef, Run
 
 if TYPE_CHECKING:  # these import torch: only work the output folder's cache cannot serve needs it
-    from analyze.pipeline.parallel import CheckpointOutcome, ProbeSpec
+    from analyze.pipeline.probe_task import ProbeSpec
+    from analyze.pipeline.scheduler import CheckpointOutcome
 
 __all__ = ["analyze_run", "AnalysisResult", "PANELS", "BUILTIN_CLASS_PAIR"]
 
@@ -104,7 +105,7 @@ def _param_count(ref: CheckpointRef) -> tuple[int | None, str]:
 def _probe_spec(run: Run, cfg: AnalysisConfig) -> ProbeSpec:
     import json
 
-    from analyze.pipeline.parallel import ProbeSpec
+    from analyze.pipeline.probe_task import ProbeSpec
 
     config = run.model.config if run.model else {}
     return ProbeSpec(model_name=run.model.name if run.model else None,
@@ -113,7 +114,7 @@ def _probe_spec(run: Run, cfg: AnalysisConfig) -> ProbeSpec:
                      eval_set_path=None if run.eval_set_path is None else str(run.eval_set_path),
                      class_names=tuple(str(c) for c in run.class_names), dead_eps=cfg.dead_eps,
                      eval_batch_size=cfg.eval_batch_size, grad_batch_size=cfg.grad_batch_size,
-                     max_eval_examples=cfg.max_eval_examples)
+                     max_eval_examples=cfg.max_eval_examples, rho_band=(cfg.rho_low, cfg.rho_high))
 
 
 def _checkpoints(run: Run, cfg: AnalysisConfig, cache: CheckpointCache, progress: Progress | None,
@@ -121,7 +122,7 @@ def _checkpoints(run: Run, cfg: AnalysisConfig, cache: CheckpointCache, progress
     """All per-checkpoint rows (cached or computed), notes, data warnings, probe reason, exact flag.
 
     The longest prefix of checkpoints found in the cache is replayed; the rest runs as tasks
-    (`analyze.pipeline.parallel`) serially, on a process pool (cfg.workers) or on Dask (cfg.scheduler), and
+    (`analyze.pipeline.scheduler`) serially, on a process pool (cfg.workers) or on Dask (cfg.scheduler), and
     each finished checkpoint is cached as soon as it and every one before it are done.
     """
     refs = sorted(run.checkpoints, key=lambda r: r.step)
@@ -170,15 +171,17 @@ def _checkpoints(run: Run, cfg: AnalysisConfig, cache: CheckpointCache, progress
     if not todo:  # everything from the cache: say why model panels may be empty
         if rows.get("activations") or rows.get("dead_neurons"):
             return rows, notes, warns, "", exact
-        from analyze.pipeline.parallel import probe_reason
+        from analyze.pipeline.probe_task import probe_reason
 
         return rows, notes, warns, probe_reason(_probe_spec(run, cfg)), exact
     cache.count_misses(len(todo) - 1)  # the first was counted by its failed load
 
-    # 2. the rest as tasks (analyze.pipeline.parallel and torch are imported only here: a report served
+    # 2. the rest as tasks (the task modules and torch are imported only here: a report served
     # wholly from the cache needs neither)
     from analyze.pipeline.cache import as_tensors
-    from analyze.pipeline.parallel import make_runner, plan_checkpoint, probe_reason, run_checkpoints
+    from analyze.pipeline.probe_task import probe_reason
+    from analyze.pipeline.runners import make_runner
+    from analyze.pipeline.scheduler import plan_checkpoint, run_checkpoints
 
     spec = _probe_spec(run, cfg)
     reason = probe_reason(spec)

@@ -5,14 +5,9 @@ and states, per tensor, what a CI gate needs: non-finite values (error), explodi
 (warning), empty tensors (info), and for every matrix the spectral norm (formulas.md §4) and
 stable rank (§12) as info. ``spectral_rows`` is the validation table of §4 for one checkpoint:
 the default estimator with its error bound, the sheet's power iteration and, on request, the
-exact value.
+exact value (`analyze.metrics.spectral.spectral_validation`, the row the report's table uses too).
 
-Thresholds (documented, module constants):
-* ``MAX_ABS_WARN = 1e4``: no trained float weight we know of has entries this large (typical
-  entries are O(1) or smaller; LayerNorm gains reach tens); float16 overflows at 6.5e4.
-* ``SIGMA_WARN = 1e3``: spectral norms of trained matrices are O(1)-O(100) (the largest in
-  all-MiniLM-L6-v2 is its 30k x 384 word embedding, ~29); 1e3 means a layer that amplifies
-  its input a thousandfold, the signature of a diverged run.
+Thresholds: ``AnalysisConfig.max_abs_warn`` and ``sigma_warn`` (their reasons are in `analyze.config`).
 """
 from __future__ import annotations
 
@@ -24,6 +19,8 @@ from typing import Any
 
 import torch
 
+from analyze.config import AnalysisConfig
+from analyze.metrics.gradients import sum_of_squares
 from analyze.metrics.spectral import (
     EXACT_MAX_DIM,
     as_matrix,
@@ -32,17 +29,16 @@ from analyze.metrics.spectral import (
     exact_top_singular_values,
     matrix_skip_reason,
     power_iteration,
+    spectral_validation,
     stable_rank,
 )
 from analyze.pipeline.tables import SEVERITY_ORDER, Finding, Severity
 from loaders.checkpoints import checkpoint_info, iter_tensors, skipped_side_files, step_from_name, step_metadata
 from loaders.errors import DataWarnings, TrainauditError
 
-__all__ = ["MAX_ABS_WARN", "SIGMA_WARN", "AuditResult", "SpectralRow", "TensorHealth", "audit_checkpoint",
-           "fails", "spectral_rows", "SPECTRAL_JSON_KEYS", "METHODS"]
+__all__ = ["AuditResult", "SpectralRow", "TensorHealth", "audit_checkpoint", "fails", "spectral_rows",
+           "SPECTRAL_JSON_KEYS", "METHODS"]
 
-MAX_ABS_WARN = 1e4
-SIGMA_WARN = 1e3
 METHODS = ("auto", "lanczos", "exact")
 # Small tensors (biases, norms, tiny layers) are audited in same-shape stacks: per-tensor torch
 # calls cost ~0.5 ms each, so 10,000 tiny tensors took 5 s one by one (bad-inputs.md F3).
@@ -152,7 +148,7 @@ def _health(name: str, t: torch.Tensor) -> TensorHealth:
     assert m is not None
     est = estimate_spectral_norm(m)
     return TensorHealth(name, shape, dtype, t.numel(), 0, max_abs, est.sigma, est.err_bound,
-                        stable_rank(m, est.sigma), None)
+                        stable_rank(sum_of_squares(m), est.sigma), None)
 
 
 def _batchable(t: torch.Tensor) -> bool:
@@ -183,11 +179,11 @@ def _health_batch(items: list[tuple[str, torch.Tensor]]) -> list[TensorHealth]:
     ests = estimate_spectral_norm_batched(mats)
     fro2 = (mats.to(torch.float64) ** 2).sum(dim=(1, 2)).tolist()
     return [TensorHealth(n, shape, dtype, numel, 0, max_abs[i], e.sigma, e.err_bound,
-                         fro2[i] / (e.sigma * e.sigma) if e.sigma > 0 else nan, None)
+                         stable_rank(fro2[i], e.sigma), None)
             for i, ((n, _), e) in enumerate(zip(items, ests, strict=True))]
 
 
-def _findings(h: TensorHealth, step: int | None) -> list[Finding]:
+def _findings(h: TensorHealth, step: int | None, cfg: AnalysisConfig) -> list[Finding]:
     out: list[Finding] = []
     if h.numel == 0:
         out.append(Finding(Severity.INFO, "empty_tensor", f"{h.name} is empty (shape {list(h.shape)}).",
@@ -197,17 +193,17 @@ def _findings(h: TensorHealth, step: int | None) -> list[Finding]:
         out.append(Finding(Severity.ERROR, "nonfinite_tensor",
                            f"{h.name} has {h.nonfinite:,} non-finite values (NaN or inf) of {h.numel:,}.",
                            step=step, tensor=h.name, value=float(h.nonfinite), metric="nonfinite_count"))
-    if math.isfinite(h.max_abs) and h.max_abs > MAX_ABS_WARN:
+    if math.isfinite(h.max_abs) and h.max_abs > cfg.max_abs_warn:
         out.append(Finding(Severity.WARNING, "large_weights",
-                           f"{h.name} has entries up to |w| = {h.max_abs:.3g}, above {MAX_ABS_WARN:.0e}: "
+                           f"{h.name} has entries up to |w| = {h.max_abs:.3g}, above {cfg.max_abs_warn:.0e}: "
                            f"exploding weights.", step=step, tensor=h.name, value=h.max_abs,
-                           threshold=MAX_ABS_WARN, metric="max_abs"))
+                           threshold=cfg.max_abs_warn, metric="max_abs"))
     if math.isfinite(h.sigma):
-        if h.sigma > SIGMA_WARN:
+        if h.sigma > cfg.sigma_warn:
             out.append(Finding(Severity.WARNING, "large_spectral_norm",
-                               f"{h.name} has spectral norm {h.sigma:.4g}, above {SIGMA_WARN:.0e}: the layer "
+                               f"{h.name} has spectral norm {h.sigma:.4g}, above {cfg.sigma_warn:.0e}: the layer "
                                f"amplifies some input direction {h.sigma:.3g}-fold.", step=step, tensor=h.name,
-                               value=h.sigma, threshold=SIGMA_WARN, metric="sigma_1"))
+                               value=h.sigma, threshold=cfg.sigma_warn, metric="sigma_1"))
         out.append(Finding(Severity.INFO, "spectral_norm",
                            f"{h.name} {list(h.shape)}: spectral norm {h.sigma:.6g} (relative error <= "
                            f"{h.err_bound:.1e}), stable rank {h.stable_rank:.4g}.", step=step, tensor=h.name,
@@ -218,12 +214,14 @@ def _findings(h: TensorHealth, step: int | None) -> list[Finding]:
     return out
 
 
-def audit_checkpoint(path: str | os.PathLike[str]) -> AuditResult:
-    """Health findings of one checkpoint (file or folder), reading one tensor at a time.
+def audit_checkpoint(path: str | os.PathLike[str], cfg: AnalysisConfig | None = None) -> AuditResult:
+    """Health findings of one checkpoint (file or folder), reading one tensor at a time, against
+    the thresholds of `cfg` (default: `AnalysisConfig()`).
 
     Raises ``TrainauditError`` when nothing could be read. A failure after some tensors were
     read (a missing shard) is returned in ``error`` with the findings of what was read.
     """
+    cfg = cfg or AnalysisConfig()
     p = Path(path)
     warnings = DataWarnings()
     step = _checkpoint_step(p)
@@ -259,7 +257,7 @@ def audit_checkpoint(path: str | os.PathLike[str]) -> AuditResult:
     health = [h for h in slots if h is not None]
     findings: list[Finding] = []
     for h in health:
-        findings.extend(_findings(h, step))
+        findings.extend(_findings(h, step, cfg))
     skipped = [h for h in health if h.skip_reason is not None and h.numel > 0 and not h.nonfinite]
     if skipped:
         shown = ", ".join(h.name for h in skipped[:_MAX_LISTED]) + (" ..." if len(skipped) > _MAX_LISTED else "")
@@ -299,10 +297,9 @@ def fails(result: AuditResult, fail_on: str) -> bool:
     return any(SEVERITY_ORDER[Severity(f.severity)] <= limit for f in result.findings)
 
 
-def _rel(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or b == 0:
-        return None
-    return abs(a - b) / b
+def _num(x: float) -> float | None:
+    """None where the validation row has NaN (a method that did not run, an undefined ratio)."""
+    return x if math.isfinite(x) else None
 
 
 def spectral_rows(path: str | os.PathLike[str], *, exact: bool = False, method: str = "auto",
@@ -331,12 +328,7 @@ def spectral_rows(path: str | os.PathLike[str], *, exact: bool = False, method: 
             rows.append(SpectralRow(name, shape, "non-finite", None, None, None, None, None, None, None, None))
             continue
         est = estimate_spectral_norm(m, **est_kw)
-        pw = power_iteration(m, **pow_kw)
-        s_exact = ratio = None
-        if exact:
-            ex = exact_top_singular_values(m)
-            s_exact = ex.sigma1
-            ratio = ex.sigma2 / ex.sigma1 if ex.sigma1 > 0 and math.isfinite(ex.sigma2) else None
-        rows.append(SpectralRow(name, shape, est.method, est.sigma, est.err_bound, pw.sigma, s_exact,
-                                _rel(est.sigma, s_exact), _rel(pw.sigma, s_exact), est.iterations, ratio))
+        v = spectral_validation(est, power_iteration(m, **pow_kw), exact_top_singular_values(m) if exact else None)
+        rows.append(SpectralRow(name, shape, v.method, v.sigma_est, v.err_bound, v.sigma_power, _num(v.sigma_exact),
+                                _num(v.rel_err), _num(v.power_rel_err), v.iterations, _num(v.sigma_ratio)))
     return rows, list(warnings)

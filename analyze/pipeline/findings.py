@@ -14,13 +14,12 @@ import numpy as np
 import pandas as pd
 
 from analyze.config import AnalysisConfig
+from analyze.metrics.growth import spectral_growth
 from analyze.pipeline.tables import SEVERITY_ORDER, Finding, Severity, finite_or_none
 
-__all__ = ["Context", "derive", "MAX_PER_KIND", "EXPECTED_TAU_END"]
+__all__ = ["Context", "derive", "MAX_PER_KIND"]
 
-MAX_PER_KIND = 5
-EXPECTED_TAU_END = (0.2, 0.5)  # formulas.md §8: tau narrows to ~0.2-0.5 nats by the end (built-in corpus)
-TAU_BAND_MIN_STEPS = 1000  # that band describes the end of the ~2000-step demo; shorter runs are not judged
+MAX_PER_KIND = 5  # findings of one kind listed before "N more" (a display cap; thresholds are in AnalysisConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,26 +106,19 @@ def _spectral(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
                       f"step {r.step}.", step=int(r.step), tensor=str(r.tensor), metric="weights")
               for r in bad.drop_duplicates("tensor").itertuples(index=False)]
     out += _capped(nonfin, "nonfinite_weights", "tensors with non-finite weights")
-    ok = t[t["finite"].astype(bool)].copy()
+    ok = t[t["finite"].astype(bool)]
     if ok.empty:
         return out
-    exact = ok["sigma_exact"].astype(float)
-    ok["sigma"] = np.where(np.isfinite(exact), exact, ok["sigma_est"].astype(float))
     growth = []
-    steps = sorted(ok["step"].unique())
-    if len(steps) >= 2:
-        # Growth over the second half of the run: from initialisation every norm grows, which says nothing.
-        ref_step = min(steps[1:-1] or steps[:1], key=lambda s: abs(s - steps[-1] / 2))
-        first = ok[ok["step"] == ref_step].set_index("tensor")["sigma"]
-        last = ok[ok["step"] == steps[-1]].set_index("tensor")["sigma"]
-        ratio = spectral_growth_ratio(first, last)
-        for name, g in ratio[ratio > cfg.spectral_growth].sort_values(ascending=False).items():
+    sg = spectral_growth(t)  # over the second half of the run (analyze.metrics.growth)
+    if sg is not None:
+        for name, g in sg.flagged(cfg.spectral_growth).items():
             growth.append(Finding(
                 Severity.WARNING, "spectral_growth",
-                f"{name}: spectral norm grew {g:.1f}x between steps {ref_step} and {steps[-1]} "
-                f"({first[name]:.3g} to {last[name]:.3g}), above the {cfg.spectral_growth:g}x threshold; late growth "
-                "of sigma_1 often precedes instability.",
-                step=int(steps[-1]), tensor=str(name), value=float(g), threshold=cfg.spectral_growth,
+                f"{name}: spectral norm grew {g:.1f}x between steps {sg.ref_step} and {sg.last_step} "
+                f"({sg.sigma_ref[name]:.3g} to {sg.sigma_last[name]:.3g}), above the {cfg.spectral_growth:g}x "
+                "threshold; late growth of sigma_1 often precedes instability.",
+                step=sg.last_step, tensor=str(name), value=float(g), threshold=cfg.spectral_growth,
                 metric="spectral norm growth"))
     out += _capped(growth, "spectral_growth", "tensors with spectral-norm growth")
     rel = ok["rel_err"].astype(float)
@@ -156,26 +148,18 @@ def _spectral(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
     return out
 
 
-def spectral_growth_ratio(first: pd.Series, last: pd.Series) -> pd.Series:
-    """sigma_end / sigma_start per tensor, NaN dropped (and where sigma_start <= 0)."""
-    both = pd.concat({"a": first, "b": last}, axis=1).dropna()
-    # analyze.metrics.spectral.spectral_growth's formula, written out: that module imports torch, which a
-    # report served from the cache otherwise never needs.
-    return (both["b"] / both["a"]).where(both["a"] > 0).astype(float).dropna()
-
-
-def _dead(t: pd.DataFrame) -> list[Finding]:
+def _dead(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
     out = []
     for r in _last(t).itertuples(index=False):
         if int(r.dead_count) <= 0:
             continue
         frac = float(r.dead_fraction)
-        sev = Severity.WARNING if frac >= 0.05 else Severity.INFO
+        sev = Severity.WARNING if frac >= cfg.dead_fraction_warn else Severity.INFO
         out.append(Finding(
             sev, "dead_neurons",
             f"{r.layer} FFN: {int(r.dead_count)} of {int(r.d_ff)} units dead on {int(r.n_tokens):,} tokens "
             f"(eps {float(r.eps):g}, {r.activation}).", step=int(r.step), tensor=str(r.layer), value=frac,
-            threshold=0.05, metric="dead unit fraction"))
+            threshold=cfg.dead_fraction_warn, metric="dead unit fraction"))
     return out
 
 
@@ -197,11 +181,12 @@ def _heads(t: pd.DataFrame) -> list[Finding]:
 def _rho(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
     out = []
     for r in _last(t).itertuples(index=False):
-        rho = finite_or_none(r.rho)
-        if rho is not None and cfg.rho_low <= rho <= cfg.rho_high:
+        # the row's §11 verdict (analyze.metrics.gradients.classify_rho, against cfg.rho_low / rho_high)
+        meaning = str(r.status)
+        if meaning == "healthy":
             continue
-        side = ("above" if rho is not None and rho > cfg.rho_high else "below") if rho is not None else "outside"
-        meaning = "unstable" if side != "below" else "barely training"
+        rho = finite_or_none(r.rho)
+        side = "outside" if rho is None else "below" if meaning == "barely training" else "above"
         out.append(Finding(
             Severity.WARNING, "grad_ratio",
             f"{r.tensor}: grad-to-weight ratio {rho if rho is not None else float('nan'):.2e} at step {r.step} "
@@ -212,7 +197,7 @@ def _rho(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
     return _capped(out, "grad_ratio", "tensors outside the healthy ratio range")
 
 
-def _logits(t: pd.DataFrame) -> list[Finding]:
+def _logits(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
     out = []
     steps = sorted(t["step"].unique()) if len(t) else []
     if len(steps) < 2:
@@ -221,7 +206,7 @@ def _logits(t: pd.DataFrame) -> list[Finding]:
     last = t[t["step"] == steps[-1]].set_index("layer")["max_logit"].astype(float)
     for layer in last.index:
         a, b = first.get(layer, math.nan), last[layer]
-        if math.isfinite(a) and a > 0 and b > 2 * a and b > 10:
+        if math.isfinite(a) and a > 0 and b > cfg.logit_growth * a and b > cfg.logit_growth_min:
             out.append(Finding(Severity.INFO, "attention_logit_growth",
                                f"Layer {layer}: the largest attention logit grew from {a:.1f} to {b:.1f} between steps "
                                f"{steps[0]} and {steps[-1]}; attention-logit growth tends to precede entropy collapse.",
@@ -231,14 +216,14 @@ def _logits(t: pd.DataFrame) -> list[Finding]:
 
 
 def _tau(t: pd.DataFrame, ctx: Context) -> list[Finding]:
-    if not ctx.is_builtin_corpus or t.empty or ctx.last_step < TAU_BAND_MIN_STEPS:
+    if not ctx.is_builtin_corpus or t.empty or ctx.last_step < ctx.cfg.tau_band_min_steps:
         return []  # the sheet's end-of-training band is for a full-length demo run
     tr = t[t["source"] == "train"]
     tr = tr[np.isfinite(tr["tau"].astype(float))]
     if tr.empty:
         return []
     last = tr.iloc[-1]
-    lo, hi = EXPECTED_TAU_END
+    lo, hi = ctx.cfg.expected_tau_end
     v = float(last["tau"])
     if lo <= v <= hi:
         return []
@@ -260,10 +245,10 @@ def derive(tables: dict[str, pd.DataFrame], ctx: Context) -> list[Finding]:
     found += _spikes(tables["spikes"], cfg)
     found += _overfitting(ctx)
     found += _spectral(tables["spectral"], cfg)
-    found += _dead(tables["dead_neurons"])
+    found += _dead(tables["dead_neurons"], cfg)
     found += _heads(tables["attention"])
     found += _rho(tables["grad_ratio"], cfg)
-    found += _logits(tables["attention_logits"])
+    found += _logits(tables["attention_logits"], cfg)
     found += _tau(tables["tau"], ctx)
     # stable: a capped kind keeps its "N more" line after its listed findings
     return sorted(found, key=lambda f: SEVERITY_ORDER[Severity(f.severity)])

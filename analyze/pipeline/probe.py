@@ -170,13 +170,14 @@ class ModelProbe:
     """Loads a checkpoint's weights into one model instance and computes the model-based rows."""
 
     def __init__(self, model: nn.Module, eval_set: EvalSet, class_names: list[str], *, eps: float,
-                 batch_size: int, grad_batch_size: int) -> None:
+                 batch_size: int, grad_batch_size: int, rho_band: tuple[float, float]) -> None:
         self.model = model.eval()
         self.data = eval_set
         self.class_names = class_names
         self.eps = eps
         self.batch_size = batch_size
         self.grad_batch_size = grad_batch_size
+        self.rho_band = rho_band
         self.points = find_hook_points(model)
         modules = dict(model.named_modules())
         self.modules = modules
@@ -349,6 +350,6 @@ class ModelProbe:
             out.append({"step": step, "tensor": name, "rho": rho,
                         "grad_norm": float(torch.linalg.vector_norm(p.grad.double())),
                         "weight_norm": float(torch.linalg.vector_norm(p.detach().double())),
-                        "status": classify_rho(rho)})
+                        "status": classify_rho(rho, *self.rho_band)})
         self.model.zero_grad(set_to_none=True)
         return out

@@ -1,25 +1,21 @@
-"""A report served wholly from the output folder's cache: it imports no torch (issue 7: the cached
-demo report in <= 3 s, torch's import alone is ~1.5 s), and everything it serves from the cache -
+"""A report served wholly from the output folder's cache: it imports no torch (the cached demo
+report in <= 3 s, torch's import alone is ~1.5 s), and everything it serves from the cache -
 checkpoint rows, per-class tables, warm-start vectors - is what a fresh computation gives."""
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 
 from analyze.pipeline.cache import CheckpointCache, as_tensors
 from analyze.config import AnalysisConfig
-from analyze.pipeline.findings import spectral_growth_ratio
 from analyze.pipeline.analysis import analyze_run
-from analyze.metrics.spectral import spectral_growth
 
 REPO = Path(__file__).resolve().parents[2]
 CLASS_TABLES = ("class_losses", "tau", "class_gaps")
@@ -32,9 +28,10 @@ try:
     main(sys.argv[1:])
 except SystemExit as exc:
     code = exc.code
-print(json.dumps({"code": code, "imported": sorted(m for m in ("torch", "analyze.pipeline.parallel", "analyze.metrics.losses",
-                                                                  "analyze.metrics.spectral", "safetensors.torch")
-                                                       if m in sys.modules)}))
+HEAVY = ("torch", "analyze.pipeline.scheduler", "analyze.pipeline.weights_task", "analyze.pipeline.probe_task",
+         "analyze.pipeline.runners", "loaders.tensor_reader", "analyze.metrics.losses", "analyze.metrics.spectral",
+         "safetensors.torch")
+print(json.dumps({"code": code, "imported": sorted(m for m in HEAVY if m in sys.modules)}))
 """
 
 
@@ -112,12 +109,3 @@ def test_cached_vectors_come_back_bit_for_bit(tmp_path: Path) -> None:
     vpath = next(tmp_path.glob("step_00000010-k.safetensors"))
     vpath.write_bytes(vpath.read_bytes()[:-3])
     assert CheckpointCache(tmp_path).load(10, "k") is None
-
-
-def test_spectral_growth_ratio_is_spectral_growth() -> None:
-    first = pd.Series({"a": 1.5, "b": 0.0, "c": -1.0, "d": 3.0, "e": math.nan, "f": 0.1})
-    last = pd.Series({"a": 4.5, "b": 2.0, "c": 1.0, "d": 1e-3, "e": 1.0, "g": 1.0, "f": 0.7})
-    got = spectral_growth_ratio(first, last)
-    want = {k: spectral_growth(first[k], last[k]) for k in first.index if k in last.index}
-    want = {k: v for k, v in want.items() if not math.isnan(v)}
-    assert got.to_dict() == want and list(got.index) == ["a", "d", "f"]

@@ -11,7 +11,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from analyze.pipeline.audit import MAX_ABS_WARN, SPECTRAL_JSON_KEYS
+from analyze.config import AnalysisConfig
+from analyze.pipeline.audit import SPECTRAL_JSON_KEYS
 from analyze.cli.checkpoint import audit, spectral
 
 
@@ -78,7 +79,7 @@ def test_audit_nonfinite_is_an_error(tmp_path: Path) -> None:
 
 def test_audit_fail_on_levels(tmp_path: Path) -> None:
     w = torch.eye(4)
-    w[0, 0] = 10 * MAX_ABS_WARN
+    w[0, 0] = 10 * AnalysisConfig().max_abs_warn
     p = tmp_path / "big.safetensors"
     save_file({"w": w}, p)
     res = _run(audit, [str(p), "--json"])

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from analyze.config import AnalysisConfig
 from analyze.metrics.gradients import (
-    RHO_HEALTHY,
     classify_rho,
     global_grad_norm,
     grad_to_weight_ratio,
@@ -82,8 +82,9 @@ def test_grad_to_weight_ratio_and_update_ratio_against_numpy() -> None:
      (0.1, "healthy"), (0.11, "unstable"), (math.inf, "unstable"), (math.nan, "unstable")],
 )
 def test_classify_rho_band_edges(rho: float, verdict: str) -> None:
-    assert RHO_HEALTHY == (1e-4, 1e-1)
-    assert classify_rho(rho) == verdict
+    cfg = AnalysisConfig()
+    assert (cfg.rho_low, cfg.rho_high) == (1e-4, 1e-1)  # the §11 band is the default
+    assert classify_rho(rho, cfg.rho_low, cfg.rho_high) == verdict
 
 
 def test_sum_of_squares_against_float64_numpy_on_wide_and_long_rows() -> None:

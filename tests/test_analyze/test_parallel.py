@@ -1,4 +1,4 @@
-"""Per-checkpoint tasks (analyze.pipeline.parallel): the same bits serially, on a process pool and on a Dask
+"""Per-checkpoint tasks (analyze.pipeline.scheduler, weights_task, runners): the same bits serially, on a process pool and on a Dask
 LocalCluster; a checkpoint failing mid-chain restarts the chains exactly; the cache still serves
 every checkpoint (failed ones included) on a second run."""
 from __future__ import annotations
@@ -14,11 +14,12 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from analyze.pipeline import parallel
+from analyze.pipeline import scheduler
 from analyze.cli import main
 from analyze.config import AnalysisConfig
-from analyze.pipeline.parallel import (DASK_HINT, CheckpointOutcome, SerialRunner, WeightsResult, plan_checkpoint,
-                              plan_groups, run_checkpoints, run_weights_task)
+from analyze.pipeline.runners import DASK_HINT, SerialRunner, make_runner
+from analyze.pipeline.scheduler import CheckpointOutcome, plan_checkpoint, plan_groups, run_checkpoints
+from analyze.pipeline.weights_task import WeightsResult, WeightsTask, run_weights_task
 from analyze.pipeline.analysis import analyze_run
 from analyze.pipeline.tables import TABLE_COLUMNS
 from loaders.errors import TrainauditError
@@ -71,7 +72,7 @@ def test_failure_found_after_other_chains_passed_it_restarts_them(tmp_path: Path
     plans = [plan_checkpoint(r) for r in refs]
     assert len(set(plan_groups(plans, 4).values())) == 4  # every tensor its own chain
     bad_step, calls = 20, []
-    real = parallel.run_weights_task
+    real = scheduler.run_weights_task
 
     def flaky(task):
         calls.append((task.ref.step, task.group))
@@ -79,14 +80,14 @@ def test_failure_found_after_other_chains_passed_it_restarts_them(tmp_path: Path
             return WeightsResult(task.ref.step, task.group, (), {}, f"{task.ref.path}: simulated read error")
         return real(task)
 
-    monkeypatch.setattr(parallel, "run_weights_task", flaky)
+    monkeypatch.setattr(scheduler, "run_weights_task", flaky)
     cfg = AnalysisConfig(exact_svd=True)
     got: list[CheckpointOutcome] = []
     run_checkpoints(plans, cfg=cfg, exact=True, init_vectors={}, init_prev=None, probe_spec=None,
                     runner=LastFirstRunner(), on_done=got.append)
     # the chains of groups 1-3 went through step 20 before group 0 failed there, and were redone after it
     assert calls.count((30, 3)) == 2 and calls.count((40, 3)) == 2
-    monkeypatch.setattr(parallel, "run_weights_task", real)
+    monkeypatch.setattr(scheduler, "run_weights_task", real)
     ref_out: list[CheckpointOutcome] = []
     run_checkpoints([p for p in plans if p.ref.step != bad_step], cfg=cfg, exact=True, init_vectors={},
                     init_prev=None, probe_spec=None, runner=SerialRunner(), on_done=ref_out.append)
@@ -107,8 +108,8 @@ def test_a_tensor_gives_the_same_row_whatever_its_group(tmp_path: Path) -> None:
     refs = _checkpoints(tmp_path, n=2)
     cfg = AnalysisConfig(exact_svd=True)
     names = tuple(SHAPES)
-    together = run_weights_task(parallel.WeightsTask(refs[1], refs[0], names, {}, cfg, True, 0))
-    alone = run_weights_task(parallel.WeightsTask(refs[1], refs[0], ("c.weight",), {}, cfg, True, 1))
+    together = run_weights_task(WeightsTask(refs[1], refs[0], names, {}, cfg, True, 0))
+    alone = run_weights_task(WeightsTask(refs[1], refs[0], ("c.weight",), {}, cfg, True, 1))
     row = {t.name: t for t in together.tensors}["c.weight"]
     assert row == alone.tensors[0]  # cold start seeded by (seed, name): nothing leaks from a.weight, b.weight
     assert torch.equal(together.vectors["est:c.weight"], alone.vectors["est:c.weight"])
@@ -175,7 +176,7 @@ def test_scheduler_without_dask_or_unreachable_is_one_line_exit_2(tiny_demo_run:
                                                                    monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "distributed", None)  # as if the [dask] extra were not installed
     with pytest.raises(TrainauditError, match="pip install 'trainaudit\\[dask\\]'"):
-        parallel.make_runner(2, "tcp://127.0.0.1:9")
+        make_runner(2, "tcp://127.0.0.1:9")
     run = tmp_path / "run"
     shutil.copytree(tiny_demo_run, run, ignore=shutil.ignore_patterns("report"))
     res = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / "o"), "--scheduler", "tcp://x:1"])
@@ -198,8 +199,8 @@ def test_weights_task_values_against_numpy_with_recycled_buffers(tmp_path: Path)
         save_file(tensors, str(p))
         refs.append(CheckpointRef(step, p, "safetensors"))
     cfg = AnalysisConfig(exact_svd=True)
-    first = run_weights_task(parallel.WeightsTask(refs[0], None, plan_checkpoint(refs[0]).names, {}, cfg, True, 0))
-    res = run_weights_task(parallel.WeightsTask(refs[1], refs[0], plan_checkpoint(refs[1]).names, first.vectors,
+    first = run_weights_task(WeightsTask(refs[0], None, plan_checkpoint(refs[0]).names, {}, cfg, True, 0))
+    res = run_weights_task(WeightsTask(refs[1], refs[0], plan_checkpoint(refs[1]).names, first.vectors,
                                                 cfg, True, 0))
     assert not res.error
     from safetensors.torch import load_file as torch_load  # the safetensors library's reader, not ours
