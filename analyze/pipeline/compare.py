@@ -1,4 +1,4 @@
-"""Several runs side by side (issue 7): each run's own report, then one comparison page.
+"""Several runs side by side: each run's own report, then one comparison page.
 
 `trainaudit report RUN1 RUN2 ...` (or a folder whose sub-folders are runs) writes, under the
 output folder (default ``./trainaudit-compare/``):
@@ -21,6 +21,8 @@ from typing import Any
 
 import pandas as pd
 
+from analyze.config import AnalysisConfig
+from analyze.metrics.growth import spectral_growth as growth_of
 from analyze.pipeline.tables import finite_or_none, json_safe
 from loaders.errors import TrainauditError
 
@@ -35,8 +37,8 @@ _OUTPUT_MARKERS = ("comparison.json", "summary.json")  # folders trainaudit wrot
 
 @dataclass(frozen=True, slots=True)
 class SpectralGrowth:
-    """The largest sigma_1(last checkpoint) / sigma_1(first checkpoint) over the run's matrices
-    (exact SVD when it ran, else the default estimator)."""
+    """The run's largest sigma_1 growth (`analyze.metrics.growth`: mid-run reference checkpoint
+    `first_step` to the last, §4, §12) and the threshold the findings hold it against."""
 
     ratio: float
     tensor: str
@@ -44,11 +46,17 @@ class SpectralGrowth:
     last_step: int
     sigma_first: float
     sigma_last: float
+    threshold: float
+
+    @property
+    def flagged(self) -> bool:
+        """Above `AnalysisConfig.spectral_growth`: the run has a spectral_growth finding."""
+        return self.ratio > self.threshold
 
     def to_json(self) -> dict[str, Any]:
         return json_safe({"max_ratio": self.ratio, "tensor": self.tensor, "first_step": self.first_step,
                           "last_step": self.last_step, "sigma_first": self.sigma_first,
-                          "sigma_last": self.sigma_last})
+                          "sigma_last": self.sigma_last, "threshold": self.threshold, "flagged": self.flagged})
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,32 +169,20 @@ def _slug(path: Path, index: int) -> str:
 # --------------------------------------------------------------------------- one row
 
 
-def spectral_growth(spectral: pd.DataFrame) -> SpectralGrowth | None:
-    """Largest sigma_1 growth from the first to the last analysed checkpoint over the matrices
-    present (and finite) in both; None with fewer than two checkpoints."""
-    if spectral.empty:
+def spectral_growth(spectral: pd.DataFrame, cfg: AnalysisConfig | None = None) -> SpectralGrowth | None:
+    """The largest sigma_1 growth over the matrices of the spectral table (`analyze.metrics.growth`,
+    the definition the findings use); None with fewer than two checkpoints."""
+    g = growth_of(spectral)
+    if g is None or g.ratio.empty:
         return None
-    t = spectral[spectral["finite"].astype(bool)].copy()
-    if t.empty:
-        return None
-    exact = pd.to_numeric(t["sigma_exact"], errors="coerce")
-    t["sigma"] = exact.where(exact.notna(), pd.to_numeric(t["sigma_est"], errors="coerce"))
-    first, last = int(t["step"].min()), int(t["step"].max())
-    if first == last:
-        return None
-    from analyze.pipeline.findings import spectral_growth_ratio
-
-    a = t[t["step"] == first].set_index("tensor")["sigma"]
-    b = t[t["step"] == last].set_index("tensor")["sigma"]
-    ratio = spectral_growth_ratio(a, b)
-    if ratio.empty:
-        return None
-    name = str(ratio.idxmax())
-    return SpectralGrowth(float(ratio.max()), name, first, last, float(a[name]), float(b[name]))
+    name = str(g.ratio.idxmax())
+    return SpectralGrowth(float(g.ratio.max()), name, g.ref_step, g.last_step, float(g.sigma_ref[name]),
+                          float(g.sigma_last[name]), (cfg or AnalysisConfig()).spectral_growth)
 
 
-def compare_row(result: Any, path: Path, folder: str) -> RunComparison:
-    """The comparison row of one analysed run (an AnalysisResult)."""
+def compare_row(result: Any, path: Path, folder: str, cfg: AnalysisConfig | None = None) -> RunComparison:
+    """The comparison row of one analysed run (an AnalysisResult) under the thresholds of `cfg`
+    (default: `AnalysisConfig()`)."""
     s = result.summary
     of = s.get("overfitting") or {}
     T = result.tables
@@ -217,7 +213,7 @@ def compare_row(result: Any, path: Path, folder: str) -> RunComparison:
         gl5_step=of.get("gl5_step"), tau=s.get("tau"), loss_spikes=count["loss"]["spike"],
         grad_norm_spikes=count["grad_norm"]["spike"],
         non_finite=count["loss"]["non-finite"] + count["grad_norm"]["non-finite"],
-        growth=spectral_growth(T["spectral"]), errors=sev.count("error"), warnings=sev.count("warning"),
+        growth=spectral_growth(T["spectral"], cfg), errors=sev.count("error"), warnings=sev.count("warning"),
         infos=sev.count("info"), data_warnings=len(result.data_warnings))
 
 
