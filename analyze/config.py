@@ -57,8 +57,11 @@ class AnalysisConfig:
     dead_fraction_warn: float = 0.05     # dead FFN unit fraction that makes the finding a warning (§5)
     logit_growth: float = 2.0            # max attention logit growing by more than this factor, first -> last,
     logit_growth_min: float = 10.0       # ... and ending above this value, is reported (§12)
-    expected_tau_end: tuple[float, float] = (0.2, 0.5)  # tau at the end of the built-in corpus's run, nats (§8)
-    tau_band_min_steps: int = 1000       # that band describes the ~2000-step demo: shorter runs are not judged
+    # expected tau on the built-in corpus, nats (§8): (first step, last step, low, high); None steps
+    # mean the end of the run (the band the tau_band finding holds the last window against)
+    expected_tau_bands: tuple[tuple[int | None, int | None, float, float], ...] = (
+        (0, 100, -0.1, 0.1), (400, 600, 0.5, 1.0), (None, None, 0.2, 0.5))
+    tau_band_min_steps: int = 1000       # the end band describes the ~2000-step demo: shorter runs are not judged
     max_abs_warn: float = 1e4            # checkpoint audit: |w| above this is "exploding weights" (see below)
     sigma_warn: float = 1e3              # checkpoint audit: sigma_1 above this is "large spectral norm" (see below)
     class_window: int = 50               # training steps per per-class Welford window (§8)
@@ -79,7 +82,7 @@ class AnalysisConfig:
             "divergence_delta": self.divergence_delta >= 0, "class_window": self.class_window >= 1,
             "eval_batch_size": self.eval_batch_size >= 1, "grad_batch_size": self.grad_batch_size >= 1,
             "workers": self.workers >= 1, "rho_low": 0 < self.rho_low < self.rho_high,
-            "expected_tau_end": len(self.expected_tau_end) == 2 and self.expected_tau_end[0] <= self.expected_tau_end[1],
+            "expected_tau_bands": all(len(b) == 4 and b[2] <= b[3] for b in self.expected_tau_bands),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -87,6 +90,12 @@ class AnalysisConfig:
                              + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
         if self.class_pair is not None and len(self.class_pair) != 2:
             raise ValueError(f"class_pair must be (hard, easy), got {self.class_pair!r}")
+
+    @property
+    def expected_tau_end(self) -> tuple[float, float] | None:
+        """(low, high) of the end-of-run tau band (the one without steps), None when there is none."""
+        ends = [(lo, hi) for start, stop, lo, hi in self.expected_tau_bands if start is None and stop is None]
+        return ends[-1] if ends else None
 
     def use_exact_svd(self, n_params: int) -> bool:
         """Exact SVD on or off for a checkpoint of `n_params` parameters."""
@@ -97,7 +106,7 @@ class AnalysisConfig:
         skip = {"workers", "scheduler", "spike_window", "spike_k", "gl_alpha", "divergence_delta",
                 "class_window", "class_pair", "spectral_growth", "update_ratio_low", "update_ratio_high",
                 "estimator_rel_tol", "dead_fraction_warn", "logit_growth", "logit_growth_min",
-                "expected_tau_end", "tau_band_min_steps", "max_abs_warn", "sigma_warn"}
+                "expected_tau_bands", "tau_band_min_steps", "max_abs_warn", "sigma_warn"}
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         d["cache_version"] = CACHE_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

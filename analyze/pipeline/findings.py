@@ -216,14 +216,15 @@ def _logits(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
 
 
 def _tau(t: pd.DataFrame, ctx: Context) -> list[Finding]:
-    if not ctx.is_builtin_corpus or t.empty or ctx.last_step < ctx.cfg.tau_band_min_steps:
+    band = ctx.cfg.expected_tau_end
+    if not ctx.is_builtin_corpus or t.empty or band is None or ctx.last_step < ctx.cfg.tau_band_min_steps:
         return []  # the sheet's end-of-training band is for a full-length demo run
     tr = t[t["source"] == "train"]
     tr = tr[np.isfinite(tr["tau"].astype(float))]
     if tr.empty:
         return []
     last = tr.iloc[-1]
-    lo, hi = ctx.cfg.expected_tau_end
+    lo, hi = band
     v = float(last["tau"])
     if lo <= v <= hi:
         return []

@@ -119,3 +119,28 @@ def test_grad_ratio_status_and_findings_follow_the_configured_band(tiny_demo_run
     assert set(tight.tables["grad_ratio"]["status"]) == {"unstable"}
     flagged = [f for f in tight.findings if f.code == "grad_ratio"]
     assert flagged and all(f.threshold == 1e-8 for f in flagged if f.value is not None)
+
+
+def test_finding_thresholds_come_from_the_config() -> None:
+    """Dead-unit warning, attention-logit growth and the end-of-run tau band, each at its default
+    and with the config moved past the value."""
+    tables = {k: pd.DataFrame({c: pd.Series(dtype="object") for c in cols}) for k, cols in TABLE_COLUMNS.items()}
+    tables["dead_neurons"] = pd.DataFrame([{"step": 9, "layer": "blocks.0", "d_ff": 100, "dead_count": 5,
+                                            "dead_fraction": 0.05, "n_tokens": 10, "eps": 1e-3, "activation": "gelu"}])
+    tables["attention_logits"] = pd.DataFrame({"step": [0, 9], "layer": [0, 0], "max_logit": [6.0, 12.5]})
+    tables["tau"] = pd.DataFrame({"source": ["train"], "step": [2000], "tau": [0.6]})
+
+    def found(cfg: AnalysisConfig) -> dict[str, object]:
+        ctx = Context(cfg, "t", True, None, None, 0, last_step=2000)
+        return {f.code: (f.severity, f.threshold) for f in derive(tables, ctx)}
+
+    base = found(AnalysisConfig())
+    assert base["dead_neurons"] == ("warning", 0.05)        # 0.05 >= 0.05: a warning
+    assert "attention_logit_growth" in base                 # 12.5 > 2 x 6 and > 10
+    assert base["tau_band"] == ("info", 0.5)                # 0.6 above the end band (0.2, 0.5)
+    moved = found(AnalysisConfig(dead_fraction_warn=0.06, logit_growth=2.1, tau_band_min_steps=2001))
+    assert moved["dead_neurons"] == ("info", 0.06)
+    assert "attention_logit_growth" not in moved and "tau_band" not in moved
+    assert "attention_logit_growth" not in found(AnalysisConfig(logit_growth_min=12.5))
+    wide = AnalysisConfig(expected_tau_bands=((None, None, 0.2, 0.7),))
+    assert "tau_band" not in found(wide)
