@@ -1,6 +1,6 @@
 """``open_run(path)``: recognise what a path holds and read it with the matching loader.
 
-Recognised (issue 5), in this order for a folder: our run directory (``run.json`` with
+Recognised, in this order for a folder: our run directory (``run.json`` with
 ``format_version``), a Hugging Face Trainer output (``trainer_state.json`` and/or
 ``checkpoint-N/``), a Lightning log (``metrics.csv``, ``version_N/metrics.csv``), TensorBoard
 event files, a nanoGPT ``ckpt.pt``, a Hugging Face model folder, a folder of checkpoints, and a
@@ -32,9 +32,10 @@ from loaders.checkpoints import (
 from loaders.errors import DataWarnings, TrainauditError
 from loaders.longtables import Triples, build_run
 from loaders.run import CheckpointRef, Run
+from loaders.rundir import is_run_dir
 from loaders.safeio import check_regular, open_regular
 
-__all__ = ["FORMATS", "detect_format", "open_run", "rank_logs", "read_checkpoints"]
+__all__ = ["FORMATS", "detect_format", "is_run", "open_run", "rank_logs", "read_checkpoints"]
 
 FORMATS = ("rundir", "hf", "lightning", "tensorboard", "nanogpt", "llmc", "jsonl", "csv", "json", "checkpoint")
 
@@ -52,21 +53,6 @@ _NUMPY_PROBLEM = "numpy array file: not a run format trainaudit reads (never loa
 def _peek(path: Path, n: int = 4096) -> bytes:
     with open_regular(path) as f:
         return f.read(n)
-
-
-def _is_rundir(p: Path) -> bool:
-    meta = p / "run.json"
-    if not meta.is_file():
-        return False
-    try:
-        head = _peek(meta, 1 << 16)
-    except TrainauditError:
-        return False
-    try:
-        obj = json.loads(head.decode("utf-8-sig"))
-    except (ValueError, RecursionError):
-        return b'"format_version"' in head  # a damaged run.json is still ours: its reader says what is wrong
-    return isinstance(obj, dict) and "format_version" in obj
 
 
 def _detect_file(p: Path) -> str:
@@ -165,7 +151,7 @@ def _detect(p: Path, warnings: DataWarnings) -> _Detected:
     from loaders.formats.lightning_csv import find_metrics_csv
     from loaders.formats.tensorboard import find_event_files
 
-    if _is_rundir(p):
+    if is_run_dir(p):
         return _Detected("rundir", p)
     if (p / "trainer_state.json").is_file() or checkpoint_dirs(p) or (
             _CKPT_DIR_RE.match(p.name) and (p / "trainer_state.json").is_file()):
@@ -203,6 +189,15 @@ def _detect(p: Path, warnings: DataWarnings) -> _Detected:
 def detect_format(path: str | os.PathLike[str]) -> str:
     """The name in ``FORMATS`` that ``open_run`` would use for ``path``."""
     return _detect(Path(path), DataWarnings()).format
+
+
+def is_run(path: str | os.PathLike[str]) -> bool:
+    """True when ``open_run`` would recognise `path` (any supported format)."""
+    try:
+        detect_format(path)
+    except (TrainauditError, OSError):
+        return False
+    return True
 
 
 def _single_log(p: Path, suffixes: tuple[str, ...], warnings: DataWarnings) -> Path | dict[int, Path]:
@@ -296,7 +291,7 @@ def read_checkpoints(path: str | os.PathLike[str], *, warnings: DataWarnings | N
 
 
 def _read_rundir(p: Path) -> Run:
-    from loaders import rundir  # the lead's reader of our own format, imported lazily
+    from loaders import rundir
     return rundir.read_run_dir(p)
 
 

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,78 +22,44 @@ import pandas as pd
 
 from loaders import runformat as fmt
 from loaders.errors import DataWarnings, TrainauditError
+from loaders.lines import iter_line_batches, iter_line_blocks, parse_json_line
 from loaders.run import CheckpointRef, ModelSpec, Run, empty_table
-from loaders.safeio import open_regular
+from loaders.safeio import is_temp_name, open_regular, read_bounded
+from loaders.steps import check_steps, coerce_step, resolve_rewinds, rewind_groups, warn_bad_steps
 
-CHUNK_BYTES = 1 << 20          # bytes parsed per pandas call: bounds peak memory
-MAX_LINE = 1 << 20             # a longer line is skipped (1 MiB)
 MAX_META_BYTES = 16 << 20
 _CKPT_RE = re.compile(r"^step_(\d+)\.safetensors$")
 
 
-def is_run_dir(path: Path) -> bool:
-    """True when `path` is a folder with our run.json."""
-    return path.is_dir() and (path / fmt.META_FILE).is_file()
+def is_run_dir(path: str | os.PathLike[str]) -> bool:
+    """True when `path` is a folder holding our ``run.json``: a JSON object with ``format_version``.
 
-
-def _open_regular(path: Path, root: Path) -> tuple[io.BufferedReader, int]:
-    """Open a regular file inside `root` (no symlink escapes, FIFOs, devices) with its size
-    snapshot: a writer may still be appending, we read only what was there at open."""
-    f = open_regular(path, root)
-    return f, f.snapshot_size  # type: ignore[attr-defined]
-
-
-def iter_line_chunks(path: Path, root: Path, warnings: DataWarnings) -> Iterator[tuple[int, bytes]]:
-    """Yield (first_line_number, bytes of whole lines) in ~CHUNK_BYTES pieces.
-
-    Reads at most the size seen at open (a writer may still be appending); strips a BOM,
-    turns CRLF into LF, drops a NUL-padded or torn final line and over-long lines, each with a
-    warning. Memory stays O(CHUNK_BYTES + MAX_LINE).
+    The one test of "this is a trainaudit run folder" (``load_run``, ``open_run``'s detection,
+    ``trainaudit compare``). A damaged ``run.json`` that still names ``format_version`` counts:
+    its reader then says what is wrong. A ``run.json`` of another tool does not.
     """
+    meta = Path(path) / fmt.META_FILE
+    if not meta.is_file():
+        return False
     try:
-        f, size = _open_regular(path, root)
-    except TrainauditError as exc:  # a log we may not read is skipped; the rest of the run stays
+        with open_regular(meta) as f:
+            head = f.read(1 << 16)
+    except TrainauditError:
+        return False
+    try:
+        obj = json.loads(head.decode("utf-8-sig"))
+    except (ValueError, RecursionError):
+        return b'"format_version"' in head
+    return isinstance(obj, dict) and "format_version" in obj
+
+
+def _log_blocks(path: Path, root: Path, warnings: DataWarnings) -> Iterator[tuple[int, bytes]]:
+    """``iter_line_blocks`` of one log; a log we may not open is skipped with a warning (the
+    rest of the run stays readable)."""
+    try:
+        yield from iter_line_blocks(path, warnings, root=root)
+    except TrainauditError as exc:
         warnings.add(path, exc.problem)
-        return
-    line_no = 1
-    carry = b""
-    skipping = False  # inside an over-long line
-    with f:
-        remaining = size
-        first = True
-        while remaining > 0:
-            block = f.read(min(CHUNK_BYTES, remaining))
-            if not block:
-                break
-            remaining -= len(block)
-            if first:
-                block = block.removeprefix(b"\xef\xbb\xbf")
-                first = False
-            data = carry + block
-            cut = data.rfind(b"\n")
-            if cut < 0:
-                carry = data
-                if len(carry) > MAX_LINE:
-                    if not skipping:
-                        warnings.add(path, f"line exceeds {MAX_LINE >> 20} MiB, skipped", line=line_no)
-                    skipping, carry = True, b""
-                continue
-            body, carry = data[: cut + 1], data[cut + 1:]
-            if skipping:  # drop the rest of the over-long line
-                nl = body.find(b"\n")
-                body = body[nl + 1:]
-                line_no += 1
-                skipping = False
-            if body:
-                if b"\r" in body:
-                    body = body.replace(b"\r\n", b"\n")
-                yield line_no, body
-                line_no += body.count(b"\n")
-        tail = carry.rstrip(b"\x00")
-        if len(tail) < len(carry):
-            warnings.add(path, "NUL bytes at the end of the file ignored", line=line_no)
-        if tail.strip() and not skipping:
-            warnings.add(path, "incomplete final line ignored", line=line_no)
 
 
 def _float(v: str) -> float:
@@ -102,15 +69,23 @@ def _float(v: str) -> float:
 
 def _parse_csv_chunk(body: bytes, columns: tuple[str, ...], numeric: tuple[str, ...],
                      path: Path, first_line: int, warnings: DataWarnings) -> pd.DataFrame:
-    """Parse whole CSV lines; fast path with the C parser, per-line fallback on bad rows."""
-    try:
-        df = pd.read_csv(io.BytesIO(body), header=None, names=list(columns), engine="c",
-                         dtype={c: "float64" for c in numeric}, keep_default_na=False,
-                         na_values=["nan", "NaN", ""], skip_blank_lines=True)
-        if len(df) == body.count(b"\n") - body.count(b"\n\n"):
+    """Parse consecutive CSV lines (no final newline) with the C parser, per line on bad rows.
+
+    Steps stay exact: int64 when every step of the chunk is one, else the text, which
+    ``loaders.steps.check_steps`` reads or drops (saying why); the other numbers are float64.
+    """
+    n_lines = body.count(b"\n") + 1 - (body + b"\n").count(b"\n\n")  # non-blank lines
+    for step_dtype in ("int64", "object"):
+        dtypes = {c: step_dtype if c == "step" else "float64" for c in numeric}
+        try:
+            df = pd.read_csv(io.BytesIO(body), header=None, names=list(columns), engine="c",
+                             dtype=dtypes, keep_default_na=False,
+                             na_values=["nan", "NaN", ""], skip_blank_lines=True)
+        except (ValueError, OverflowError, pd.errors.ParserError):
+            continue
+        if len(df) == n_lines:
             return df
-    except (ValueError, pd.errors.ParserError):
-        pass
+        break
     rows, bad = [], 0
     text = body.decode("utf-8", errors="replace").split("\n")
     for i, line in enumerate(text):
@@ -122,74 +97,38 @@ def _parse_csv_chunk(body: bytes, columns: tuple[str, ...], numeric: tuple[str, 
                 continue
             if len(fields) != len(columns):
                 raise ValueError
-            rows.append(tuple(_float(v) if c in numeric else v for c, v in zip(columns, fields)))
+            rows.append(tuple(_float(v) if c in numeric and c != "step" else v for c, v in zip(columns, fields)))
         except (ValueError, csv.Error, StopIteration):
             bad += 1
             if bad <= 20:
                 warnings.add(path, "malformed row skipped", line=first_line + i)
     if bad > 20:
         warnings.add(path, f"{bad - 20} more malformed rows skipped")
-    return pd.DataFrame(rows, columns=list(columns)).astype({c: "float64" for c in numeric})
+    return pd.DataFrame(rows, columns=list(columns)).astype({c: "float64" for c in numeric if c != "step"})
+
+
+def _csv_body(path: Path, columns: tuple[str, ...], first_line: int, body: bytes) -> tuple[int, bytes]:
+    """The rows of a block: the header line (line 1) checked against `columns` and removed."""
+    if first_line != 1:
+        return first_line, body
+    header, _, body = body.partition(b"\n")
+    got = tuple(header.decode("utf-8", errors="replace").strip().split(","))
+    if got != columns:
+        raise TrainauditError(path, f"unexpected header {','.join(got)!r}, expected {','.join(columns)!r}")
+    return 2, body
 
 
 def read_csv_log(path: Path, root: Path, columns: tuple[str, ...], numeric: tuple[str, ...],
                  warnings: DataWarnings) -> pd.DataFrame:
     """Read one of our CSV logs (header + rows) in bounded chunks."""
     parts = []
-    for first_line, body in iter_line_chunks(path, root, warnings):
-        if first_line == 1:
-            header, _, body = body.partition(b"\n")
-            got = tuple(header.decode("utf-8", errors="replace").strip().split(","))
-            if got != columns:
-                raise TrainauditError(path, f"unexpected header {','.join(got)!r}, expected {','.join(columns)!r}")
-            first_line = 2
+    for first_line, block in _log_blocks(path, root, warnings):
+        first_line, body = _csv_body(path, columns, first_line, block)
         if body:
             parts.append(_parse_csv_chunk(body, columns, numeric, path, first_line, warnings))
     if not parts:
         return pd.DataFrame({c: pd.Series(dtype="float64" if c in numeric else "object") for c in columns})
     return pd.concat(parts, ignore_index=True)
-
-
-def keep_latest_timeline(steps: np.ndarray, *, equal_restarts: bool) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-    """Rows to keep when logged steps go back (a resumed run): the later timeline wins.
-
-    A row is kept unless a later segment restarts at or before its step. Returns the keep
-    mask and the rewinds as (resume_step, overlap_from, overlap_to).
-    """
-    n = len(steps)
-    if n == 0:
-        return np.ones(0, bool), []
-    back = steps[1:] <= steps[:-1] if equal_restarts else steps[1:] < steps[:-1]
-    if not back.any():
-        return np.ones(n, bool), []
-    seg = np.concatenate([[0], np.cumsum(back)])
-    starts = np.flatnonzero(np.concatenate([[True], back]))
-    seg_min = np.minimum.reduceat(steps, starts)
-    later_min = np.minimum.accumulate(seg_min[::-1])[::-1]            # min over segments >= s
-    later_min = np.concatenate([later_min[1:], [np.iinfo(np.int64).max]])  # strictly later
-    keep = steps < later_min[seg]
-    rewinds = []
-    for s in range(1, len(starts)):
-        prev_max = int(steps[: starts[s]].max())
-        rewinds.append((int(steps[starts[s]]), int(steps[starts[s]]), prev_max))
-    return keep, rewinds
-
-
-def _steps_to_int(df: pd.DataFrame, path: Path, warnings: DataWarnings) -> pd.DataFrame:
-    step = df["step"].to_numpy(dtype="float64")
-    ok = np.isfinite(step) & (step == np.round(step)) & (step >= 0) & (step < 2.0**62)
-    if not ok.all():
-        warnings.add(path, f"{int((~ok).sum())} rows with a negative, fractional or out-of-range step skipped")
-        df = df[ok]
-    return df.assign(step=df["step"].to_numpy().astype("int64"))
-
-
-def _apply_rewinds(df: pd.DataFrame, path: Path, warnings: DataWarnings, *, equal_restarts: bool) -> pd.DataFrame:
-    keep, rewinds = keep_latest_timeline(df["step"].to_numpy(), equal_restarts=equal_restarts)
-    for resume, lo, hi in rewinds:
-        overlap = f"overlap {lo}-{hi}" if hi >= lo else "no overlap"
-        warnings.add(path, f"resume at step {resume} ({overlap}); the later timeline is kept")
-    return df[keep].reset_index(drop=True) if not keep.all() else df
 
 
 COMPACT_BYTES = 64 << 20  # train.csv larger than this (~1.3M rows) is held compactly
@@ -234,34 +173,28 @@ def read_train_log(run_dir: Path, warnings: DataWarnings, *, compact: bool | Non
     dtypes = ({"step": "int32", "loss": "float32", "grad_norm": "float32", "lr": "float32"} if compact
               else {"step": "int64", "loss": "float64", "grad_norm": "float64", "lr": "float64", "wall_time": "float64"})
     out: _Columns | None = None
-    bad_steps = 0
-    for first_line, body in iter_line_chunks(path, run_dir, warnings):
-        if first_line == 1:
-            header, _, body = body.partition(b"\n")
-            got = tuple(header.decode("utf-8", errors="replace").strip().split(","))
-            if got != fmt.TRAIN_COLUMNS:
-                raise TrainauditError(path, f"unexpected header {','.join(got)!r}, expected {','.join(fmt.TRAIN_COLUMNS)!r}")
-            first_line = 2
+    bad_steps: Counter[str] = Counter()
+    for first_line, block in _log_blocks(path, run_dir, warnings):
+        first_line, body = _csv_body(path, fmt.TRAIN_COLUMNS, first_line, block)
         if not body:
             continue
         if out is None:  # size the columns from the first chunk's bytes per line
-            per_line = max(1.0, len(body) / max(1, body.count(b"\n")))
+            per_line = max(1.0, len(body) / (body.count(b"\n") + 1))
             out = _Columns(dtypes, int(size / per_line * 1.02) + 16)
         df = _parse_csv_chunk(body, fmt.TRAIN_COLUMNS, fmt.TRAIN_COLUMNS, path, first_line, warnings)
-        step = df["step"].to_numpy(dtype="float64")
-        ok = np.isfinite(step) & (step == np.round(step)) & (step >= 0) & (step < 2.0**62)
+        step, ok, reasons = check_steps(df["step"].to_numpy())
+        bad_steps.update(reasons)
         if not ok.all():
-            bad_steps += int((~ok).sum())
             df, step = df[ok], step[ok]
         cols = {c: df[c].to_numpy() for c in dtypes if c != "step"}
-        cols["step"] = step.astype(np.int64)
+        cols["step"] = step
         out.append(cols)
-    if bad_steps:
-        warnings.add(path, f"{bad_steps} rows with a negative, fractional or out-of-range step skipped")
+    warn_bad_steps(dict(bad_steps), path, warnings)
     if out is None:
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()})
     df = out.frame()
-    return _apply_rewinds(df, path, warnings, equal_restarts=True)
+    (keep,) = rewind_groups([df["step"].to_numpy()], path, warnings)
+    return df if keep is None else df[keep].reset_index(drop=True)
 
 
 def _read_class_log(run_dir: Path, warnings: DataWarnings) -> pd.DataFrame:
@@ -269,28 +202,22 @@ def _read_class_log(run_dir: Path, warnings: DataWarnings) -> pd.DataFrame:
     if not path.exists():
         return empty_table(fmt.CLASS_COLUMNS)
     df = read_csv_log(path, run_dir, fmt.CLASS_COLUMNS, ("step", "count", "loss_sum", "loss_m2"), warnings)
-    df = _steps_to_int(df, path, warnings)
-    df = _apply_rewinds(df, path, warnings, equal_restarts=False)
-    return df.assign(cls=df["cls"].astype(str), count=df["count"].fillna(0).astype("int64"))
+    df = resolve_rewinds(df.assign(cls=df["cls"].astype(str)), path, warnings, by="cls")  # one series per class
+    return df.assign(count=df["count"].fillna(0).astype("int64"))
 
 
 def _read_jsonl(path: Path, root: Path, warnings: DataWarnings) -> list[tuple[int, dict]]:
     out: list[tuple[int, dict]] = []
     if not path.exists():
         return out
-    for first_line, body in iter_line_chunks(path, root, warnings):
-        for i, line in enumerate(body.decode("utf-8", errors="replace").split("\n")):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                warnings.add(path, "malformed JSON record skipped", line=first_line + i)
-                continue
-            if isinstance(rec, dict):
-                out.append((first_line + i, rec))
-            else:
-                warnings.add(path, "record is not a JSON object; skipped", line=first_line + i)
+    try:
+        for first_line, lines in iter_line_batches(path, warnings, root=root):
+            for i, line in enumerate(lines, first_line):
+                rec = parse_json_line(line, warnings, path, i)
+                if rec is not None:
+                    out.append((i, rec))
+    except TrainauditError as exc:  # a log we may not open is skipped; the rest of the run stays
+        warnings.add(path, exc.problem)
     return out
 
 
@@ -305,9 +232,9 @@ def _read_eval_log(run_dir: Path, warnings: DataWarnings) -> tuple[pd.DataFrame,
     path = run_dir / fmt.EVAL_FILE
     evals, classes = [], []
     for line, rec in _read_jsonl(path, run_dir, warnings):
-        step = rec.get("step")
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            warnings.add(path, f"record without a valid step skipped (step={step!r})", line=line)
+        step, why = coerce_step(rec.get("step"))
+        if step is None:
+            warnings.add(path, f"record without a valid step skipped (step={rec.get('step')!r}: {why})", line=line)
             continue
         split = str(rec.get("split", "val"))
         evals.append({"step": step, "series": split, "loss": _num(rec.get("loss"))})
@@ -320,14 +247,8 @@ def _read_eval_log(run_dir: Path, warnings: DataWarnings) -> tuple[pd.DataFrame,
                                     "loss_sum": _num(v.get("loss_sum")), "loss_m2": _num(v.get("loss_m2"))})
     ev = pd.DataFrame(evals) if evals else empty_table(("step", "series", "loss"))
     if evals:
-        parts = []
-        for _, g in ev.groupby("series", sort=True):
-            keep, rewinds = keep_latest_timeline(g["step"].to_numpy(), equal_restarts=True)
-            for resume, lo, hi in rewinds:
-                warnings.add(path, f"resume at step {resume} (overlap {lo}-{hi}); the later evaluations are kept")
-            parts.append(g[keep])
-        kept_index = pd.concat(parts).index
-        ev = ev.loc[kept_index].sort_values(["series", "step"], kind="stable").reset_index(drop=True)
+        ev = resolve_rewinds(ev, path, warnings, by="series")
+        ev = ev.sort_values(["series", "step"], kind="stable").reset_index(drop=True)
         if classes:
             cl = pd.DataFrame(classes)
             cl = cl.drop_duplicates(["step", "series", "cls"], keep="last")
@@ -344,7 +265,7 @@ def list_checkpoints(run_dir: Path, warnings: DataWarnings) -> list[CheckpointRe
             m = _CKPT_RE.match(p.name)
             if m:
                 refs.append(CheckpointRef(int(m.group(1)), p, "safetensors"))
-            elif p.name.startswith(".") and ".tmp-" in p.name:
+            elif is_temp_name(p.name):
                 warnings.add(p, "unfinished checkpoint temp file (process killed while saving); ignored")
     return sorted(refs, key=lambda r: r.step)
 
@@ -354,14 +275,9 @@ def read_run_dir(path: str | os.PathLike[str]) -> Run:
     run_dir = Path(path)
     meta_path = run_dir / fmt.META_FILE
     warnings = DataWarnings()
+    raw = read_bounded(meta_path, run_dir, max_bytes=MAX_META_BYTES)
     try:
-        f, size = _open_regular(meta_path, run_dir)
-        with f:
-            if size > MAX_META_BYTES:
-                raise TrainauditError(meta_path, "metadata file too large")
-            meta = json.loads(f.read(size).decode("utf-8-sig"))
-    except FileNotFoundError:
-        raise TrainauditError(run_dir, f"no {fmt.META_FILE} (not a trainaudit run directory)") from None
+        meta = json.loads(raw.decode("utf-8-sig"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise TrainauditError(meta_path, f"not valid JSON ({exc})") from None
     if not isinstance(meta, dict):

@@ -87,7 +87,8 @@ def test_run_json_from_a_newer_format_is_refused(template: Path, tmp_path: Path)
     (b"\xef\xbb\xbfstep,loss,grad_norm,lr,wall_time\r\n1,2.0,3.0,,1.0\r\n", [1], None),
     (b"step,loss,grad_norm,lr,wall_time\n1,2.0,3.0,,1.0\nxx,yy\n3,1.0,1.0,,1.0\n", [1, 3], ":3: malformed row"),
     (b"step,loss,grad_norm,lr,wall_time\n1,nan,inf,,1.0\n2,1.0,1.0,,1.0\n\x00\x00\x00", [1, 2], "NUL bytes"),
-    (b"step,loss,grad_norm,lr,wall_time\n-1,2.0,3.0,,1.0\n1.5,2.0,3.0,,1.0\n2,1,1,,1\n", [2], "negative, fractional"),
+    (b"step,loss,grad_norm,lr,wall_time\n-1,2.0,3.0,,1.0\n1.5,2.0,3.0,,1.0\n2,1,1,,1\n", [2], "1 row with a negative step dropped"),
+    (b"step,loss,grad_norm,lr,wall_time\n-1,2.0,3.0,,1.0\n1.5,2.0,3.0,,1.0\n2,1,1,,1\n", [2], "1 row with a non-integer step"),
 ])
 def test_hand_built_train_logs(template: Path, tmp_path: Path, content: bytes, expect_rows: list[int],
                                expect_warning: str | None) -> None:
