@@ -158,7 +158,9 @@ def _dead_neurons(p: Panel, result: Any, cache: FigureCache) -> None:
 def _attention(p: Panel, result: Any, cache: FigureCache) -> None:
     at = result.tables["attention"]
     add_figure(p, cache, "attention entropy per head over checkpoints", "plot_attention_entropy", at, height=3.0)
-    add_figure(p, cache, "attention entropy per layer and head", "plot_attention_heads", at, height=2.6, width=6.5)
+    n_layers = at["layer"].nunique()  # the heat map grows with the layers, up to 9 inches
+    add_figure(p, cache, "attention entropy per layer and head", "plot_attention_heads", at,
+               height=min(9.0, max(2.6, 0.18 * n_layers + 1.2)), width=6.5)
     last = at[at["step"] == at["step"].max()].sort_values(["layer", "head"])
     p.tables.append(Table(f"Heads at step {int(at['step'].max())}", [
         ("layer", "layer", "num"), ("head", "head", "num"), ("mean_entropy", "mean H (nats)", "num"),

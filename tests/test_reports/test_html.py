@@ -231,3 +231,27 @@ def test_template_quotes_every_attribute_and_builds_no_url_from_input() -> None:
             assert m.group(2).startswith('"'), tag
     # the only src is the figure data URI the report draws itself; no href at all
     assert re.findall(r'\b(?:src|href)="([^"]*)"', text) == ["{{ uri }}"]
+
+
+def test_bands_drawn_and_written_come_from_the_results_config(hostile_html, monkeypatch) -> None:
+    import dataclasses
+    from types import SimpleNamespace
+
+    _, res = hostile_html
+    cfg = AnalysisConfig(rho_low=1e-3, rho_high=5e-2, update_ratio_low=2e-6, update_ratio_high=3e-3)
+    with_cfg = SimpleNamespace(**{f.name: getattr(res, f.name) for f in dataclasses.fields(res)}, config=cfg)
+    calls: dict[str, dict] = {}
+
+    def record(draw: str, *args: object, **kwargs: object) -> str:
+        calls[draw] = kwargs
+        return "data:image/png;base64,"
+
+    monkeypatch.setattr(P, "draw_figure", record)
+    doc = H.render_report(with_cfg)
+    assert len(res.tables["update_ratio"]) and calls["plot_update_ratio"]["healthy"] == (2e-6, 3e-3)
+    assert "rho = ||G||/||W|| between 1e-3 and 5e-2 for every matrix" in doc
+    calls.clear()
+    doc = H.render_report(res)  # a result without a config: the AnalysisConfig defaults
+    default = AnalysisConfig()
+    assert calls["plot_update_ratio"]["healthy"] == (default.update_ratio_low, default.update_ratio_high)
+    assert "rho = ||G||/||W|| between 1e-4 and 1e-1 for every matrix" in doc
