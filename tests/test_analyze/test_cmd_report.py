@@ -166,3 +166,32 @@ def test_user_model_only_through_explicit_model_option(tiny_demo_run: Path, tmp_
     assert res.panels["activations"] == "" and len(res.tables["activations"]) == 2
     bad = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / "o"), "--model", "nope_mod:f"])
     assert bad.exit_code == 2 and "--model nope_mod:f" in bad.stderr and "Traceback" not in bad.output
+
+
+@pytest.mark.parametrize("name, target, args", [
+    ("report", "analyze.pipeline.output.write_full_report", ["{f}"]),
+    ("audit", "analyze.pipeline.audit.audit_checkpoint", ["{f}"]),
+    ("spectral", "analyze.pipeline.audit.spectral_rows", ["{f}"]),
+    ("demo", "analyze.demo.train.train_demo", ["--steps", "1", "--out", "{d}"]),
+])
+def test_every_command_turns_a_trainaudit_error_into_one_line_and_exit_2(name: str, target: str, args: list[str],
+                                                                         tmp_path: Path, monkeypatch) -> None:
+    import importlib
+
+    from analyze.cli import COMMANDS
+    from loaders.errors import TrainauditError
+
+    def broken(*a: object, **k: object) -> None:
+        raise TrainauditError(tmp_path / "x.bin", "broken\nacross lines")
+
+    module, attr = target.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), attr, broken)
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"")
+    argv = [a.format(f=f, d=tmp_path / "demo") for a in args]
+    mod, cmd = COMMANDS[name].split(":")
+    for res in (CliRunner().invoke(main, [name, *argv]),  # through the group and on its own
+                CliRunner().invoke(getattr(importlib.import_module(mod), cmd), argv)):
+        assert res.exit_code == 2, res.output
+        assert res.stderr == f"trainaudit: error: {f}: broken across lines\n"
+        assert "Traceback" not in res.output
