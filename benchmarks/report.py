@@ -1,4 +1,4 @@
-"""Time `trainaudit report` on the 2000-step demo run (21 checkpoints), cold and cached (issue 4).
+"""Time `trainaudit report` on the 2000-step demo run (21 checkpoints), cold and cached.
 
 Target: cold <= 30 s on the 2-core machine; a cached re-run recomputes nothing.
 

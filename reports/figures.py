@@ -5,6 +5,9 @@ turns a figure into a base64 PNG data URI so the report stays one self-contained
 SVG, so no markup from a run's names can reach the page through a figure). Labels that come from
 a run (tensor, layer and class names) go through `label()`: mathtext `$` is escaped and long
 names are shortened.
+
+Over 400 lines on purpose: the figure cache (`reports.page.FigureCache`) keys every cached
+figure on this one file, so all drawing code lives here and a change to any of it redraws.
 """
 from __future__ import annotations
 
