@@ -127,22 +127,21 @@ class ComparisonFiles:
 # --------------------------------------------------------------------------- finding the runs
 
 
-def is_run(path: Path) -> bool:
-    """True when a loader recognises `path` (and it is not a trainaudit output folder)."""
-    from loaders.detect import detect_format
+def _is_output(path: Path) -> bool:
+    """A folder trainaudit wrote (a report or a comparison): never a run."""
+    return path.is_dir() and any((path / m).is_file() for m in _OUTPUT_MARKERS)
 
-    if path.is_dir() and any((path / m).is_file() for m in _OUTPUT_MARKERS):
-        return False
-    try:
-        detect_format(path)
-    except (TrainauditError, OSError):
-        return False
-    return True
+
+def is_run(path: Path) -> bool:
+    """True when the loaders' detector recognises `path` and it is not a trainaudit output folder."""
+    from loaders.detect import is_run as loader_recognises
+
+    return not _is_output(path) and loader_recognises(path)
 
 
 def runs_in_folder(folder: Path) -> list[Path]:
     """The immediate sub-folders of `folder` that are runs, by name ([] when `folder` is a run)."""
-    if not folder.is_dir() or any((folder / m).is_file() for m in _OUTPUT_MARKERS) or is_run(folder):
+    if not folder.is_dir() or _is_output(folder) or is_run(folder):
         return []
     try:
         subs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
