@@ -93,6 +93,7 @@ def _train_class_windows(df: pd.DataFrame, names: list[str], window: int) -> lis
 
 def _class_pair(names: list[str], cfg: AnalysisConfig,
                 states: list[ClassLossState]) -> tuple[tuple[int, int] | None, str]:
+    """(hard, easy) class indices for tau (§8) and a note saying how they were chosen."""
     if len(names) < 2:
         return None, "fewer than two classes: no class pair for tau"
     if cfg.class_pair is not None:
@@ -117,6 +118,7 @@ def _class_pair(names: list[str], cfg: AnalysisConfig,
 
 def _class_rows(source: str, step: int, step_start: int, st: ClassLossState, names: list[str],
                 pair: tuple[int, int] | None) -> tuple[list[dict], list[dict], list[dict]]:
+    """class_losses, class_gaps and tau rows of one state (one window, evaluation or checkpoint)."""
     from analyze.metrics.losses import gaps_to_mean, tau
 
     mean, var = st.mean().numpy(), st.var().numpy()
