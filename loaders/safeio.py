@@ -176,14 +176,8 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str, *, what: str =
     Raises ``TrainauditError`` naming the file when it cannot be written.
     """
     raw = data.encode("utf-8", errors="replace") if isinstance(data, str) else data
-    with atomic_path(path, what=what) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-        try:
-            view = memoryview(raw)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
+    with atomic_path(path, what=what) as tmp, open(tmp, "xb") as f:
+        f.write(raw)
     return Path(path)
 
 
