@@ -22,18 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from loaders.checkpoints import (
-    TORCH_SUFFIXES,
-    check_safetensors_header,
-    checkpoint_kind,
-    load_torch_object,
-    step_from_name,
-)
+from loaders.checkpoint_files import checkpoint_kind, skipped_side_files, step_from_name
 from loaders.errors import DataWarnings, TrainauditError
 from loaders.longtables import Triples, build_run
 from loaders.run import CheckpointRef, Run
 from loaders.rundir import is_run_dir
 from loaders.safeio import check_regular, open_regular
+from loaders.safetensors_file import check_safetensors_header
+from loaders.torch_files import TORCH_SUFFIXES, load_torch_object
 
 __all__ = ["FORMATS", "detect_format", "is_run", "open_run", "rank_logs", "read_checkpoints"]
 
@@ -252,13 +248,11 @@ def read_checkpoints(path: str | os.PathLike[str], *, warnings: DataWarnings | N
         ckpts.append(CheckpointRef(int(step), p, checkpoint_kind(p)))
     elif any((p / n).exists() for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                                         "pytorch_model.bin.index.json")):
-        from loaders.checkpoints import skipped_side_files
         side = skipped_side_files(p)
         if side:
             warnings.add(p, f"skipped {', '.join(side)} (pickled object{'s' if len(side) > 1 else ''}, not needed)")
         ckpts.append(CheckpointRef(step_from_name(p.name) or 0, p, "hf-dir"))
     else:
-        from loaders.checkpoints import skipped_side_files
         side = set(skipped_side_files(p))
         if side:
             warnings.add(p, f"skipped {', '.join(sorted(side))} (pickled object{'s' if len(side) > 1 else ''}, "

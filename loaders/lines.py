@@ -20,7 +20,7 @@ from typing import Any
 from loaders.errors import DataWarnings
 from loaders.safeio import open_regular
 
-__all__ = ["MAX_LINE", "iter_line_blocks", "iter_line_batches", "iter_lines", "parse_json_line"]
+__all__ = ["MAX_LINE", "DuplicateKeys", "iter_line_blocks", "iter_line_batches", "iter_lines", "parse_json_line"]
 
 MAX_LINE = 1 << 20          # longest accepted log line (bytes); longer lines are skipped
 _CHUNK = 1 << 20            # read size of the line streamer
@@ -193,7 +193,7 @@ def iter_lines(path: str | os.PathLike[str], warnings: DataWarnings, *,
         yield from enumerate(lines, start)
 
 
-class _DupKeys:
+class DuplicateKeys:
     """``object_pairs_hook`` that records duplicate keys (Python keeps the last silently)."""
 
     __slots__ = ("dups",)
@@ -216,11 +216,11 @@ _LOCAL = threading.local()
 _SLOW = object()  # parse_json_line: the fast path gave no value
 
 
-def _decoder() -> tuple[json.JSONDecoder, _DupKeys]:
+def _decoder() -> tuple[json.JSONDecoder, DuplicateKeys]:
     """One decoder per thread: ``json.loads(..., object_pairs_hook=)`` would build one per call."""
     d = getattr(_LOCAL, "decoder", None)
     if d is None:
-        hook = _DupKeys()
+        hook = DuplicateKeys()
         d = _LOCAL.decoder = (json.JSONDecoder(object_pairs_hook=hook), hook)
     return d
 

@@ -346,7 +346,7 @@ def test_a_nothing_from_a_file_ever_executes(row: str, payloads, tmp_path: Path)
 def test_a8_no_retry_without_weights_only(payloads, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A8, the retry trap: even when the static scan of globals misses the gadget, torch.load is
     only ever called with weights_only=True, its refusal is an E, and nothing runs."""
-    import loaders.checkpoints as ck
+    import loaders.torch_files as ck
 
     built, live = payloads
     calls: list[dict[str, Any]] = []

@@ -33,7 +33,8 @@ from analyze.metrics.spectral import (
     stable_rank,
 )
 from analyze.pipeline.tables import SEVERITY_ORDER, Finding, Severity
-from loaders.checkpoints import checkpoint_info, iter_tensors, skipped_side_files, step_from_name, step_metadata
+from loaders.checkpoint_files import skipped_side_files, step_from_name
+from loaders.checkpoints import checkpoint_info, iter_tensors, step_metadata
 from loaders.errors import DataWarnings, TrainauditError
 
 __all__ = ["AuditResult", "SpectralRow", "TensorHealth", "audit_checkpoint", "fails", "spectral_rows",

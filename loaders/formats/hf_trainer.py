@@ -1,6 +1,6 @@
 """Hugging Face Trainer runs: an output folder with ``checkpoint-N/`` or a ``trainer_state.json``.
 
-``log_history`` entries become Run tables (issue 5): ``loss`` (a window mean over
+``log_history`` entries become Run tables: ``loss`` (a window mean over
 ``logging_steps`` raw steps, marked in ``run.window_averaged`` so the spike detector reports
 its reduced sensitivity, formulas.md §9), ``grad_norm``, ``learning_rate`` -> ``lr``; every
 ``eval_loss`` / ``eval_<name>_loss`` becomes one validation series. Transformers writes the
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from loaders.checkpoints import skipped_side_files
+from loaders.checkpoint_files import skipped_side_files
 from loaders.errors import DataWarnings, TrainauditError
 from loaders.longtables import Triples, build_run, classify_train_key, is_val_loss_key, to_float
 from loaders.run import CheckpointRef, Run

@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from loaders.checkpoints import step_from_name
+from loaders.checkpoint_files import step_from_name
 from loaders.errors import DataWarnings, TrainauditError
+from loaders.lines import iter_line_batches
 from loaders.longtables import Triples, WideLog, build_run, classify_train_key, is_val_loss_key, to_float
 from loaders.run import CheckpointRef, Run
-from loaders.lines import iter_line_batches
 from loaders.safeio import read_bounded
 
 __all__ = ["STEP_KEYS", "find_metrics_csv", "read_hparams", "read_lightning", "read_metrics_csv", "wide_to_run"]

@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from loaders.checkpoints import load_torch_object
 from loaders.errors import DataWarnings, TrainauditError
 from loaders.longtables import Triples, build_run
 from loaders.run import CheckpointRef, ModelSpec, Run
+from loaders.torch_files import load_torch_object
 
 __all__ = ["NANOGPT_ARGS", "is_nanogpt_dict", "read_nanogpt"]
 

@@ -1,5 +1,5 @@
-"""A 1,000,000-line training log loads in a subprocess with peak RSS under 256 MB (issue 6;
-the 10-million-line case is benchmarks/logs.py)."""
+"""A 1,000,000-line training log loads in a subprocess with peak RSS under 256 MB (the
+10-million-line case is benchmarks/logs.py)."""
 from __future__ import annotations
 
 import json

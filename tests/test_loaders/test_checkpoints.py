@@ -22,17 +22,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loaders.checkpoints import (
-    check_safetensors_header,
-    checkpoint_info,
-    is_lfs_pointer,
-    iter_tensors,
-    list_tensors,
-    load_torch_object,
-    step_from_name,
-    step_metadata,
-)
+from loaders.checkpoint_files import step_from_name
+from loaders.checkpoints import checkpoint_info, iter_tensors, list_tensors, step_metadata
 from loaders.errors import DataWarnings, TrainauditError
+from loaders.safetensors_file import check_safetensors_header, is_lfs_pointer
+from loaders.torch_files import load_torch_object
 
 # --------------------------------------------------------------------------- gadgets and controls
 
@@ -575,7 +569,7 @@ def test_torch_zip_bytes_are_not_unpickled_by_the_listing(tmp_path: Path) -> Non
 
 
 def test_read_safetensors_tensor_rows_and_recycled_buffer_match_the_file(tmp_path: Path) -> None:
-    from loaders.checkpoints import check_safetensors_header, read_safetensors_tensor
+    from loaders.safetensors_file import check_safetensors_header, read_safetensors_tensor
 
     g = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(37, 5, 3, generator=g), "b": torch.randn(4, generator=g).to(torch.bfloat16),

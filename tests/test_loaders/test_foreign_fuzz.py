@@ -1,4 +1,4 @@
-"""Property tests of the foreign-format and checkpoint parsers (issue 6): random bytes and
+"""Property tests of the foreign-format and checkpoint parsers: random bytes and
 mutations of valid files end in a result (warnings allowed) or in TrainauditError with a
 one-line message naming the file, never in another exception, and nothing executes.
 
@@ -29,12 +29,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from loaders.checkpoints import check_safetensors_header, iter_tensors
+from loaders.checkpoints import iter_tensors
 from loaders.errors import DataWarnings, TrainauditError
 from loaders.formats.hf_trainer import read_trainer_state
 from loaders.formats.lightning_csv import read_metrics_csv
 from loaders.formats.nanogpt import read_nanogpt
 from loaders.formats.textlogs import read_json_log, read_jsonl, read_llmc
+from loaders.safetensors_file import check_safetensors_header
 
 from fuzzbytes import decode  # tests/fuzzbytes.py (pythonpath = tests)
 

@@ -1,5 +1,5 @@
 """Property tests of our run-dir parsers: random and mutated bytes of valid files end in a
-Run (with warnings) or in TrainauditError - never in another exception (issue 6).
+Run (with warnings) or in TrainauditError - never in another exception.
 
 >= 2,000 examples per parser in CI (CI=true), 300 locally (TRAINAUDIT_FUZZ_EXAMPLES overrides).
 One ``st.binary`` draw encodes each example (``decode``, as in test_foreign_fuzz.py): nested
