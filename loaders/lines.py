@@ -17,10 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from loaders.errors import DataWarnings
-from loaders.safeio import open_regular
+from loaders.errors import DataWarnings, TrainauditError
+from loaders.safeio import open_regular, read_bounded
 
-__all__ = ["MAX_LINE", "DuplicateKeys", "iter_line_blocks", "iter_line_batches", "iter_lines", "parse_json_line"]
+__all__ = ["MAX_LINE", "DuplicateKeys", "iter_line_blocks", "iter_line_batches", "iter_lines", "parse_json_line",
+           "read_json"]
 
 MAX_LINE = 1 << 20          # longest accepted log line (bytes); longer lines are skipped
 _CHUNK = 1 << 20            # read size of the line streamer
@@ -260,3 +261,20 @@ def parse_json_line(text: str, warnings: DataWarnings, path: str | os.PathLike[s
         names = ", ".join(sorted(set(hook.dups)))
         warnings.add(path, f"duplicate keys {names} (last value kept)", line=lineno)
     return obj
+
+
+def read_json(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None, *,
+              max_bytes: int) -> Any:
+    """A whole JSON document (UTF-8, BOM allowed) of at most ``max_bytes``, or ``TrainauditError``
+    naming the file: "not UTF-8 text", "not valid JSON: <why> (line N)" or "(truncated (cut
+    mid-write?))" when the error is at the very end."""
+    raw = read_bounded(path, root, max_bytes=max_bytes)
+    try:
+        return json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise TrainauditError(path, "not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        where = "truncated (cut mid-write?)" if e.pos >= len(raw.rstrip()) - 1 else f"line {e.lineno}"
+        raise TrainauditError(path, f"not valid JSON: {e.msg} ({where})") from None
+    except (ValueError, RecursionError) as e:
+        raise TrainauditError(path, f"not valid JSON ({type(e).__name__})") from None

@@ -22,9 +22,9 @@ import pandas as pd
 
 from loaders import runformat as fmt
 from loaders.errors import DataWarnings, TrainauditError
-from loaders.lines import iter_line_batches, iter_line_blocks, parse_json_line
+from loaders.lines import iter_line_batches, iter_line_blocks, parse_json_line, read_json
 from loaders.run import CheckpointRef, ModelSpec, Run, empty_table
-from loaders.safeio import is_temp_name, open_regular, read_bounded
+from loaders.safeio import is_temp_name, open_regular
 from loaders.steps import check_steps, coerce_step, resolve_rewinds, rewind_groups, warn_bad_steps
 
 MAX_META_BYTES = 16 << 20
@@ -275,11 +275,7 @@ def read_run_dir(path: str | os.PathLike[str]) -> Run:
     run_dir = Path(path)
     meta_path = run_dir / fmt.META_FILE
     warnings = DataWarnings()
-    raw = read_bounded(meta_path, run_dir, max_bytes=MAX_META_BYTES)
-    try:
-        meta = json.loads(raw.decode("utf-8-sig"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise TrainauditError(meta_path, f"not valid JSON ({exc})") from None
+    meta = read_json(meta_path, run_dir, max_bytes=MAX_META_BYTES)
     if not isinstance(meta, dict):
         raise TrainauditError(meta_path, "metadata is not a JSON object")
     version = meta.get("format_version")

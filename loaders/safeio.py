@@ -49,6 +49,18 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
+def _stat(stat_fn: Any, p: Path, missing: str) -> os.stat_result:
+    """``stat_fn(p)`` (``os.stat`` or ``os.lstat``) with its errors as ``TrainauditError``."""
+    try:
+        return stat_fn(p)
+    except FileNotFoundError:
+        raise TrainauditError(p, missing) from None
+    except PermissionError:
+        raise TrainauditError(p, "permission denied") from None
+    except OSError as e:
+        raise TrainauditError(p, f"cannot stat ({e.strerror or e})") from None
+
+
 def check_regular(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> os.stat_result:
     """Stat ``path`` without opening it; raise ``TrainauditError`` unless it is a safe regular file.
 
@@ -57,28 +69,14 @@ def check_regular(path: str | os.PathLike[str], root: str | os.PathLike[str] | N
     Returns the ``stat`` of the target.
     """
     p = Path(path)
-    try:
-        lst = os.lstat(p)
-    except FileNotFoundError:
-        raise TrainauditError(p, "file not found") from None
-    except PermissionError:
-        raise TrainauditError(p, "permission denied") from None
-    except OSError as e:
-        raise TrainauditError(p, f"cannot stat ({e.strerror or e})") from None
+    lst = _stat(os.lstat, p, "file not found")
     if root is not None:
         real_root = Path(os.path.realpath(root))
         real = Path(os.path.realpath(p))
         if not _inside(real, real_root):
             what = "symlink leaves run dir" if stat.S_ISLNK(lst.st_mode) else "path leaves run dir"
             raise TrainauditError(p, f"{what}; skipped")
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        raise TrainauditError(p, "dangling symlink; skipped") from None
-    except PermissionError:
-        raise TrainauditError(p, "permission denied") from None
-    except OSError as e:
-        raise TrainauditError(p, f"cannot stat ({e.strerror or e})") from None
+    st = _stat(os.stat, p, "dangling symlink; skipped")
     if not stat.S_ISREG(st.st_mode):
         kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
                 else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)

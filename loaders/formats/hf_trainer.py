@@ -9,7 +9,6 @@ Pickled side files in checkpoint folders are never opened (bad-inputs.md A6).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -19,9 +18,9 @@ import numpy as np
 
 from loaders.checkpoint_files import skipped_side_files
 from loaders.errors import DataWarnings, TrainauditError
+from loaders.lines import read_json
 from loaders.longtables import Triples, build_run, classify_train_key, is_val_loss_key, to_float
 from loaders.run import CheckpointRef, Run
-from loaders.safeio import read_bounded
 
 __all__ = ["MAX_STATE_BYTES", "checkpoint_dirs", "is_trainer_state", "read_hf", "read_trainer_state"]
 
@@ -46,16 +45,7 @@ def checkpoint_dirs(folder: str | os.PathLike[str]) -> list[tuple[int, Path]]:
 
 
 def _parse_state(path: Path, root: Path | None) -> dict[str, Any]:
-    raw = read_bounded(path, root, max_bytes=MAX_STATE_BYTES)
-    try:
-        obj = json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError:
-        raise TrainauditError(path, "not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        where = "truncated (cut mid-write?)" if e.pos >= len(raw.rstrip()) - 1 else f"line {e.lineno}"
-        raise TrainauditError(path, f"not valid JSON: {e.msg} ({where})") from None
-    except (ValueError, RecursionError) as e:
-        raise TrainauditError(path, f"not valid JSON ({type(e).__name__})") from None
+    obj = read_json(path, root, max_bytes=MAX_STATE_BYTES)
     if not isinstance(obj, dict) or not isinstance(obj.get("log_history"), list):
         raise TrainauditError(path, "not a trainer_state.json (no log_history list)")
     return obj

@@ -32,10 +32,9 @@ import pandas as pd
 
 from loaders.errors import DataWarnings, TrainauditError
 from loaders.formats.lightning_csv import STEP_KEYS, read_metrics_csv, wide_to_run
+from loaders.lines import iter_line_batches, parse_json_line, read_json
 from loaders.longtables import Triples, WideLog, build_run, empty_frame, preferred_val_series, run_name, to_float
 from loaders.run import CLASS_LOSS_COLUMNS, EVAL_CLASS_LOSS_COLUMNS, Run
-from loaders.lines import iter_line_batches, parse_json_line
-from loaders.safeio import read_bounded
 
 __all__ = ["MAX_JSON_BYTES", "MAX_RANKS", "looks_like_llmc", "rank_series", "read_csv_log", "read_json_log",
            "read_jsonl", "read_llmc", "read_rank_logs"]
@@ -269,15 +268,7 @@ def read_json_log(path: str | os.PathLike[str], *, warnings: DataWarnings | None
     """A JSON file: ``[loss, ...]``, ``[{"step":..,"loss":..}, ...]`` or ``{"train_loss": [...], ...}``."""
     p = Path(path)
     warnings = warnings if warnings is not None else DataWarnings()
-    raw = read_bounded(p, root, max_bytes=MAX_JSON_BYTES)
-    try:
-        obj = json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError:
-        raise TrainauditError(p, "not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise TrainauditError(p, f"not valid JSON: {e.msg} (line {e.lineno})") from None
-    except (ValueError, RecursionError) as e:
-        raise TrainauditError(p, f"not valid JSON ({type(e).__name__})") from None
+    obj = read_json(p, root, max_bytes=MAX_JSON_BYTES)
     notes: list[str] = []
     if isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
         log = WideLog(STEP_KEYS)
