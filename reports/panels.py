@@ -79,19 +79,10 @@ def _spectral_tables(t: pd.DataFrame) -> tuple[list[Table], list[str]]:
 
 
 
-# formulas.md §8, expected tau on the built-in corpus: (first step, last step, low, high), None steps
-# meaning the last 20% of the run. Used only while AnalysisConfig has no `expected_tau_bands`.
-_SHEET_TAU_BANDS = ((0, 100, -0.1, 0.1), (400, 600, 0.5, 1.0), (None, None, 0.2, 0.5))
-
-
 def _config(result: Any) -> AnalysisConfig:
     """The thresholds the analysis ran with (the defaults for a result that does not carry them)."""
     cfg = getattr(result, "config", None)
     return cfg if isinstance(cfg, AnalysisConfig) else AnalysisConfig()
-
-
-def _tau_bands(cfg: AnalysisConfig) -> tuple:
-    return tuple(getattr(cfg, "expected_tau_bands", _SHEET_TAU_BANDS))
 
 
 def _sci(x: float) -> str:
@@ -180,7 +171,7 @@ def _class_losses(p: Panel, result: Any, cache: FigureCache) -> None:
         return
     builtin = bool(info.get("builtin_corpus"))
     add_figure(p, cache, "tau with 2-SE band", "plot_tau", T["tau"],
-               bands=_tau_bands(_config(result)) if builtin else (),
+               bands=_config(result).expected_tau_bands if builtin else (),
                last_step=float(T["train"]["step"].max()) if len(T["train"]) else None)
     if builtin:
         p.lines.append("Grey boxes: the sheet's expected tau on the built-in corpus (near 0 at the start, "
