@@ -2,7 +2,7 @@
 
 The weights task (`analyze.pipeline.weights_task`) reads every tensor of a checkpoint once and,
 for the update ratio, the same tensor of the previous checkpoint in row blocks. A plain
-``.safetensors`` file is read as ``loaders.checkpoints`` reads it: header validated first, then
+``.safetensors`` file is read as ``loaders.safetensors_file`` reads it: header validated first, then
 a plain read of one tensor's bytes (no mmap, so the resident set stays near one tensor). Other
 kinds (torch pickles, HF folders, shards) go through one pass of
 ``loaders.checkpoints.iter_tensors``, keeping the named tensors.
@@ -64,8 +64,9 @@ class TensorReader:
         self._file: Any = None
         self._kept: dict[str, torch.Tensor] | None = None
         if self.path.suffix == ".safetensors" and self.path.is_file():
-            from loaders.checkpoints import check_safetensors_header, checkpoint_info
+            from loaders.checkpoints import checkpoint_info
             from loaders.safeio import open_regular
+            from loaders.safetensors_file import check_safetensors_header
 
             self._prefix = checkpoint_info(ref).stripped_prefix
             self._header = check_safetensors_header(self.path)
@@ -76,7 +77,7 @@ class TensorReader:
     def get(self, name: str, buffers: ReadBuffers | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(tensor, the recycled buffer it lives in or None); (None, None) when absent."""
         if self._file is not None:
-            from loaders.checkpoints import read_safetensors_tensor
+            from loaders.safetensors_file import read_safetensors_tensor
 
             entry = self._header.get(self._prefix + name)
             if entry is None:
@@ -106,7 +107,7 @@ class TensorReader:
         entry = self._header.get(self._prefix + name)
         if entry is None or tuple(entry["shape"]) != shape or not shape:
             return None
-        from loaders.checkpoints import read_safetensors_tensor
+        from loaders.safetensors_file import read_safetensors_tensor
 
         row_elems = max(1, math.prod(shape[1:]))
         step = max(1, ROW_BLOCK_ELEMENTS // row_elems)
