@@ -13,6 +13,9 @@ Cheap and crash-safe by construction:
 Imports only the standard library, torch, safetensors and `analyze.kernels` (torch only): no
 pandas, scipy or seaborn. The §2 norm and the per-class Welford kernels there are the very
 ones the offline analysis uses, so both sides skip a non-finite example loss the same way.
+
+One module (~490 lines) on purpose: it is the single class a training script imports, and its
+buffering, flush, close and exit paths share state that the crash-safety argument reads as one.
 """
 from __future__ import annotations
 
