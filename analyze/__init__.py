@@ -1,4 +1,4 @@
-"""trainaudit offline analysis: pure metric functions (one module per formulas.md family)
+"""trainaudit offline analysis: pure metric functions (one module per metric family, docs/metrics)
 and the pipeline that turns a run into tidy tables, findings and notes.
 
 `from analyze import analyze_run` is the notebook entry point. This module imports neither

@@ -1,4 +1,4 @@
-"""AnalysisConfig: every knob of the offline analysis, with the formulas.md defaults.
+"""AnalysisConfig: every knob of the offline analysis, with the formula-sheet defaults (docs/metrics).
 
 One frozen dataclass; the `report` command's options map onto its fields. `cache_key()` hashes
 the fields that change per-checkpoint results, so a changed setting invalidates the cache (the
@@ -36,7 +36,7 @@ def default_workers() -> int:
 
 @dataclass(frozen=True, slots=True)
 class AnalysisConfig:
-    """Settings of `analyze_run`; defaults are the formulas.md values (section in brackets)."""
+    """Settings of `analyze_run`; defaults are the formula-sheet values (docs/metrics) (section in brackets)."""
 
     exact_svd: bool | None = None        # None = auto: on for models up to EXACT_SVD_AUTO_MAX_PARAMS (§4)
     power_tol: float = 1e-4              # the sheet's power-iteration stop (§4)

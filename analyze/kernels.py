@@ -1,4 +1,4 @@
-"""Torch kernels shared by the in-loop logger and the offline analysis (formulas.md §1, §2, §8).
+"""Torch kernels shared by the in-loop logger and the offline analysis (§1, §2, §8).
 
 Imports only torch and the standard library (`loaders.logger` uses it in the training loop).
 Every kernel stays on the input's device and never syncs with the host.

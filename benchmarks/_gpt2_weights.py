@@ -1,10 +1,10 @@
-"""GPT-2-shaped safetensors checkpoints for the weight benchmarks (issue 7, targets 2 and 5).
+"""GPT-2-shaped safetensors checkpoints for the weight benchmarks.
 
 Two consecutive checkpoints of one layout: the second is the first plus a Gaussian update of
 relative Frobenius size ``perturb`` per tensor (one optimizer interval). Names, shapes and
 orientation follow Hugging Face ``GPT2Model`` (Conv1D weights are (in, out)).
 
-Matrix spectra (formulas.md §4):
+Matrix spectra (§4):
 * "trained": spikes plus bulk, the shape of trained spectra: U diag(s) V^T of rank 64 with
   s_1 = 1, s_2 = r, s_i = r (i-1)^-alpha (1 + 5% noise) <= r, plus Gaussian noise whose
   Marchenko-Pastur edge (0.25) lies below the spikes. r is the sigma_2 / sigma_1 of the tensor

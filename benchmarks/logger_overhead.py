@@ -1,4 +1,4 @@
-"""Logger overhead on the demo model (formulas.md §13): median CPU step time with and
+"""Logger overhead on the demo model (§13): median CPU step time with and
 without RunLogger, and with TensorBoard's SummaryWriter.add_scalar logging the same values
 every step, measured side by side in one process in interleaved blocks.
 

@@ -1,4 +1,4 @@
-"""Loading a big training log (issue 7, target 3): lines per second and peak RSS.
+"""Loading a big training log: lines per second and peak RSS.
 
     python benchmarks/logs.py [--lines 10000000] [--dir DIR]
 

@@ -1,4 +1,4 @@
-"""Timings of the loss-history and attention metrics (formulas.md §5, §6, §9, §10). Prints figures.
+"""Timings of the loss-history and attention metrics (§5, §6, §9, §10). Prints figures.
 
     python benchmarks/loss_and_attention_metrics.py
 

@@ -1,4 +1,4 @@
-"""Scale of `trainaudit report` (issue 7): the demo report cold and cached, analysis time against
+"""Scale of `trainaudit report`: the demo report cold and cached, analysis time against
 the number of checkpoints, and serial vs a process pool vs a Dask LocalCluster, same bits.
 
     python benchmarks/scale.py --demo /tmp/ta/demo2000     # an existing 2000-step demo run

@@ -1,4 +1,4 @@
-"""Spectral-norm estimators against exact SVD (formulas.md §4). Prints figures; not a test.
+"""Spectral-norm estimators against exact SVD (§4). Prints figures; not a test.
 
     python benchmarks/spectral.py [--threads N]
 

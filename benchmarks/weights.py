@@ -3,10 +3,10 @@
     python benchmarks/weights.py [--dir DIR] [--threads N] [--perturb X] [--ww-timeout S] [--no-ww] [--keep]
                                  [--quick]
 
-Issue 7, target 2: two consecutive 124M-parameter float32 safetensors checkpoints (generated,
+Two consecutive 124M-parameter float32 safetensors checkpoints (generated,
 see _gpt2_weights.py); the analysis of the second = the package's own weights task
 (``analyze.pipeline.weights_task.run_weights_task``: default spectral estimator warm-started from the first's
-vectors, stable rank, update ratio against the first; formulas.md §4, §11, §12), with the
+vectors, stable rank, update ratio against the first; §4, §11, §12), with the
 sheet's power iteration off (timed separately, as the report runs it). Compared with a cold read
 of the file (page cache dropped with fsync + ``posix_fadvise(DONTNEED)``, checked with
 ``mincore``), a warm read, and exact top singular values of the same tensors: ``svdvals`` (the
@@ -656,7 +656,7 @@ def main() -> None:
         if not args.keep and args.dir is None:
             shutil.rmtree(folder, ignore_errors=True)
 
-    print("\n== Targets (issue 7) ==")
+    print("\n== Targets ==")
     ratio_cold = res["an_cold"].seconds / res["cold_read"]
     ratio_warm = res["an_warm"].seconds / res["cold_read"]
     print(f"  2a analysis <= 2x cold read: cold {ratio_cold:.1f}x, warm {ratio_warm:.1f}x -> {_verdict(ratio_cold <= 2)}"

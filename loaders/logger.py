@@ -2,7 +2,7 @@
 
 Cheap and crash-safe by construction:
 - every per-step value stays a tensor on its own device; the global gradient norm is one
-  fused `torch._foreach_norm` reduction (formulas.md §2) and per-class Welford states are
+  fused `torch._foreach_norm` reduction (§2) and per-class Welford states are
   `index_add_` scatters (§1, §8), so a step adds a few kernel launches and no host-device
   sync;
 - values reach the host in bulk once every `flush_every` steps (one `torch.stack(...).tolist()`),
@@ -46,7 +46,7 @@ def _grads_of(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
 
 def class_welford_state(per_example_loss: torch.Tensor, class_ids: torch.Tensor,
                         n_classes: int) -> torch.Tensor:
-    """Per-class (count, sum, M2) of one batch as a (3, C) float64 tensor (formulas.md §1, §8).
+    """Per-class (count, sum, M2) of one batch as a (3, C) float64 tensor (§1, §8).
 
     One vectorised scatter per statistic (`analyze.kernels.class_welford`); classes absent
     from the batch get count 0 (§8: skipped downstream), non-finite losses are left out.
@@ -113,7 +113,7 @@ class RunLogger:
     Args:
         path: the run directory (created; an existing run is appended to: a resumed run).
         config: free-form hyperparameters (JSON-serialisable) stored in run.json.
-        class_names: names of the example classes, in class-id order (formulas.md §8).
+        class_names: names of the example classes, in class-id order (§8).
         flush_every: steps between bulk host transfers + fsync (and at close). A kill -9
             loses at most this window.
         model: {"name": built-in model name, "config": {...}} so the offline analysis can

@@ -1,4 +1,4 @@
-"""The report's panels (formulas.md sections 1-12 plus logits), built from an analysis result's
+"""The report's panels (formula-sheet sections §1-§12 plus logits; docs/metrics), built from an analysis result's
 tables: one function per panel fills its figures, tables and lines. Nothing here computes a
 metric; thresholds shown (healthy bands) come from the result's AnalysisConfig.
 """
@@ -30,7 +30,7 @@ def _of_facts(result: Any) -> Table | None:
             {"what": "GL5 first above 5% at step", "value": fmt_num(s.get("gl5_step"))}]
     if len(of):
         rows.append({"what": "final GL (% above best validation loss)", "value": fmt_num(float(of["gl"].iloc[-1]), 3)})
-    return Table("Overfitting (formulas.md section 10)", [("what", "", "text"), ("value", "", "name")], rows)
+    return Table("Overfitting (§10)", [("what", "", "text"), ("value", "", "name")], rows)
 
 
 def _spectral_tables(t: pd.DataFrame) -> tuple[list[Table], list[str]]:

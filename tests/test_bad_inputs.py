@@ -1,4 +1,4 @@
-"""Every row of bad-inputs.md (groups A-G), end to end through the command line (issue 6).
+"""Every row of bad-inputs.md (groups A-G), end to end through the command line.
 
 Each row is run the way a user meets it: `trainaudit report RUN --out DIR` or `trainaudit audit
 FILE` through click's CliRunner. The catalogue's outcomes:
@@ -16,7 +16,7 @@ FILE` through click's CliRunner. The catalogue's outcomes:
 
 Rows whose expected outcome another area still has to deliver are strict xfails naming the file
 to change. Rows covered elsewhere at the loader level are listed in the module constant ROWS with
-the test that covers them (the map the final report of issue 6 gives).
+the test that covers them.
 """
 from __future__ import annotations
 

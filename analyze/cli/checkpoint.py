@@ -65,7 +65,7 @@ def audit(checkpoint: Path, as_json: bool, fail_on: str) -> None:
 @click.option("--tol", type=click.FloatRange(min=1e-12, max=0.5), default=None,
               help="Stopping tolerance for both methods (default: 1e-5 estimator bound, 1e-4 power iteration).")
 def spectral(checkpoint: Path, exact: bool, as_json: bool, method: str, tol: float | None) -> None:
-    """Spectral norm of every 2-D (or reshaped N-d) tensor of one checkpoint (formulas.md §4).
+    """Spectral norm of every 2-D (or reshaped N-d) tensor of one checkpoint (§4).
 
     Shows the default estimate with its relative error bound, the sheet's power iteration,
     and with --exact the exact value and both relative errors.

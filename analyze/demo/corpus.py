@@ -1,4 +1,4 @@
-"""The verb-tense corpus of the formula sheet (formulas.md §8): regular vs irregular verbs.
+"""The verb-tense corpus of the formula sheet (§8): regular vs irregular verbs.
 
 Each example is one sentence whose target is the past-tense form of a verb given in
 brackets, e.g. ``"yesterday she (go) went."``. Character-level; deterministic for a seed.
@@ -75,7 +75,7 @@ def vocabulary() -> list[str]:
 class EncodedSet:
     """A split as tensors. The model predicts token t+1 at position t:
     targets[n, t] = input_ids[n, t+1] and target_mask[n, t] marks positions whose next token
-    belongs to the past-tense form (formulas.md §7: only those count)."""
+    belongs to the past-tense form (§7: only those count)."""
 
     input_ids: torch.Tensor     # (N, L) int64
     targets: torch.Tensor       # (N, L) int64, next token (pad where none)

@@ -2,7 +2,7 @@
 
 Unlike nanoGPT it computes attention probabilities explicitly and routes them, the masked
 pre-softmax scores and the FFN hidden activation through named identity/activation modules,
-so forward hooks can read them (formulas.md §5, §6, §12):
+so forward hooks can read them (§5, §6, §12):
 
     model.blocks[i].attn.scores   (B, H, L, L) masked logits (-inf above the diagonal)
     model.blocks[i].attn.probs    (B, H, L, L) softmax probabilities

@@ -1,4 +1,4 @@
-"""Per-layer activation magnitude mean|A| (formulas.md §3).
+"""Per-layer activation magnitude mean|A| (§3).
 
 a_l = (1 / (B * L * d)) * sum_{b,l,i} |A_l[b, l, i]|, over real (unmasked) tokens only when a
 padding mask is given. The values are then aggregated with Welford (`analyze.metrics.welford`) over the

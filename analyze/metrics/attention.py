@@ -1,4 +1,4 @@
-"""Attention entropy, dead heads and head labels (formulas.md §6); max attention logit and log Z (§12).
+"""Attention entropy, dead heads and head labels (§6); max attention logit and log Z (§12).
 
 Shapes: alpha and scores are (B, H, Lq, Lk); a *visible* mask is bool (B or 1, Lq, Lk), True where
 query q may see key k (for causal attention, k <= q). alpha must be post-softmax, so it is zero on

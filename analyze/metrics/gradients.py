@@ -1,4 +1,4 @@
-"""Global gradient norm (formulas.md §2), grad-to-weight ratio and checkpoint update ratio (§11).
+"""Global gradient norm (§2), grad-to-weight ratio and checkpoint update ratio (§11).
 
 `global_grad_norm` is the in-loop one (it lives in `analyze.kernels`, shared with the logger):
 it stays on the device and never syncs with the host. The ratios are offline and return floats.

@@ -1,4 +1,4 @@
-"""Spectral-norm growth over a run (formulas.md §4, §12): the one definition, read by the
+"""Spectral-norm growth over a run (§4, §12): the one definition, read by the
 findings and by the comparison page, held against one threshold (`AnalysisConfig.spectral_growth`).
 
 Definition: per weight matrix, sigma_1 at the last analysed checkpoint divided by sigma_1 at the

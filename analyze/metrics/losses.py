@@ -1,5 +1,5 @@
 """Per-token, per-example and per-class loss, and the class-pair tax tau with its Welch SE
-(formulas.md §7-§8).
+(§7-§8).
 
 Losses are in nats. Per-class statistics live in a mergeable :class:`ClassLossState` (count, sum
 and sum of squared deviations per class: the columns ``count, loss_sum, loss_m2`` of the run's
@@ -123,7 +123,7 @@ class Tau:
 
 
 def tau(state: ClassLossState, hard: int, easy: int) -> Tau:
-    """tau = L_hard - L_easy (formulas.md §8: tau = L_I - L_R), SE = sqrt(s_h^2/n_h + s_e^2/n_e)."""
+    """tau = L_hard - L_easy (§8: tau = L_I - L_R), SE = sqrt(s_h^2/n_h + s_e^2/n_e)."""
     for c in (hard, easy):
         if not 0 <= c < state.n_classes:
             raise ValueError(f"class {c} out of range [0, {state.n_classes})")

@@ -1,4 +1,4 @@
-"""Dead FFN neurons by the max-abs rule, with token count and activation frequency (formulas.md §5).
+"""Dead FFN neurons by the max-abs rule, with token count and activation frequency (§5).
 
 A unit j is dead when ``max_n |H[n, j]| < eps`` over all N real (non-padding) token positions.
 Evaluation runs over many batches, so the sufficient statistics (per-unit max |H|, count of

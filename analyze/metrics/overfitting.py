@@ -1,5 +1,5 @@
 """Train/val divergence step, validation minimum, Prechelt's GL_alpha and the overfitting verdict
-(formulas.md §10).
+(§10).
 
 Two questions, answered apart: when does the train/val gap start to widen for good (divergence),
 and does validation loss get worse (overfitting or instability)?

@@ -1,4 +1,4 @@
-"""Spectral norm sigma_1 of weight matrices (formulas.md §4) and stable rank (§12).
+"""Spectral norm sigma_1 of weight matrices (§4) and stable rank (§12).
 
 Three ways to sigma_1, all on `as_matrix(w)` (N-d weights reshaped to (out, rest)):
 
@@ -291,7 +291,7 @@ def _cold_vector(n: int, like: Tensor, generator: torch.Generator | None, batch:
 
 def power_iteration(w: Tensor, v0: Tensor | None = None, *, tol: float = 1e-4, max_iter: int = 100,
                     generator: torch.Generator | None = None) -> PowerResult:
-    """The sheet's power iteration on W^T W, exactly as formulas.md §4 writes it.
+    """The sheet's power iteration on W^T W, exactly as §4 writes it.
 
     u_k = W v_{k-1} / ||.||, v_k = W^T u_k / ||.||, s_k = ||W v_k||; stop when
     |s_k - s_{k-1}| <= tol * s_k (s_0 = ||W v_0||). This stop bounds the last change, not

@@ -1,4 +1,4 @@
-"""Loss-spike detector: rolling median + MAD over the W most recent finite values (formulas.md §9).
+"""Loss-spike detector: rolling median + MAD over the W most recent finite values (§9).
 
     m_t = median(window), MAD_t = median(|L_i - m_t|), floor = 1e-6 |m_t| + 1e-12
     spike_t = (L_t - m_t) > k * 1.4826 * max(MAD_t, floor)          (one-sided, upward)

@@ -1,4 +1,4 @@
-"""Welford running mean / variance with Chan et al. merging (formulas.md §1).
+"""Welford running mean / variance with Chan et al. merging (§1).
 
 A ``RunningStats`` holds one state per element of an array (one per layer, per class, ...),
 so a whole batch is folded in with one vectorised reduction (`from_batch`) followed by one

@@ -240,7 +240,7 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
 
     Args:
         run_or_path: a loaded Run, or a run directory / log file / checkpoint path.
-        config: analysis settings (defaults: formulas.md values).
+        config: analysis settings (defaults: formula-sheet values, docs/metrics).
         progress: called with one-line progress messages (the CLI prints them on stderr).
         cache_dir: folder for per-checkpoint results; None disables the cache.
         format: loader override (`--format`), when a path is given.

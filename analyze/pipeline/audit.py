@@ -2,7 +2,7 @@
 
 ``audit_checkpoint`` visits the tensors one at a time (``loaders.checkpoints.iter_tensors``)
 and states, per tensor, what a CI gate needs: non-finite values (error), exploding magnitudes
-(warning), empty tensors (info), and for every matrix the spectral norm (formulas.md §4) and
+(warning), empty tensors (info), and for every matrix the spectral norm (§4) and
 stable rank (§12) as info. ``spectral_rows`` is the validation table of §4 for one checkpoint:
 the default estimator with its error bound, the sheet's power iteration and, on request, the
 exact value (`analyze.metrics.spectral.spectral_validation`, the row the report's table uses too).

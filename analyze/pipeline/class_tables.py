@@ -1,4 +1,4 @@
-"""Per-class tables of a run (formulas.md §1, §8): L_c per class, the gap to the mean and tau with
+"""Per-class tables of a run (§1, §8): L_c per class, the gap to the mean and tau with
 its Welch SE, for the training windows, the evaluations and the checkpoints' evaluation passes.
 
 The per-step Welford rows (count, loss_sum, loss_m2) are combined with the kernel the logger

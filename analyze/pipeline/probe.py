@@ -1,5 +1,5 @@
 """Model-based metrics of one checkpoint: run the stored evaluation set through the rebuilt model
-with forward hooks (formulas.md §3, §5, §6, §7-§8, §12) and one backward pass (§11).
+with forward hooks (§3, §5, §6, §7-§8, §12) and one backward pass (§11).
 
 Only built-in models are rebuilt by name (`analyze.demo.model.build_model`); a user's own model
 comes from an explicit ``module:function`` given on the command line, never from a run's files.

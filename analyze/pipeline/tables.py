@@ -138,7 +138,7 @@ def _int_or_none(x: Any) -> int | None:
 
 def build_summary(*, run: Mapping[str, Any], overfitting: Mapping[str, Any], spikes: Iterable[Mapping[str, Any]],
                   tau: Mapping[str, Any] | None, findings: Sequence[Finding], notes: Sequence[str]) -> dict[str, Any]:
-    """The summary.json object (format_version 1; shape in issue 4)."""
+    """The summary.json object (format_version 1; contract in docs/summary-json.md)."""
     return json_safe({
         "format_version": SUMMARY_FORMAT_VERSION,
         "run": {"name": str(run["name"]), "source_format": str(run["source_format"]),

@@ -1,4 +1,4 @@
-"""The weights task: one tensor group at one checkpoint (formulas.md §4, §11, §12).
+"""The weights task: one tensor group at one checkpoint (§4, §11, §12).
 
 Both spectral estimators warm-started from the vectors the same group produced at the previous
 checkpoint (passed in explicitly, a few KB), exact SVD beside them, stable rank and the update

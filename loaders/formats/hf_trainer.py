@@ -2,7 +2,7 @@
 
 ``log_history`` entries become Run tables: ``loss`` (a window mean over
 ``logging_steps`` raw steps, marked in ``run.window_averaged`` so the spike detector reports
-its reduced sensitivity, formulas.md §9), ``grad_norm``, ``learning_rate`` -> ``lr``; every
+its reduced sensitivity, §9), ``grad_norm``, ``learning_rate`` -> ``lr``; every
 ``eval_loss`` / ``eval_<name>_loss`` becomes one validation series. Transformers writes the
 file with ``json.dumps(indent=2)``, so ``NaN`` / ``Infinity`` tokens occur and are accepted.
 Pickled side files in checkpoint folders are never opened (bad-inputs.md A6).

@@ -305,7 +305,7 @@ def read_tensorboard(path: str | os.PathLike[str], *, warnings: DataWarnings | N
     loss_tag = next((t for t, s in chosen.items() if s == "loss"), None)
     if loss_tag == "train/loss" and "train/epoch" in tags and "train/learning_rate" in tags:
         # Written by the Hugging Face Trainer's TensorBoard callback: `loss` is a window mean
-        # over logging_steps steps, which is the spacing of the logged points (formulas.md §9).
+        # over logging_steps steps, which is the spacing of the logged points (§9).
         steps = sorted({s for s, t, _, _ in rows if t == loss_tag})
         if len(steps) >= 2:
             import numpy as np

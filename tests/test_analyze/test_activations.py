@@ -1,4 +1,4 @@
-"""Activation magnitude mean|A| (formulas.md §3) against a numpy loop over real tokens."""
+"""Activation magnitude mean|A| (§3) against a numpy loop over real tokens."""
 from __future__ import annotations
 
 import math

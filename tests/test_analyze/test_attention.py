@@ -1,4 +1,4 @@
-"""Attention entropy, dead heads, head labels (formulas.md §6), max logit and log Z (§12).
+"""Attention entropy, dead heads, head labels (§6), max logit and log Z (§12).
 
 Hand-built maps (uniform, one-hot, sink, previous-token, content) check the labels; a per-query
 Python loop is the independent twin for every per-head statistic.

@@ -1,5 +1,5 @@
 """`trainaudit audit` and `trainaudit spectral` through click's CliRunner: exit codes, JSON shapes,
-and spectral norms against torch.linalg.matrix_norm(ord=2) (formulas.md §4, §12)."""
+and spectral norms against torch.linalg.matrix_norm(ord=2) (§4, §12)."""
 from __future__ import annotations
 
 import json

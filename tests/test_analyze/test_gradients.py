@@ -1,4 +1,4 @@
-"""Global grad norm (formulas.md §2) and rho / update ratio (§11) against direct formulas."""
+"""Global grad norm (§2) and rho / update ratio (§11) against direct formulas."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Per-token, per-example, per-class loss and tau with Welch SE (formulas.md §7-§8)."""
+"""Per-token, per-example, per-class loss and tau with Welch SE (§7-§8)."""
 import math
 
 import numpy as np
@@ -90,7 +90,7 @@ def test_streaming_is_stable_for_large_offsets():
 
 
 def test_tau_drill_regular_vs_irregular():
-    # formulas.md §8 drill: L_R = 1.8, L_I = 3.4 -> tau = L_I - L_R = 1.6 nats.
+    # §8 drill: L_R = 1.8, L_I = 3.4 -> tau = L_I - L_R = 1.6 nats.
     R, I = 0, 1
     s = _state([1.7, 1.9, 3.3, 3.5], [R, R, I, I], 2)
     t = tau(s, hard=I, easy=R)

@@ -1,4 +1,4 @@
-"""Dead FFN neurons (formulas.md §5) against hand-built activations and a numpy brute force."""
+"""Dead FFN neurons (§5) against hand-built activations and a numpy brute force."""
 import math
 
 import numpy as np

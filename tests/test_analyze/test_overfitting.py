@@ -1,4 +1,4 @@
-"""Train/val divergence, validation minimum, GL_alpha and verdict (formulas.md §10).
+"""Train/val divergence, validation minimum, GL_alpha and verdict (§10).
 
 Curves are built so every expected number can be worked out by hand; the comments show the work.
 """

@@ -1,4 +1,4 @@
-"""Spectral norm (formulas.md §4) and stable rank (§12) against exact SVD.
+"""Spectral norm (§4) and stable rank (§12) against exact SVD.
 
 Matrices are U diag(s) V^T with chosen spectra, so sigma_1 and sigma_2 are known by
 construction; `torch.linalg.matrix_norm(W, ord=2)` in float64 is the independent reference.
@@ -108,7 +108,7 @@ def test_every_start_gives_a_lower_bound(kind: str) -> None:
 
 
 def _sheet_power_iteration(w: np.ndarray, v0: np.ndarray, tol: float, k_max: int) -> tuple[float, int]:
-    """formulas.md §4 transcribed line by line in float64 numpy: the independent twin."""
+    """§4 transcribed line by line in float64 numpy: the independent twin."""
     v = v0 / np.linalg.norm(v0)
     s_prev = np.linalg.norm(w @ v)
     for k in range(1, k_max + 1):

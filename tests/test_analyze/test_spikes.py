@@ -1,4 +1,4 @@
-"""Loss-spike detector (formulas.md §9) against a slow, obviously correct loop."""
+"""Loss-spike detector (§9) against a slow, obviously correct loop."""
 import math
 import statistics
 

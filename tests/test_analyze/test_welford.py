@@ -1,4 +1,4 @@
-"""Welford / Chan running statistics (formulas.md §1) against numpy on the concatenated data."""
+"""Welford / Chan running statistics (§1) against numpy on the concatenated data."""
 from __future__ import annotations
 
 import numpy as np

@@ -39,7 +39,7 @@ from loaders.safetensors_file import check_safetensors_header
 
 from fuzzbytes import decode  # tests/fuzzbytes.py (pythonpath = tests)
 
-# Issue 6 asks for >= 2,000 examples per parser in CI (CI=true); locally 300 keep this file fast.
+# The fuzz contract asks for >= 2,000 examples per parser in CI (CI=true); locally 300 keep this file fast.
 # TRAINAUDIT_FUZZ_EXAMPLES overrides both.
 EXAMPLES = int(os.environ.get("TRAINAUDIT_FUZZ_EXAMPLES", "2000" if os.environ.get("CI") else "300"))
 
