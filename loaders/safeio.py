@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import re
 import os
 import stat
 import threading
@@ -118,9 +119,14 @@ TEMP_MARK = ".tmp-"              # a temp file of an atomic write: ".<name>.tmp-
 _TEMP_IDS = itertools.count()
 
 
+# safetensors' own writer (Rust `tempfile`) first writes ".tmp" + 6 random characters beside the
+# target; a kill at that moment leaves one behind.
+_SAFETENSORS_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+
+
 def is_temp_name(name: str) -> bool:
     """True for the name of an unfinished atomic write (a process killed while writing)."""
-    return name.startswith(".") and TEMP_MARK in name
+    return name.startswith(".") and (TEMP_MARK in name or _SAFETENSORS_TEMP.fullmatch(name) is not None)
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

@@ -85,11 +85,28 @@ def test_logger_removes_stale_temp_files_on_open(tmp_path: Path) -> None:
     stale = [run / ".run.json.tmp-123-0", run / "checkpoints" / ".step_00000005.safetensors.tmp-9-4"]
     for p in stale:
         p.write_bytes(b"torn")
-    keep = run / "checkpoints" / "notes.tmp-1"      # not a temp name of ours: left alone
-    keep.write_bytes(b"x")
+    keep = [run / "checkpoints" / "notes.tmp-1", run / "checkpoints" / ".tmpABCDEFG"]  # not temp names: kept
+    for p in keep:
+        p.write_bytes(b"x")
     with RunLogger(run):
         pass
-    assert not any(p.exists() for p in stale) and keep.exists()
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
+
+
+def test_safetensors_own_temp_file_left_by_a_kill_is_removed(tmp_path: Path) -> None:
+    """safetensors writes ".tmp" + 6 random characters beside its target first (seen with strace);
+    a SIGKILL during a checkpoint save leaves that file behind, and a restart removes it."""
+    from loaders import RunLogger
+
+    run = tmp_path / "run"
+    with RunLogger(run):
+        pass
+    left = run / "checkpoints" / ".tmpdEvsOy"                      # the name a SIGKILL left in CI
+    left.write_bytes(b"torn")
+    assert is_temp_name(left.name)
+    with RunLogger(run):
+        pass
+    assert not left.exists()
 
 
 def test_cache_write_failure_does_not_abort(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
