@@ -48,6 +48,14 @@ class AnalysisConfig:
     spike_k: float = 6.0                 # MAD units above the median (§9)
     gl_alpha: float = 5.0                # Prechelt GL_alpha in percent (§10)
     divergence_delta: float = 0.05       # nats the smoothed gap must widen by (§10)
+    divergence_spearman: float = 0.8     # ... with Spearman(t, gap) at least this after its last record low (§10)
+    divergence_min_evals: int = 3        # ... over at least this many evaluations after it (§10)
+    overfit_trend_evals: int = 3         # last evaluations whose trend tells a sustained rise from a recovered
+                                         # bump: "overfitting" needs GL > gl_alpha at the end and a slope >= 0
+                                         # over these (ours; §10 leaves recovery open)
+    memorisation_ratio: float = 0.25     # memorisation: train loss <= this x validation loss at the last
+    memorisation_min_gap: float = 0.1    # evaluation, and at least this many nats below it (ours)
+    tau_disagreement_se: float = 2.0     # training-window tau vs checkpoint tau: combined SEs apart (§8)
     rho_low: float = 1e-4                # healthy grad-to-weight ratio range, inclusive (§11)
     rho_high: float = 1e-1
     update_ratio_low: float = 1e-5       # per-step update ratio range shown as healthy (§12: ~1e-3)
@@ -64,11 +72,23 @@ class AnalysisConfig:
     tau_band_min_steps: int = 1000       # the end band describes the ~2000-step demo: shorter runs are not judged
     max_abs_warn: float = 1e4            # checkpoint audit: |w| above this is "exploding weights" (see below)
     sigma_warn: float = 1e3              # checkpoint audit: sigma_1 above this is "large spectral norm" (see below)
+    spectral_outlier_ratio: float = 5.0  # audit: sigma_1 / its family's median above this (or below 1/this) is a
+                                         # spectral_outlier (family: same name but the layer index, same shape;
+                                         # real weights measured within 0.69-1.31, see docs/metrics/static-checks.md)
+    norm_outlier_ratio: float = 5.0      # audit: the same rule on the Frobenius norm (norm_outlier)
+    family_min_size: int = 3             # audit: families with fewer finite members are not judged
+    embedding_zero_rows_ok: int = 1      # audit: all-zero embedding rows kept as info up to this count (padding row)
+    family_moved_ratio: float = 10.0     # audit --baseline: a family whose median ||W-W0||/||W0|| is this many
+                                         # times the median over families is family_moved
     class_window: int = 50               # training steps per per-class Welford window (§8)
     class_pair: tuple[str, str] | None = None  # (hard, easy) for tau; None = built-in / automatic
     eval_batch_size: int = 64            # examples per forward batch on the stored eval set
     max_eval_examples: int | None = None  # cap on eval examples (None = all)
     grad_batch_size: int = 32            # examples in the one backward pass for rho (§11)
+    eval_data: str | None = None         # --eval-data: text / JSONL / val.bin / eval_set.safetensors for the model pass
+    eval_max_sequences: int = 256        # --eval-data: at most this many sequences (a seeded uniform sample) ...
+    eval_seq_len: int = 128              # ... of at most this many tokens (and the model's context)
+    eval_seed: int = 0                   # sampling seed of --eval-data and of the rho batch
     model_factory: str | None = None     # "module:function" for a user's own model (explicit only)
     workers: int = 1                     # processes for the per-checkpoint tasks (1: in this process)
     scheduler: str | None = None         # Dask scheduler address: run the tasks there instead
@@ -80,7 +100,14 @@ class AnalysisConfig:
             "dead_eps": self.dead_eps > 0, "spike_window": self.spike_window >= 2,
             "spike_k": self.spike_k > 0, "gl_alpha": self.gl_alpha > 0,
             "divergence_delta": self.divergence_delta >= 0, "class_window": self.class_window >= 1,
+            "divergence_min_evals": self.divergence_min_evals >= 1, "overfit_trend_evals": self.overfit_trend_evals >= 2,
+            "memorisation_ratio": 0 < self.memorisation_ratio < 1, "memorisation_min_gap": self.memorisation_min_gap >= 0,
+            "tau_disagreement_se": self.tau_disagreement_se > 0,
+            "spectral_outlier_ratio": self.spectral_outlier_ratio > 1, "norm_outlier_ratio": self.norm_outlier_ratio > 1,
+            "family_min_size": self.family_min_size >= 3, "embedding_zero_rows_ok": self.embedding_zero_rows_ok >= 0,
+            "family_moved_ratio": self.family_moved_ratio > 1,
             "eval_batch_size": self.eval_batch_size >= 1, "grad_batch_size": self.grad_batch_size >= 1,
+            "eval_max_sequences": self.eval_max_sequences >= 1, "eval_seq_len": self.eval_seq_len >= 2,
             "workers": self.workers >= 1, "rho_low": 0 < self.rho_low < self.rho_high,
             "expected_tau_bands": all(len(b) == 4 and b[2] <= b[3] for b in self.expected_tau_bands),
         }
@@ -104,9 +131,13 @@ class AnalysisConfig:
     def cache_key(self) -> str:
         """Hash of the fields that change per-checkpoint results (not where they run, not log-only knobs)."""
         skip = {"workers", "scheduler", "spike_window", "spike_k", "gl_alpha", "divergence_delta",
+                "divergence_spearman", "divergence_min_evals", "overfit_trend_evals", "memorisation_ratio",
+                "memorisation_min_gap", "tau_disagreement_se",
                 "class_window", "class_pair", "spectral_growth", "update_ratio_low", "update_ratio_high",
                 "estimator_rel_tol", "dead_fraction_warn", "logit_growth", "logit_growth_min",
-                "expected_tau_bands", "tau_band_min_steps", "max_abs_warn", "sigma_warn"}
+                "expected_tau_bands", "tau_band_min_steps", "max_abs_warn", "sigma_warn",
+                "spectral_outlier_ratio", "norm_outlier_ratio", "family_min_size", "embedding_zero_rows_ok",
+                "family_moved_ratio"}
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         d["cache_version"] = CACHE_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

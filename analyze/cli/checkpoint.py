@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -26,34 +28,50 @@ def _fmt(x: float | None, spec: str = ".6g") -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON (summary.json finding shape).")
 @click.option("--fail-on", type=click.Choice(["warning", "error"]), default="error", show_default=True,
               help="Exit 1 when a finding of this severity or worse exists.")
-def audit(checkpoint: Path, as_json: bool, fail_on: str) -> None:
-    """Health-check one checkpoint: non-finite or exploding tensors, spectral norms, stable rank.
+@click.option("--baseline", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Base checkpoint (pretrained model, earlier step): per-tensor relative change, sigma_1 before "
+                   "and after, tensors added/removed/reshaped. Any storage layout.")
+@click.option("--frozen", multiple=True, metavar="PATTERN",
+              help="With --baseline: tensors matching this name pattern (fnmatch, repeatable) must not have moved "
+                   "(error frozen_moved).")
+@click.option("--verbose", "-v", is_flag=True, help="List the info findings too (the text view summarises them).")
+def audit(checkpoint: Path, as_json: bool, fail_on: str, baseline: Path | None, frozen: tuple[str, ...],
+          verbose: bool) -> None:
+    """Health-check one checkpoint: non-finite or exploding tensors, dead units (all-zero rows or
+    columns), layers whose norms stand out from their siblings, spectral norms, stable rank.
 
     CHECKPOINT is a .safetensors / .pt / .pth / .bin / .ckpt file or a Hugging Face model
     folder (sharded or not). Exit 0 when healthy, 1 when a finding at or above --fail-on
-    exists, 2 when the input cannot be read.
+    exists, 2 when the input cannot be read. The same file gives the same output every run.
     """
     from analyze.pipeline.audit import audit_checkpoint, fails
 
-    result = audit_checkpoint(checkpoint)
+    if frozen and baseline is None:
+        raise click.UsageError("--frozen needs --baseline")
+    result = audit_checkpoint(checkpoint, baseline=baseline, frozen=frozen)
     if as_json:
-        click.echo(json.dumps([f.to_json() for f in result.findings], indent=2, allow_nan=False))
+        click.echo(json.dumps([f.to_json() for f in result.findings], indent=2, allow_nan=False, sort_keys=True))
     else:
-        counts = {s: sum(f.severity == s for f in result.findings) for s in ("error", "warning", "info")}
-        click.echo(f"{checkpoint}: {len(result.tensors)} tensors, {result.n_params:,} parameters"
-                   + (f", step {result.step}" if result.step is not None else ""))
-        for f in result.findings:
-            if f.severity != "info" or f.code not in ("spectral_norm", "stable_rank"):
-                click.echo(f"  {f.severity.upper():7s} {f.code:20s} {f.message}")
-        mats = [h for h in result.tensors if math.isfinite(h.sigma)]
-        if mats:
-            worst = max(mats, key=lambda h: h.sigma)
-            click.echo(f"  {len(mats)} matrices: largest spectral norm {worst.sigma:.4g} ({worst.name}); "
-                       f"per-tensor values with --json or `trainaudit spectral`")
-        click.echo(f"{counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info")
+        _print_audit(checkpoint, result, verbose)
     if result.error is not None:
         fail(result.error)
     sys.exit(1 if fails(result, fail_on) else 0)
+
+
+def _print_audit(checkpoint: Path, result: Any, verbose: bool) -> None:
+    """Every error and warning, then one line summing up the info findings (all with --verbose)."""
+    counts = {s: sum(f.severity == s for f in result.findings) for s in ("error", "warning", "info")}
+    click.echo(f"{checkpoint}: {len(result.tensors)} tensors, {result.n_params:,} parameters"
+               + (f", step {result.step}" if result.step is not None else "")
+               + (f", against {result.baseline}" if result.baseline is not None else ""))
+    for f in result.findings:
+        if f.severity != "info" or verbose or f.code == "moved_most":
+            click.echo(f"  {f.severity.upper():7s} {f.code:20s} {f.message}")
+    if counts["info"] and not verbose:
+        by_code = Counter(f.code for f in result.findings if f.severity == "info")
+        kinds = ", ".join(f"{n} {code}" for code, n in sorted(by_code.items(), key=lambda kv: (-kv[1], kv[0])))
+        click.echo(f"  {counts['info']} info findings ({kinds}): --verbose lists them, --json gives every value")
+    click.echo(f"{counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info")
 
 
 @click.command("spectral", cls=Command)

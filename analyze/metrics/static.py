@@ -1,0 +1,129 @@
+"""Static checks of a checkpoint's weights that need no data (§12, beyond the sheet).
+
+* Constant lines: rows and columns of a matrix whose entries are all equal (all zero is the
+  common case). A unit whose incoming weights are all zero receives no input (a dead unit); an
+  input no unit reads is unused. Which axis holds the units depends on the storage layout
+  (nn.Linear ``[out, in]``, GPT-2's Conv1D ``[in, out]``); the caller names it.
+* Families: the same tensor name with every layer index replaced (``h.3.attn.c_proj.weight``
+  -> ``h.*.attn.c_proj.weight``) and the same shape. A value is compared with its family's
+  median: the ratio value / median, flagged outside ``[1/k, k]``. The median ignores one odd
+  member in a family of three or more, so one broken layer cannot hide itself.
+* Relative change against a base: ``||W - W0||_F / ||W0||_F``, and the same ratio-to-median
+  rule across families of how far each family moved.
+
+Pure functions over tensors and arrays, vectorised over the batch of tensors or families.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["LineCounts", "count_constant_lines", "family_key", "family_medians", "outlier_side",
+           "relative_change", "first_indices"]
+
+# A path component that is a number: a layer (or expert) index.
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
+
+
+def family_key(name: str) -> str:
+    """``name`` with every numeric path component replaced by ``*`` (the layer index)."""
+    return _INDEX.sub("*", name)
+
+
+@dataclass(frozen=True, slots=True)
+class LineCounts:
+    """Per matrix of a batch: rows and columns whose entries are all zero, or all equal to one
+    non-zero value. -1 where the axis is not checked (its lines have fewer than 2 entries)."""
+
+    zero_rows: Tensor
+    const_rows: Tensor
+    zero_cols: Tensor
+    const_cols: Tensor
+
+
+def count_constant_lines(m: Tensor) -> LineCounts:
+    """Constant rows and columns of ``m`` (shape ``(..., rows, cols)``), one pass per axis.
+
+    A line with a NaN is never constant (its min and max are NaN). A line of one entry is not
+    a line: rows are checked only when there are at least 2 columns, and vice versa.
+    """
+    if m.ndim < 2:
+        raise ValueError(f"expected (..., rows, cols), got shape {tuple(m.shape)}")
+    batch = m.shape[:-2]
+    r, c = m.shape[-2], m.shape[-1]
+    unchecked = torch.full(batch, -1, dtype=torch.int64)
+
+    def counts(dim: int, length: int) -> tuple[Tensor, Tensor]:
+        if length < 2 or m.shape[dim] == 0:
+            return unchecked, unchecked
+        lo, hi = torch.aminmax(m, dim=dim)
+        const = lo == hi
+        zero = const & (hi == 0)
+        return zero.sum(dim=-1), (const & ~zero).sum(dim=-1)
+
+    zr, cr = counts(-1, c)
+    zc, cc = counts(-2, r)
+    return LineCounts(zr, cr, zc, cc)
+
+
+def first_indices(m: Tensor, axis: int, limit: int = 5) -> tuple[int, ...]:
+    """Indices of the first ``limit`` constant lines of matrix ``m`` along ``axis`` (0 rows, 1 columns)."""
+    lo, hi = torch.aminmax(m, dim=1 - axis)
+    return tuple(int(i) for i in torch.nonzero(lo == hi).flatten()[:limit])
+
+
+def family_medians(values: Sequence[float] | np.ndarray, families: Sequence[str],
+                   min_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per value: its family's median, the value's ratio to it, and the family's size.
+
+    Only finite values count (in the median and the size). The ratio is NaN where the value is
+    not finite, the family has fewer than ``min_size`` finite values, or its median is not > 0.
+    """
+    vals = np.asarray(values, dtype=np.float64)
+    if vals.size == 0:
+        empty = np.zeros(0)
+        return empty, empty, np.zeros(0, dtype=np.int64)
+    _, inv = np.unique(np.asarray(families, dtype=object).astype(str), return_inverse=True)
+    finite = np.isfinite(vals)
+    n_fam = int(inv.max()) + 1
+    size = np.bincount(inv[finite], minlength=n_fam)
+    key = np.where(finite, vals, np.inf)           # non-finite values sort last in their family
+    order = np.lexsort((key, inv))
+    sorted_vals = key[order]
+    start = np.searchsorted(inv[order], np.arange(n_fam))
+    lo = np.minimum(start + np.maximum(size - 1, 0) // 2, len(vals) - 1)
+    hi = np.minimum(start + size // 2, len(vals) - 1)
+    with np.errstate(invalid="ignore"):
+        med_f = np.where(size > 0, 0.5 * (sorted_vals[lo] + sorted_vals[hi]), np.nan)
+    med = med_f[inv]
+    ok = finite & (size[inv] >= min_size) & (med > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(ok, vals / np.where(med > 0, med, 1.0), np.nan)
+    return med, ratio, size[inv]
+
+
+def outlier_side(ratio: float, k: float) -> int:
+    """+1 when ``ratio > k``, -1 when ``ratio < 1/k``, 0 otherwise (and for NaN)."""
+    if not math.isfinite(ratio):
+        return 0
+    return 1 if ratio > k else -1 if ratio < 1.0 / k else 0
+
+
+def relative_change(w: Tensor, w0: Tensor) -> float:
+    """``||w - w0||_F / ||w0||_F`` in float64 accumulation; 0 when both are equal, inf when
+    only ``w0`` is all zero, NaN when either has a non-finite value."""
+    a = w.detach().to(torch.float32) if w.dtype not in (torch.float32, torch.float64) else w.detach()
+    b = w0.detach().to(a.dtype)
+    diff = float(torch.linalg.vector_norm(a - b, dtype=torch.float64))
+    base = float(torch.linalg.vector_norm(b, dtype=torch.float64))
+    if not (math.isfinite(diff) and math.isfinite(base)):
+        return math.nan
+    if base == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / base
