@@ -15,34 +15,47 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["global_grad_norm", "class_welford", "scatter_welford", "merge_welford", "recentred_m2"]
+__all__ = ["global_grad_norm", "per_tensor_grad_norms", "class_welford", "scatter_welford", "merge_welford", "recentred_m2"]
 
 Welford = tuple[Tensor, Tensor, Tensor]  # (count int64, total float64, m2 float64)
+
+
+def per_tensor_grad_norms(tensors: Sequence[Tensor]) -> Tensor:
+    """||G_p||_2 of every tensor, in input order, as one 1-D tensor (§2, §11).
+
+    One fused ``_foreach_norm`` per dtype group (the reduction the global norm is made of);
+    half types accumulate in float32 without a float32 copy. Non-finite gradients give
+    non-finite norms. The result is float64 when any input is, else float32; on the first
+    tensor's device; never synced to the host.
+    """
+    if not tensors:
+        return torch.zeros(0)
+    first = tensors[0]
+    if first.dtype in (torch.float32, torch.float64) and all(t.dtype == first.dtype for t in tensors):
+        return torch.stack(torch._foreach_norm(list(tensors), 2.0))  # the common case, per step
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    norms: list[Tensor | None] = [None] * len(tensors)
+    for dtype, idx in groups.items():
+        acc = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2.0, dtype=acc)):
+            norms[i] = n
+    out_dtype = torch.float64 if torch.float64 in groups else torch.float32
+    return torch.stack([n.to(device=first.device, dtype=out_dtype) for n in norms])  # type: ignore[union-attr]
 
 
 def global_grad_norm(tensors: Sequence[Tensor]) -> Tensor:
     """g = sqrt(sum_p sum_i grad_{p,i}^2) over all tensors, as a 0-d tensor (§2).
 
-    One fused ``_foreach_norm`` per dtype group, then the norm of the stacked per-tensor
-    norms; computed in float32 or wider, so bf16 gradients do not overflow the sum.
-    Non-finite gradients give a non-finite result (stored and flagged, never dropped).
+    The norm of the per-tensor norms (`per_tensor_grad_norms`); computed in float32 or wider,
+    so bf16 gradients do not overflow the sum. Non-finite gradients give a non-finite result
+    (stored and flagged, never dropped).
     """
     tensors = [t for t in tensors if t is not None]
     if not tensors:
         return torch.tensor(0.0)
-    device = tensors[0].device
-    groups: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault(t.dtype, []).append(t)
-    if len(groups) == 1 and tensors[0].dtype in (torch.float32, torch.float64):  # the common case, per step
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2.0)))
-    norms: list[Tensor] = []
-    for dtype, group in groups.items():  # half types accumulate in float32 without a float32 copy
-        acc = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        norms.extend(torch._foreach_norm(group, 2.0, dtype=acc))
-    out_dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
-    stacked = torch.stack([n.to(device=device, dtype=out_dtype) for n in norms])
-    return torch.linalg.vector_norm(stacked)
+    return torch.linalg.vector_norm(per_tensor_grad_norms(tensors))
 
 
 def recentred_m2(count: Tensor, total: Tensor, m2: Tensor, count_all: Tensor, total_all: Tensor) -> Tensor:

@@ -4,7 +4,8 @@ Cheap and crash-safe by construction:
 - every per-step value stays a tensor on its own device; the global gradient norm is one
   fused `torch._foreach_norm` reduction (§2) and per-class Welford states are
   `index_add_` scatters (§1, §8), so a step adds a few kernel launches and no host-device
-  sync;
+  sync; the per-tensor norms of that reduction are kept at checkpoint steps and every
+  `grad_norms_every` steps (grad_norms.csv, for rho in §11) at no extra pass;
 - values reach the host in bulk once every `flush_every` steps (one `torch.stack(...).tolist()`),
   are appended to the logs with one `os.write` per file and made durable with `fsync`;
 - checkpoints are written to a temp file in the same folder, fsynced and `os.replace`d, so a
@@ -14,7 +15,7 @@ Imports only the standard library, torch, safetensors and `analyze.kernels` (tor
 pandas, scipy or seaborn. The §2 norm and the per-class Welford kernels there are the very
 ones the offline analysis uses, so both sides skip a non-finite example loss the same way.
 
-One module (~490 lines) on purpose: it is the single class a training script imports, and its
+One module (~600 lines) on purpose: it is the single class a training script imports, and its
 buffering, flush, close and exit paths share state that the crash-safety argument reads as one.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 
 import torch
 
-from analyze.kernels import class_welford, global_grad_norm, recentred_m2  # shared with the analysis
+from analyze.kernels import class_welford, global_grad_norm, per_tensor_grad_norms, recentred_m2  # shared with the analysis
 from loaders import runformat as fmt
 from loaders.errors import TrainauditError
 from loaders.safeio import atomic_path, is_temp_name, write_atomic
@@ -118,6 +119,8 @@ class RunLogger:
             loses at most this window.
         model: {"name": built-in model name, "config": {...}} so the offline analysis can
             rebuild the model; never a path to code.
+        grad_norms_every: also record the per-tensor gradient norms (grad_norms.csv, §11)
+            at every step divisible by this; None (default): at checkpoint steps only.
         rank/world_size: default from torch.distributed; only rank 0 writes (`write_all_ranks`).
     """
 
@@ -134,9 +137,13 @@ class RunLogger:
         eval_settings: Mapping[str, Any] | None = None,
         fsync: bool = True,
         write_all_ranks: bool = False,
+        grad_norms_every: int | None = None,
     ) -> None:
         if flush_every < 1:
             raise ValueError("flush_every must be >= 1")
+        if grad_norms_every is not None and int(grad_norms_every) < 1:
+            raise ValueError("grad_norms_every must be >= 1 (or None: checkpoint steps only)")
+        self.grad_norms_every = None if grad_norms_every is None else int(grad_norms_every)
         self.path = Path(path)
         self.class_names = [str(c) for c in class_names]
         self.flush_every = int(flush_every)
@@ -146,6 +153,16 @@ class RunLogger:
         self._pending_steps: list[int] = []
         self._pending_values: list[torch.Tensor] = []   # loss, grad_norm, loss, grad_norm, ...
         self._params: tuple[int, list[torch.Tensor]] = (0, [])  # (id(model), its parameters)
+        self._names: tuple[int, tuple[str, ...]] = (0, ())     # (id(model), its parameter names)
+        # Per-tensor gradient norms (§11): pending (step, names, norms on device) until flush; the
+        # last step's norms / global norm, for a checkpoint saved after its log_step; checkpoint
+        # steps saved so far and the module they came from (for a log_step given no model).
+        self._pending_norms: list[tuple[int, tuple[str, ...], torch.Tensor]] = []
+        self._last_norms: tuple[int, tuple[str, ...], torch.Tensor] | None = None
+        self._last_gn: tuple[int, torch.Tensor] | None = None
+        self._norms_step: int | None = None      # step whose norms were queued last
+        self._checkpoint_steps: set[int] = set()
+        self._checkpoint_model: weakref.ref[torch.nn.Module] | None = None
         self._pending_lr: list[float | None] = []
         self._pending_wall: list[float] = []
         self._pending_class: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, losses, class ids)
@@ -170,6 +187,7 @@ class RunLogger:
                 "seed": seed,
                 "world_size": self.world_size,
                 "flush_every": self.flush_every,
+                "grad_norms_every": self.grad_norms_every,
                 "library_versions": _library_versions(),
                 "config": dict(config or {}),
             }
@@ -234,16 +252,35 @@ class RunLogger:
         """Record one optimizer step: raw loss, global grad norm (from `model`'s grads), lr.
 
         Call after `loss.backward()` (and before `zero_grad`). No host sync happens here.
+        `grad_norm` (e.g. what `clip_grad_norm_` returned) is used as the global norm instead
+        of measuring it again. Per-tensor norms (§11) are kept at checkpoint steps and every
+        `grad_norms_every` steps: from the norms the global norm is made of, or, when
+        `grad_norm` is given, measured at those steps only and rescaled by grad_norm / their
+        own global norm (which undoes a clip: clipping scales every gradient by one factor).
+        They need parameter names: `model` a Module, or the Module last saved by save_checkpoint.
         """
         self._check_open()
+        step = int(step)
         loss_t = loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        want = self._wants_norms(step)
         if grad_norm is None:
-            grads = _grads_of(self._parameters(model)) if model is not None else []
-            gn = global_grad_norm(grads) if grads else torch.tensor(float("nan"))  # NaN: no gradient to measure
+            names, grads = self._named_grads(model) if model is not None else (None, [])
+            if grads:
+                norms = per_tensor_grad_norms(grads)        # the §2 reduction's per-tensor half
+                gn = torch.linalg.vector_norm(norms)
+                if names is not None:
+                    self._last_norms = (step, names, norms)
+                    if want:
+                        self._queue_norms(step, names, norms)
+            else:
+                gn = torch.tensor(float("nan"))  # NaN: no gradient to measure
         else:
             gn = grad_norm.detach().reshape(()) if isinstance(grad_norm, torch.Tensor) else torch.tensor(float(grad_norm))
+            self._last_gn = (step, gn)
+            if want:
+                self._norms_from_grads(step, model if model is not None else self._saved_module(), gn)
         gn = gn.to(loss_t.device)
-        self._pending_steps.append(int(step))
+        self._pending_steps.append(step)
         self._pending_values += (loss_t, gn)
         self._pending_lr.append(None if lr is None else float(lr))
         self._pending_wall.append(time.time())
@@ -256,8 +293,50 @@ class RunLogger:
         if not isinstance(model, torch.nn.Module):
             return list(model)
         if self._params[0] != id(model):
-            self._params = (id(model), list(model.parameters()))
+            named = list(model.named_parameters())
+            self._params = (id(model), [p for _, p in named])
+            self._names = (id(model), tuple(n for n, _ in named))
         return self._params[1]
+
+    def _named_grads(self, model: torch.nn.Module | Iterable[torch.Tensor]
+                     ) -> tuple[tuple[str, ...] | None, list[torch.Tensor]]:
+        """(names or None when `model` is no Module, the gradients present), in parameter order."""
+        params = self._parameters(model)
+        grads = _grads_of(params)
+        if not isinstance(model, torch.nn.Module):
+            return None, grads
+        names = self._names[1]
+        if len(grads) != len(params):  # some parameters got no gradient this step
+            names = tuple(n for n, p in zip(names, params) if p.grad is not None)
+        return names, grads
+
+    # ------------------------------------------------------------------ per-tensor grad norms
+    def _wants_norms(self, step: int) -> bool:
+        every = self.grad_norms_every
+        return (every is not None and step % every == 0) or step in self._checkpoint_steps
+
+    def _saved_module(self) -> torch.nn.Module | None:
+        return self._checkpoint_model() if self._checkpoint_model is not None else None
+
+    def _queue_norms(self, step: int, names: tuple[str, ...], norms: torch.Tensor) -> None:
+        if self._norms_step == step:
+            return
+        self._norms_step = step
+        self._pending_norms.append((step, names, norms.detach()))
+
+    def _norms_from_grads(self, step: int, model: torch.nn.Module | None, gn: torch.Tensor) -> None:
+        """Measure the per-tensor norms of `model`'s gradients now (a step whose global norm came
+        from the caller), rescaled so that they make up `gn` (undoes a uniform clip)."""
+        if not isinstance(model, torch.nn.Module) or self._norms_step == step:
+            return
+        names, grads = self._named_grads(model)
+        if not grads or names is None:
+            return
+        norms = per_tensor_grad_norms(grads)
+        own = torch.linalg.vector_norm(norms)
+        g = gn.to(device=norms.device, dtype=norms.dtype)
+        scale = torch.where(own > 0, g / own, torch.ones_like(own))  # no gradient: nothing to undo
+        self._queue_norms(step, names, norms * scale)
 
     def log_class_losses(self, step: int, per_example_loss: torch.Tensor, class_ids: torch.Tensor) -> None:
         """Record the per-class Welford state (count, sum, M2) of this step's batch (§8).
@@ -339,8 +418,18 @@ class RunLogger:
 
         Tied weights (one storage under several names) are stored once; the other names are
         listed in the header metadata ("tied"). Returns the path (None on non-writing ranks).
+        The step becomes a per-tensor gradient norm step (§11): recorded now when its log_step
+        came first, else by the log_step of that step.
         """
         self._check_open()
+        step = int(step)
+        self._checkpoint_steps.add(step)
+        if isinstance(model, torch.nn.Module):
+            self._checkpoint_model = weakref.ref(model)
+        if self._last_norms is not None and self._last_norms[0] == step:
+            self._queue_norms(*self._last_norms)
+        elif self._last_gn is not None and self._last_gn[0] == step and isinstance(model, torch.nn.Module):
+            self._norms_from_grads(step, model, self._last_gn[1])
         if not self.writes:
             return None
         from safetensors.torch import save_file
@@ -384,11 +473,21 @@ class RunLogger:
     def flush(self) -> None:
         """Move pending values to the host in one transfer, append them and fsync."""
         self._since_flush = 0
-        if not self._pending_steps and not self._pending_class:
+        if not self._pending_steps and not self._pending_class and not self._pending_norms:
             return
-        train_lines = ""
-        if self._pending_steps:
-            flat = torch.stack([v.to(torch.float64) for v in self._pending_values]).cpu().tolist()  # the one host sync per window
+        train_lines = norm_lines = ""
+        if self._pending_steps or self._pending_norms:
+            dev = self._pending_values[0].device if self._pending_values else self._pending_norms[0][2].device
+            parts = [torch.stack([v.to(torch.float64) for v in self._pending_values])] if self._pending_values else []
+            parts += [n.to(device=dev, dtype=torch.float64) for _, _, n in self._pending_norms]
+            flat = torch.cat(parts).cpu().tolist()  # the one host sync per window
+            n_values = len(self._pending_values)
+            rows, at = [], n_values
+            for s, names, n in self._pending_norms:
+                rows.extend(f"{s},{_csv_name(name)},{_fmt(v)}\n" for name, v in zip(names, flat[at: at + len(names)]))
+                at += len(names)
+            norm_lines = "".join(rows)
+            flat = flat[:n_values]
             values = list(zip(flat[0::2], flat[1::2]))
             train_lines = "".join(
                 f"{s},{_fmt(v[0])},{_fmt(v[1])},{_fmt(lr)},{wall:.6f}\n"
@@ -414,9 +513,14 @@ class RunLogger:
                     nonfinite[step] = nonfinite.get(step, 0) + int(sum(skipped))
             class_lines = "".join(rows)
         self._pending_steps, self._pending_values, self._pending_lr, self._pending_wall = [], [], [], []
-        self._pending_class = []
+        self._pending_class, self._pending_norms = [], []
         if not self.writes:
             return
+        if norm_lines:
+            if "grad" not in self._fds:  # created with the first record: runs without norms have no file
+                self._fds["grad"] = self._open_append(fmt.GRAD_NORMS_FILE, ",".join(fmt.GRAD_NORM_COLUMNS))
+            self._append("grad", norm_lines)
+            self._sync("grad")
         if class_lines:
             self._append("class", class_lines)
             self._sync("class")

@@ -19,11 +19,12 @@ SCALAR_COLUMNS = ("step", "series", "value")          # training series: loss, g
 EVAL_COLUMNS = ("step", "series", "loss")             # one row per evaluation x validation series
 CLASS_LOSS_COLUMNS = ("step", "cls", "count", "loss_sum", "loss_m2")
 EVAL_CLASS_LOSS_COLUMNS = ("step", "series", "cls", "count", "loss_sum", "loss_m2")
+GRAD_NORM_COLUMNS = ("step", "tensor", "grad_norm")    # per-tensor training gradient norms (§11)
 
 
 def empty_table(columns: tuple[str, ...]) -> pd.DataFrame:
     """An empty frame with the right columns and dtypes (step int64, names str, rest float64)."""
-    dtypes = {c: ("int64" if c in ("step", "count") else "object" if c in ("series", "cls") else "float64")
+    dtypes = {c: ("int64" if c in ("step", "count") else "object" if c in ("series", "cls", "tensor") else "float64")
               for c in columns}
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()})
 
@@ -53,6 +54,7 @@ class Run:
     evals:              step, series, loss      (series: the validation set's name, e.g. "val")
     class_losses:       step, cls, count, loss_sum, loss_m2   (training; Welford state per step)
     eval_class_losses:  step, series, cls, count, loss_sum, loss_m2
+    grad_norms:         step, tensor, grad_norm   (per-tensor ||G||_F logged in training, §11)
     """
 
     path: Path
@@ -66,6 +68,7 @@ class Run:
     evals: pd.DataFrame = field(default_factory=lambda: empty_table(EVAL_COLUMNS))
     class_losses: pd.DataFrame = field(default_factory=lambda: empty_table(CLASS_LOSS_COLUMNS))
     eval_class_losses: pd.DataFrame = field(default_factory=lambda: empty_table(EVAL_CLASS_LOSS_COLUMNS))
+    grad_norms: pd.DataFrame = field(default_factory=lambda: empty_table(GRAD_NORM_COLUMNS))
     checkpoints: list[CheckpointRef] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
     model: ModelSpec | None = None

@@ -206,6 +206,25 @@ def _read_class_log(run_dir: Path, warnings: DataWarnings) -> pd.DataFrame:
     return df.assign(count=df["count"].fillna(0).astype("int64"))
 
 
+def _read_grad_norms(run_dir: Path, warnings: DataWarnings) -> pd.DataFrame:
+    """grad_norms.csv (step, tensor, grad_norm): the logger's per-tensor gradient norms (§11).
+
+    A resumed run keeps the latest timeline per tensor; a non-finite norm is kept (it is what
+    the gradient was) and rows without a tensor name are dropped with a warning.
+    """
+    path = run_dir / fmt.GRAD_NORMS_FILE
+    if not path.exists():
+        return empty_table(fmt.GRAD_NORM_COLUMNS)
+    df = read_csv_log(path, run_dir, fmt.GRAD_NORM_COLUMNS, ("step", "grad_norm"), warnings)
+    df = df.assign(tensor=df["tensor"].astype(str))
+    nameless = (df["tensor"].str.len() == 0) | df["tensor"].isna()
+    if nameless.any():
+        warnings.add(path, f"{int(nameless.sum())} row(s) without a tensor name skipped")
+        df = df[~nameless]
+    df = resolve_rewinds(df.reset_index(drop=True), path, warnings, by="tensor")  # coerces steps too
+    return df.assign(grad_norm=df["grad_norm"].astype("float64"))[list(fmt.GRAD_NORM_COLUMNS)]
+
+
 def _read_jsonl(path: Path, root: Path, warnings: DataWarnings) -> list[tuple[int, dict]]:
     out: list[tuple[int, dict]] = []
     if not path.exists():
@@ -287,6 +306,7 @@ def read_run_dir(path: str | os.PathLike[str]) -> Run:
     train = read_train_log(run_dir, warnings)
     class_losses = _read_class_log(run_dir, warnings)
     evals, eval_classes = _read_eval_log(run_dir, warnings)
+    grad_norms = _read_grad_norms(run_dir, warnings)
     notes = []
     if len(train) and train["loss"].dtype == np.float32:
         notes.append(f"{fmt.TRAIN_FILE}: {len(train):,} rows held as float32 to bound memory (large log); "
@@ -308,6 +328,7 @@ def read_run_dir(path: str | os.PathLike[str]) -> Run:
         evals=evals,
         class_losses=class_losses,
         eval_class_losses=eval_classes,
+        grad_norms=grad_norms,
         checkpoints=list_checkpoints(run_dir, warnings),
         class_names=[str(c) for c in meta.get("class_names") or []],
         model=model,

@@ -33,6 +33,7 @@ from analyze.config import AnalysisConfig
 from analyze.pipeline import findings as findings_mod
 from analyze.pipeline.cache import CheckpointCache
 from analyze.pipeline.class_tables import BUILTIN_CLASS_PAIR, class_index, class_tables
+from analyze.pipeline.grad_ratio import grad_ratio_table
 from analyze.pipeline.log_tables import frame as _frame
 from analyze.pipeline.log_tables import overfitting_table, train_table
 from analyze.pipeline.tables import TABLE_COLUMNS, Finding, build_summary
@@ -295,7 +296,7 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
                          ("attention", "attention")):
             if not ck_rows.get(tname):
                 panels[p] = "the model has no hook point for this panel, or every model pass failed (see notes)"
-    if not ck_rows.get("grad_ratio") and not ck_rows.get("update_ratio"):
+    if not ck_rows.get("grad_ratio") and not ck_rows.get("update_ratio") and run.grad_norms.empty:
         panels["grad_ratio"] = probe_reason or "fewer than two checkpoints and no model pass"
     ck_class_rows = ck_rows.pop("class_losses", [])
     per_class = class_tables(run, cfg, names, ck_rows.pop("tau_state", []), cache)
@@ -319,8 +320,12 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
         "class_gaps": _frame("class_gaps", gap_rows),
     }
     for name in ("spectral", "update_ratio", "activations", "dead_neurons", "attention", "attention_logits",
-                 "eval_set", "grad_ratio"):
+                 "eval_set"):
         tables[name] = _frame(name, ck_rows.get(name, []))
+    # rho (§11): from the logged training gradients when there are any, else the probe's fallback
+    tables["grad_ratio"], rho_notes = grad_ratio_table(run.grad_norms, tables["spectral"],
+                                                       ck_rows.get("grad_ratio", []), cfg)
+    notes += rho_notes
     if len(tables["spectral"]) and exact is False:
         notes.append("exact SVD was off: rel_err and sigma_ratio are empty (use --exact-svd to validate)")
 

@@ -178,6 +178,13 @@ def _heads(t: pd.DataFrame) -> list[Finding]:
     return _capped(out, "dead_head", "dead heads")
 
 
+def _rho_source(r: Any) -> str:
+    """How a grad_ratio row's rho was measured, as the finding says it (§11)."""
+    if str(getattr(r, "source", "")) == "training":
+        return "from the gradient norms logged in training at that step"
+    return "evaluation batch: one backward pass on a sample of the evaluation set, the fallback"
+
+
 def _rho(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
     out = []
     for r in _last(t).itertuples(index=False):
@@ -190,7 +197,7 @@ def _rho(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
         out.append(Finding(
             Severity.WARNING, "grad_ratio",
             f"{r.tensor}: grad-to-weight ratio {rho if rho is not None else float('nan'):.2e} at step {r.step} "
-            f"(one backward pass on an evaluation batch) is {side} the healthy range {cfg.rho_low:g} to "
+            f"({_rho_source(r)}) is {side} the healthy range {cfg.rho_low:g} to "
             f"{cfg.rho_high:g} ({meaning}).", step=int(r.step),
             tensor=str(r.tensor), value=rho, threshold=cfg.rho_high if side == "above" else cfg.rho_low,
             metric="grad-to-weight ratio"))

@@ -48,8 +48,9 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "attention_logits": ("step", "layer", "max_logit"),
     # per checkpoint: token-weighted loss on the stored eval set (§7) and mean log Z (§12)
     "eval_set": ("step", "loss", "n_tokens", "n_examples", "mean_log_z"),
-    # per checkpoint x tensor: offline rho from one backward pass (§11)
-    "grad_ratio": ("step", "tensor", "rho", "grad_norm", "weight_norm", "status"),
+    # per checkpoint x tensor: rho (§11); source "training" (logged per-tensor gradient norms) or
+    # "evaluation batch" (one backward pass, the fallback for runs without them)
+    "grad_ratio": ("step", "tensor", "rho", "grad_norm", "weight_norm", "status", "source"),
     # per-class losses: training windows, logged evaluations and checkpoint re-runs (§8)
     "class_losses": ("source", "step", "step_start", "cls", "count", "mean", "std"),
     # tau = L_a - L_b with its Welch SE (§8)

@@ -312,15 +312,11 @@ def test_demo_run_end_to_end_and_panels_match_direct_computation(demo_result, ti
     lrow = tau[(tau["source"] == "eval:val") & (tau["step"] == step)].iloc[0]
     assert lrow["tau"] == pytest.approx(trow["tau"], rel=1e-5)
 
-    # §11 offline rho from one backward pass on the first 32 evaluation examples
-    model.zero_grad()
-    out = model(data["input_ids"][:32])
-    t32 = F.cross_entropy(out.transpose(1, 2), data["targets"][:32], reduction="none")
-    (t32[data["target_mask"][:32]].mean()).backward()
-    w = model.blocks[0].mlp.fc.weight
+    # §11 rho: the demo logs per-tensor gradient norms at its checkpoint steps, so every row is from
+    # training (checked against the logged norms and the weights in tests/test_analyze/test_gradients.py);
+    # the last checkpoint (40) has no training step, so no rho there
     gr = res.tables["grad_ratio"]
-    grow = gr[(gr["step"] == step) & (gr["tensor"] == "blocks.0.mlp.fc.weight")].iloc[0]
-    assert grow["rho"] == pytest.approx(float(w.grad.norm() / w.detach().norm()), rel=1e-4)
+    assert set(gr["source"]) == {"training"} and sorted(set(gr["step"])) == [0, 20]
 
     # §4 spectral norm against torch.linalg.matrix_norm(ord=2)
     sp = res.tables["spectral"]
