@@ -8,11 +8,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from analyze.kernels import global_grad_norm
+from analyze.metrics.rho import classify_rho, classify_rhos, grad_to_weight_ratios  # numpy-only, re-exported
 
 __all__ = [
     "classify_rho",
@@ -162,29 +162,3 @@ def update_ratio_per_step(ratio: float, steps_elapsed: int) -> float:
     """The update ratio per training step elapsed between the two checkpoints (§11); NaN when
     no step elapsed."""
     return ratio / steps_elapsed if steps_elapsed > 0 else math.nan
-
-
-def grad_to_weight_ratios(grad_norm: np.ndarray, weight_norm: np.ndarray) -> np.ndarray:
-    """rho_l = ||G_l||_F / ||W_l||_F (§11) for arrays of norms already computed (the logger's
-    per-tensor gradient norms, the checkpoint's Frobenius norms); NaN where ||W_l||_F <= 0."""
-    g = np.asarray(grad_norm, dtype=np.float64)
-    w = np.asarray(weight_norm, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(w > 0, g / np.where(w > 0, w, 1.0), np.nan)
-
-
-def classify_rhos(rho: np.ndarray, low: float, high: float) -> np.ndarray:
-    """§11 verdict per element against the healthy band [low, high] (`AnalysisConfig.rho_low`,
-    `rho_high`): "barely training" below it, "unstable" above it, else "healthy".
-
-    Non-finite rho is "unstable" (a NaN/inf gradient is an instability, not health).
-    """
-    r = np.asarray(rho, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        return np.where(~np.isfinite(r) | (r > high), "unstable",
-                        np.where(r < low, "barely training", "healthy")).astype(object)
-
-
-def classify_rho(rho: float, low: float, high: float) -> str:
-    """`classify_rhos` of one value."""
-    return str(classify_rhos(np.array([rho]), low, high)[0])

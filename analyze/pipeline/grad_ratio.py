@@ -13,7 +13,7 @@ from typing import Any
 import pandas as pd
 
 from analyze.config import AnalysisConfig
-from analyze.metrics.gradients import classify_rhos, grad_to_weight_ratios
+from analyze.metrics.rho import classify_rhos, grad_to_weight_ratios  # numpy only: no torch on the cached path
 from analyze.pipeline.tables import TABLE_COLUMNS
 
 __all__ = ["TRAINING", "EVAL_BATCH", "training_grad_ratio", "grad_ratio_table"]

@@ -20,7 +20,7 @@ __all__ = [
 SPECTRAL_COLUMNS = (
     "step", "tensor", "shape", "method", "sigma_est", "err_bound", "sigma_power", "sigma_exact",
     "sigma2_exact", "rel_err", "power_rel_err", "iterations", "power_iterations", "warm_start",
-    "power_warm_start", "power_converged", "sigma_ratio", "stable_rank", "frobenius", "finite",
+    "power_warm_start", "power_converged", "sigma_ratio", "stable_rank", "frobenius", "finite", "bound_held",
 )
 
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {

@@ -2,7 +2,10 @@
 
 Both spectral estimators warm-started from the vectors the same group produced at the previous
 checkpoint (passed in explicitly, a few KB), exact SVD beside them, stable rank and the update
-ratio to the previous checkpoint. The task of checkpoint j needs the vectors of checkpoint j-1, so
+ratio to the previous checkpoint. The default estimator runs as Golub-Kahan-Lanczos on every
+matrix, small ones included, so each row of the §4 validation shows its real error against
+exact; exact is always computed for matrices with min(m, n) <= EXACT_MAX_DIM (one small
+eigensolve), and for the rest when exact SVD is on. The task of checkpoint j needs the vectors of checkpoint j-1, so
 each group is a chain along checkpoints (`analyze.pipeline.scheduler` runs the chains).
 
 Identical results wherever it runs: cold starts draw from a generator seeded by (config seed,
@@ -21,7 +24,7 @@ import torch
 
 from analyze.config import AnalysisConfig
 from analyze.metrics.gradients import sum_of_squares, update_ratio_of_blocks, update_ratio_per_step
-from analyze.metrics.spectral import (as_matrix, estimate_spectral_norm, exact_top_singular_values,
+from analyze.metrics.spectral import (EXACT_MAX_DIM, as_matrix, estimate_spectral_norm, exact_top_singular_values,
                                       matrix_skip_reason, power_iteration, spectral_validation, stable_rank)
 from analyze.pipeline.runners import one_thread
 from loaders.errors import TrainauditError
@@ -99,7 +102,7 @@ def _tensor_rows(name: str, t: torch.Tensor, ref: CheckpointRef, prev: TensorRea
     # warm start from the best vector of span{previous v, previous second Ritz vector} (follows a
     # swap of sigma_1 and sigma_2; analyze.metrics.spectral.estimate_spectral_norm)
     est = estimate_spectral_norm(m, _fit(task.vectors.get(f"est:{name}"), n), generator=gen, check_finite=False,
-                                 v0_second=_fit(task.vectors.get(f"est2:{name}"), n))
+                                 v0_second=_fit(task.vectors.get(f"est2:{name}"), n), method="lanczos")
     vectors[f"est:{name}"] = est.v.detach().cpu().clone()  # clones: v and v2 are views of one buffer
     if est.v2 is not None:
         vectors[f"est2:{name}"] = est.v2.detach().cpu().clone()
@@ -108,7 +111,7 @@ def _tensor_rows(name: str, t: torch.Tensor, ref: CheckpointRef, prev: TensorRea
         pw = power_iteration(m, _fit(task.vectors.get(f"pow:{name}"), n), tol=cfg.power_tol,
                              max_iter=cfg.power_max_iter, generator=gen)
         vectors[f"pow:{name}"] = pw.v.detach().cpu()
-    ex = exact_top_singular_values(m) if task.exact else None
+    ex = exact_top_singular_values(m) if task.exact or min(m.shape) <= EXACT_MAX_DIM else None
     row.update(asdict(spectral_validation(est, pw, ex)))
     row.update({"stable_rank": stable_rank(fro_sq, ex.sigma1 if ex is not None else est.sigma),
                 "frobenius": math.sqrt(fro_sq), "finite": True})
