@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 __all__ = ["AnalysisConfig", "EXACT_SVD_AUTO_MAX_PARAMS", "CACHE_VERSION", "default_workers"]
 
 EXACT_SVD_AUTO_MAX_PARAMS = 10_000_000  # exact SVD beside the estimators up to ~10M parameters
-CACHE_VERSION = 5  # bump when the per-checkpoint rows change shape or meaning
+CACHE_VERSION = 7  # bump when the per-checkpoint rows change shape or meaning
 
 
 def default_workers() -> int:
