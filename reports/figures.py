@@ -25,15 +25,18 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from reports.page import fmt_sci  # noqa: E402
+
 __all__ = [
     "DPI", "label", "new_figure", "fig_to_data_uri", "plot_loss", "plot_spikes", "plot_grad_norm",
     "plot_activations", "plot_spectral", "plot_dead_neurons", "plot_attention_entropy", "plot_attention_heads",
     "plot_class_losses", "plot_tau", "plot_grad_ratio", "plot_update_ratio", "plot_logits",
-    "plot_compare_losses",
+    "plot_compare_losses", "decimate", "MAX_POINTS", "expected_tau_boxes",
 ]
 
 DPI = 90
 MAX_LINES = 10  # lines with a legend entry; the rest are drawn thin and grey
+MAX_POINTS = 4000  # points drawn per series at most (plus flagged points): see decimate()
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
            "#bcbd22", "#7f7f7f"]
 RC = {"axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
@@ -79,6 +82,44 @@ def fig_to_data_uri(fig: Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def decimate(y: np.ndarray, max_points: int = MAX_POINTS, keep: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the points of `y` to draw: all of them when there are at most `max_points`,
+    else the first, the last, the minimum and maximum of each of `max_points // 2` equal buckets
+    (a line through them has the same envelope as the full series, so no spike or dip is lost at
+    any zoom the PNG can show), plus every index where `keep` is True (flagged spikes). NaN points
+    are never chosen as extremes (a bucket of only NaN keeps one, so the line breaks there too).
+    The indices are sorted and unique: the drawn points are a subset of the rows."""
+    y = np.asarray(y, dtype=float)
+    n = y.size
+    if n <= max_points:
+        return np.arange(n)
+    buckets = max(1, max_points // 2)
+    size = -(-n // buckets)  # ceil: buckets of `size` points, the last one shorter
+    pad = buckets * size - n
+    lo = np.concatenate([np.where(np.isnan(y), np.inf, y), np.full(pad, np.inf)]).reshape(buckets, size)
+    hi = np.concatenate([np.where(np.isnan(y), -np.inf, y), np.full(pad, -np.inf)]).reshape(buckets, size)
+    base = np.arange(buckets) * size
+    idx = [base + lo.argmin(axis=1), base + hi.argmax(axis=1), np.array([0, n - 1])]
+    if keep is not None:
+        idx.append(np.flatnonzero(np.asarray(keep, dtype=bool)))
+    out = np.unique(np.concatenate(idx))
+    return out[out < n]
+
+
+def _plot(ax: Axes, x: object, y: object, *args: object, keep: np.ndarray | None = None, **kw: object) -> None:
+    """ax.plot of a series decimated to at most MAX_POINTS points (plus `keep`), extremes kept."""
+    x, y = np.asarray(x), np.asarray(y, dtype=float)
+    i = decimate(y, keep=keep)
+    ax.plot(x[i], y[i], *args, **kw)
+
+
+def _fill(ax: Axes, x: object, lo: np.ndarray, hi: np.ndarray, **kw: object) -> None:
+    """fill_between of a band, decimated so that both of its edges keep their extremes."""
+    x = np.asarray(x, dtype=float)
+    i = np.union1d(decimate(lo), decimate(hi))
+    ax.fill_between(x[i], lo[i], hi[i], **kw)
+
+
 def _legend(ax: Axes, outside: bool = False) -> None:
     handles, labels = ax.get_legend_handles_labels()
     if not handles:
@@ -102,10 +143,9 @@ def _lines(ax: Axes, df: pd.DataFrame, key: str, value: str, *, log: bool = Fals
     for i, (name, g) in enumerate(_series(df, key, value)):
         y = pd.to_numeric(g[value], errors="coerce").to_numpy(float)
         if i < MAX_LINES:
-            ax.plot(g["step"].to_numpy(), y, marker=marker, ms=3, lw=1.4, label=label(name),
-                    color=PALETTE[i % len(PALETTE)])
+            _plot(ax, g["step"], y, marker=marker, ms=3, lw=1.4, label=label(name), color=PALETTE[i % len(PALETTE)])
         else:
-            ax.plot(g["step"].to_numpy(), y, lw=0.6, color="#b0b0b0", alpha=0.7)
+            _plot(ax, g["step"], y, lw=0.6, color="#b0b0b0", alpha=0.7)
     n = df[key].nunique()
     if n > MAX_LINES:
         ax.plot([], [], lw=0.6, color="#b0b0b0", label=f"{n - MAX_LINES} more (grey)")
@@ -123,16 +163,16 @@ def plot_loss(train: pd.DataFrame, evals: pd.DataFrame, ax: Axes, *, divergence_
     loss = train[train["series"] == "loss"].sort_values("step")
     if len(loss):
         y = loss["value"].to_numpy(float)
-        ax.plot(loss["step"], y, lw=0.6, alpha=0.35, color=PALETTE[0], label="train (raw)")
+        _plot(ax, loss["step"], y, lw=0.6, alpha=0.35, color=PALETTE[0], label="train (raw)")
         w = max(1, len(loss) // 100)
         if w > 1:
-            ax.plot(loss["step"], pd.Series(y).rolling(w, min_periods=1).mean(), lw=1.4, color=PALETTE[0],
-                    label=f"train (mean of {w})")
+            _plot(ax, loss["step"], pd.Series(y).rolling(w, min_periods=1).mean(), lw=1.4, color=PALETTE[0],
+                  label=f"train (mean of {w})")
     for i, (name, g) in enumerate(evals.groupby("series", sort=True)):
         g = g.sort_values("step")
         bold = name == val_series
-        ax.plot(g["step"], g["loss"].astype(float), marker="o", ms=3 if bold else 2, lw=1.6 if bold else 1.0,
-                color=PALETTE[(i + 1) % len(PALETTE)], label=label(f"val: {name}"))
+        _plot(ax, g["step"], g["loss"], marker="o" if len(g) <= 200 else "", ms=3 if bold else 2,
+              lw=1.6 if bold else 1.0, color=PALETTE[(i + 1) % len(PALETTE)], label=label(f"val: {name}"))
     for step, text, color, style in ((divergence_step, "divergence", "#ff7f0e", "--"),
                                      (val_min_step, "val min", "#2ca02c", ":"),
                                      (gl_step, "GL5", "#d62728", "-.")):
@@ -149,24 +189,30 @@ def plot_loss(train: pd.DataFrame, evals: pd.DataFrame, ax: Axes, *, divergence_
 
 def _flag_marks(ax: Axes, g: pd.DataFrame) -> None:
     sp = g[g["spike_kind"] == "spike"]
-    if len(sp):
-        ax.scatter(sp["step"], sp["value"].astype(float), marker="x", s=40, color="#d62728", zorder=5,
-                   label=f"spike ({len(sp)} point(s))")
+    if len(sp):  # open red rings, large enough to see on a dense curve
+        ax.scatter(sp["step"], sp["value"].astype(float), marker="o", s=55, facecolors="none",
+                   edgecolors="#d62728", linewidths=1.6, zorder=5, label=f"spike ({len(sp)} point(s))")
     nf = g[g["spike_kind"] == "non-finite"]
     for j, s in enumerate(nf["step"].to_numpy()[:200]):
         ax.axvline(s, color="#d62728", lw=0.8, alpha=0.6, label="non-finite" if j == 0 else None)
 
 
 def plot_spikes(train: pd.DataFrame, axes: Sequence[Axes]) -> None:
-    """Panel 2: the loss and grad-norm curves with the detector's flags (x: spike, red line: NaN/inf)."""
+    """Panel 2: the loss and grad-norm curves with the detector's flags (red ring: spike, red line:
+    NaN/inf), on a log axis when the series is positive: a loss falling from 4 to 0.01 hides a late
+    spike from 0.01 to 0.05 on a linear axis, and the detector measures against the recent median."""
     for ax, series, ylabel in zip(axes, ("loss", "grad_norm"), ("training loss", "grad norm")):
         g = train[train["series"] == series].sort_values("step")
         if g.empty:
             ax.text(0.5, 0.5, f"no {series} series", ha="center", va="center", transform=ax.transAxes)
             continue
-        ax.plot(g["step"], g["value"].astype(float), lw=0.8, color=PALETTE[0], label=series)
+        y = g["value"].to_numpy(float)
+        _plot(ax, g["step"], y, lw=0.8, color=PALETTE[0], label=series, keep=(g["spike_kind"] == "spike").to_numpy())
         _flag_marks(ax, g)
-        if series == "grad_norm" and (g["value"].astype(float) > 0).any():
+        fin = y[np.isfinite(y)]
+        if fin.size and fin.min() > 0:
+            ax.set_yscale("log")
+        elif fin.size and (fin > 0).any() and series == "grad_norm":
             ax.set_yscale("log")
         ax.set_ylabel(ylabel)
         _legend(ax)
@@ -177,10 +223,10 @@ def plot_grad_norm(train: pd.DataFrame, ax: Axes) -> None:
     """Panel 3: the raw global gradient norm per step (log scale) and its rolling median."""
     g = train[train["series"] == "grad_norm"].sort_values("step")
     y = g["value"].to_numpy(float)
-    ax.plot(g["step"], y, lw=0.7, color=PALETTE[0], alpha=0.6, label="grad norm (raw)")
+    _plot(ax, g["step"], y, lw=0.7, color=PALETTE[0], alpha=0.6, label="grad norm (raw)")
     w = max(5, len(g) // 50)
-    ax.plot(g["step"], pd.Series(y).rolling(w, min_periods=1).median(), lw=1.5, color=PALETTE[1],
-            label=f"rolling median ({w} steps)")
+    _plot(ax, g["step"], pd.Series(y).rolling(w, min_periods=1).median(), lw=1.5, color=PALETTE[1],
+          label=f"rolling median ({w} logged points)")
     if np.nanmin(np.where(y > 0, y, np.nan), initial=np.inf) < np.inf:
         ax.set_yscale("log")
     ax.set_xlabel("step")
@@ -197,8 +243,10 @@ def plot_activations(table: pd.DataFrame, ax: Axes) -> None:
         m = g["mean_abs"].to_numpy(float)
         s = np.nan_to_num(g["std"].to_numpy(float))
         c = PALETTE[i % len(PALETTE)]
-        ax.plot(g["step"], m, marker="o", ms=3, color=c, label=label(name))
-        ax.fill_between(g["step"].to_numpy(float), m - s, m + s, color=c, alpha=0.18, lw=0)
+        _plot(ax, g["step"], m, marker="o" if len(g) <= 200 else "", ms=3, color=c, label=label(name))
+        _fill(ax, g["step"], np.maximum(m - s, 0.0), m + s, color=c, alpha=0.18, lw=0)
+    if len(table):
+        ax.fill_between([], [], [], color="#999999", alpha=0.3, lw=0, label="+-1 sigma (clipped at 0)")
     ax.set_xlabel("checkpoint step")
     ax.set_ylabel("mean |A| (+-1 sigma)")
     _legend(ax, outside=True)
@@ -225,9 +273,9 @@ def plot_dead_neurons(table: pd.DataFrame, ax: Axes) -> None:
     """Panel 6a: dead-unit fraction (solid) and near-dead fraction (dashed) per FFN layer."""
     for i, (name, g) in enumerate(_series(table, "layer", "dead_fraction", order_by_last=False)):
         c = PALETTE[i % len(PALETTE)]
-        ax.plot(g["step"], g["dead_fraction"].astype(float), marker="o", ms=3, color=c, label=label(f"{name} dead"))
-        near = g["near_dead_count"].astype(float) / g["d_ff"].astype(float)
-        ax.plot(g["step"], near, ls="--", lw=1, color=c, label=label(f"{name} near-dead"))
+        _plot(ax, g["step"], g["dead_fraction"], marker="o", ms=3, color=c, label=label(f"{name} dead"))
+        near = g["near_dead_count"].to_numpy(float) / g["d_ff"].to_numpy(float)
+        _plot(ax, g["step"], near, ls="--", lw=1, color=c, label=label(f"{name} near-dead"))
     ax.set_ylim(bottom=-0.02, top=max(0.1, float(np.nanmax(table["near_dead_count"].astype(float)
                                                               / table["d_ff"].astype(float))) * 1.15 + 0.01))
     ax.set_xlabel("checkpoint step")
@@ -240,8 +288,8 @@ def plot_attention_entropy(table: pd.DataFrame, ax: Axes) -> None:
     t = table.assign(head_name=[f"L{layer} H{head}" for layer, head in zip(table["layer"], table["head"])])
     for i, (name, g) in enumerate(_series(t, "head_name", "mean_norm_entropy", order_by_last=False)):
         shown = i < MAX_LINES
-        ax.plot(g["step"], g["mean_norm_entropy"].astype(float), lw=1.2, marker="o", ms=2,
-                color=PALETTE[i % len(PALETTE)] if shown else "#b0b0b0", label=label(name) if shown else None)
+        _plot(ax, g["step"], g["mean_norm_entropy"], lw=1.2, marker="o", ms=2,
+              color=PALETTE[i % len(PALETTE)] if shown else "#b0b0b0", label=label(name) if shown else None)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("checkpoint step")
     ax.set_ylabel("mean H_q / log(keys)")
@@ -291,23 +339,25 @@ def plot_class_losses(table: pd.DataFrame, ax: Axes) -> None:
         g = g.sort_values("step")
         c = PALETTE[i % len(PALETTE)]
         m, s = g["mean"].to_numpy(float), np.nan_to_num(g["std"].to_numpy(float))
-        ax.plot(g["step"], m, color=c, lw=1.4, label=label(f"{name} (train)"))
-        ax.fill_between(g["step"].to_numpy(float), m - s, m + s, color=c, alpha=0.15, lw=0)
+        _plot(ax, g["step"], m, color=c, lw=1.4, label=label(f"{name} (train)"))
+        _fill(ax, g["step"], np.maximum(m - s, 0.0), m + s, color=c, alpha=0.15, lw=0)  # a loss is >= 0
         ev = table[(table["cls"] == name) & (table["source"] != "train")]
         for src, marker in (("checkpoint", "s"),):
             e = ev[ev["source"] == src].sort_values("step")
             if len(e):
-                ax.plot(e["step"], e["mean"].astype(float), ls="none", marker=marker, ms=4, color=c,
-                        label=label(f"{name} (checkpoint, eval set)"))
+                _plot(ax, e["step"], e["mean"], ls="none", marker=marker, ms=4, color=c,
+                      label=label(f"{name} (checkpoint, eval set)"))
         e = ev[ev["source"].astype(str).str.startswith("eval:")].sort_values("step")
         if len(e):
-            ax.plot(e["step"], e["mean"].astype(float), ls=":", marker=".", ms=3, lw=0.8, color=c,
-                    label=label(f"{name} (logged eval)"))
-    if not (table["source"] == "train").any():
+            _plot(ax, e["step"], e["mean"], ls=":", marker=".", ms=3, lw=0.8, color=c,
+                  label=label(f"{name} (logged eval)"))
+    if (table["source"] == "train").any():
+        ax.fill_between([], [], [], color="#999999", alpha=0.3, lw=0,
+                        label="+-1 sigma of per-example loss in the window (clipped at 0)")
+    else:
         for i, (name, g) in enumerate(table.groupby("cls", sort=True)):
             g = g.sort_values("step")
-            ax.plot(g["step"], g["mean"].astype(float), marker="o", ms=3, color=PALETTE[i % len(PALETTE)],
-                    label=label(name))
+            _plot(ax, g["step"], g["mean"], marker="o", ms=3, color=PALETTE[i % len(PALETTE)], label=label(name))
     ax.set_xlabel("step")
     ax.set_ylabel("mean per-example loss (nats)")
     _legend(ax, outside=True)
@@ -316,35 +366,45 @@ def plot_class_losses(table: pd.DataFrame, ax: Axes) -> None:
 def plot_tau(table: pd.DataFrame, ax: Axes, *, bands: Sequence[tuple[float | None, float | None, float, float]] = (),
              last_step: float | None = None) -> None:
     """Panel 7b: tau = L_a - L_b with its +-2 SE band; grey boxes: the expected `bands`, each
-    (first step, last step, low, high), None steps meaning the last 20% of the run."""
-    if bands:
-        end = last_step if last_step is not None else float(table["step"].max())
-        for i, (lo_s, hi_s, lo, hi) in enumerate(bands):
-            if lo_s is None:
-                lo_s, hi_s = 0.8 * end, end
-            if lo_s > end:
-                continue
-            box = Rectangle((lo_s, lo), min(hi_s, end) - lo_s, hi - lo, color="#999999",
-                                               alpha=0.25, lw=0, label="sheet's expected tau" if i == 0 else None)
-            ax.add_patch(box)
+    (first step, last step, low, high), None steps meaning the last 20% of the run. A box is drawn
+    only when it lies wholly inside the run's steps (0 to `last_step`): the sheet's steps are those
+    of its own run, and a box cut at the end of a shorter run would claim a shape it never stated."""
+    end = last_step if last_step is not None else (float(table["step"].max()) if len(table) else 0.0)
+    drawn = 0
+    for lo_s, hi_s, lo, hi in expected_tau_boxes(bands, end):
+        ax.add_patch(Rectangle((lo_s, lo), hi_s - lo_s, hi - lo, color="#999999", alpha=0.25, lw=0,
+                               label="sheet's expected tau" if drawn == 0 else None))
+        drawn += 1
     tr = table[table["source"] == "train"].sort_values("step")
     if len(tr):
         t, se = tr["tau"].to_numpy(float), np.nan_to_num(tr["se"].to_numpy(float))
-        ax.plot(tr["step"], t, color=PALETTE[3], lw=1.5, label="tau (training windows)")
-        ax.fill_between(tr["step"].to_numpy(float), t - 2 * se, t + 2 * se, color=PALETTE[3], alpha=0.18, lw=0,
-                        label="+-2 SE")
+        _plot(ax, tr["step"], t, color=PALETTE[3], lw=1.5, label="tau (training windows)")
+        _fill(ax, tr["step"], t - 2 * se, t + 2 * se, color=PALETTE[3], alpha=0.18, lw=0, label="+-2 SE")
     ck = table[table["source"] == "checkpoint"].sort_values("step")
     if len(ck):
         ax.errorbar(ck["step"], ck["tau"].astype(float), yerr=2 * np.nan_to_num(ck["se"].to_numpy(float)), fmt="s",
                     ms=4, color=PALETTE[0], capsize=2, label="tau (checkpoint, eval set, +-2 SE)")
     ev = table[table["source"].astype(str).str.startswith("eval:")].sort_values("step")
     if len(ev) and not len(ck):
-        ax.plot(ev["step"], ev["tau"].astype(float), ls=":", marker=".", color=PALETTE[0], label="tau (logged eval)")
+        _plot(ax, ev["step"], ev["tau"], ls=":", marker=".", color=PALETTE[0], label="tau (logged eval)")
     ax.axhline(0, color="black", lw=0.6)
     a, b = (table["class_a"].iloc[0], table["class_b"].iloc[0]) if len(table) else ("a", "b")
     ax.set_ylabel(label(f"tau = L({a}) - L({b})", 60))
     ax.set_xlabel("step")
     _legend(ax, outside=True)
+
+
+def expected_tau_boxes(bands: Sequence[tuple[float | None, float | None, float, float]],
+                       last_step: float) -> list[tuple[float, float, float, float]]:
+    """The (first step, last step, low, high) boxes of `bands` that lie inside a run ending at
+    `last_step`; a band without steps is the last 20% of the run."""
+    out = []
+    for lo_s, hi_s, lo, hi in bands:
+        if lo_s is None or hi_s is None:
+            lo_s, hi_s = 0.8 * last_step, last_step
+        if 0 <= lo_s < hi_s <= last_step:
+            out.append((float(lo_s), float(hi_s), float(lo), float(hi)))
+    return out
 
 
 def _band(ax: Axes, lo: float, hi: float, text: str) -> None:
@@ -366,13 +426,14 @@ def _ratio_per_tensor(table: pd.DataFrame, ax: Axes, column: str, ylabel: str,
 def plot_grad_ratio(table: pd.DataFrame, ax: Axes, *, healthy: tuple[float, float]) -> None:
     """Panel 7c: offline rho = ||G||_F / ||W||_F per weight matrix over checkpoints, healthy band shaded."""
     _ratio_per_tensor(table, ax, "rho", "grad / weight (Frobenius)", healthy,
-                      f"healthy {healthy[0]:g} to {healthy[1]:g}")
+                      f"healthy {fmt_sci(healthy[0])} to {fmt_sci(healthy[1])}")
 
 
 def plot_update_ratio(table: pd.DataFrame, ax: Axes, *, healthy: tuple[float, float]) -> None:
-    """Panel 7d: update ratio per step elapsed between consecutive checkpoints (healthy near 1e-3)."""
+    """Panel 7d: update ratio per step elapsed between consecutive checkpoints, the `healthy` range
+    shaded and named in the legend with the same numbers (§12: typically near 1e-3 per step)."""
     _ratio_per_tensor(table, ax, "update_ratio_per_step", "||dW|| / ||W|| per step", healthy,
-                      "typical range (near 1e-3 per step)")
+                      f"typical range {fmt_sci(healthy[0])} to {fmt_sci(healthy[1])} per step")
 
 
 def plot_logits(attn_logits: pd.DataFrame, eval_set: pd.DataFrame, axes: Sequence[Axes]) -> None:
@@ -380,12 +441,12 @@ def plot_logits(attn_logits: pd.DataFrame, eval_set: pd.DataFrame, axes: Sequenc
     ax1, ax2 = axes
     for i, (layer, g) in enumerate(attn_logits.groupby("layer", sort=True)):
         g = g.sort_values("step")
-        ax1.plot(g["step"], g["max_logit"].astype(float), marker="o", ms=3, color=PALETTE[i % len(PALETTE)],
-                 label=f"layer {layer}")
+        _plot(ax1, g["step"], g["max_logit"], marker="o", ms=3, color=PALETTE[i % len(PALETTE)],
+              label=label(f"layer {layer}"))
     ax1.set_ylabel("max attention logit")
     _legend(ax1)
     e = eval_set.sort_values("step")
-    ax2.plot(e["step"], e["mean_log_z"].astype(float), marker="o", ms=3, color=PALETTE[4], label="mean log Z")
+    _plot(ax2, e["step"], e["mean_log_z"], marker="o", ms=3, color=PALETTE[4], label="mean log Z")
     ax2.set_ylabel("mean log Z (nats)")
     for ax in axes:
         ax.set_xlabel("checkpoint step")
@@ -412,10 +473,10 @@ def plot_compare_losses(curves: pd.DataFrame, axes: Sequence[Axes]) -> None:
                 y = pd.Series(y).rolling(max(1, len(y) // 100), min_periods=1).mean().to_numpy()
             ys.append(y[np.isfinite(y)])
             if i < MAX_LINES:
-                ax.plot(g["step"].to_numpy(), y, lw=1.4, marker="o" if curve == "val" else "", ms=2.5,
-                        color=PALETTE[i % len(PALETTE)], label=label(name))
+                _plot(ax, g["step"], y, lw=1.4, marker="o" if curve == "val" and len(y) <= 200 else "", ms=2.5,
+                      color=PALETTE[i % len(PALETTE)], label=label(name))
             else:
-                ax.plot(g["step"].to_numpy(), y, lw=0.6, color="#b0b0b0", alpha=0.7)
+                _plot(ax, g["step"], y, lw=0.6, color="#b0b0b0", alpha=0.7)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_ylabel("loss per token (nats)")

@@ -15,7 +15,7 @@ from analyze.pipeline.tables import TABLE_COLUMNS
 from reports.page import CSP, as_cache, environment, fmt_num, footer
 from reports.panels import build_panels
 
-__all__ = ["render_report", "build_panels"]
+__all__ = ["render_report", "build_panels", "key_facts", "not_analysed"]
 
 
 def _header_rows(result: Any) -> list[tuple[str, str]]:
@@ -41,6 +41,54 @@ def _header_rows(result: Any) -> list[tuple[str, str]]:
     return [(k, "" if v is None else str(v)) for k, v in rows]
 
 
+def key_facts(result: Any) -> list[tuple[str, str]]:
+    """What a reader needs first, as (label, text): the verdict, the worst finding and the
+    checkpoints worth keeping. Read from the result's `headline` (the analysis chooses them), with
+    the summary's verdict and checkpoints and the first finding for results that lack it."""
+    head = getattr(result, "headline", None) or {}
+    summary = result.summary or {}
+    facts: list[tuple[str, str]] = []
+    verdict = head.get("verdict_text") or (result.headlines or {}).get("overfitting")
+    if verdict:
+        facts.append(("verdict", str(verdict)))
+    if head.get("memorisation"):
+        facts.append(("memorisation", "training loss far below validation loss (see finding 'memorisation')"))
+    worst = head.get("worst_finding", result.findings[0] if result.findings else None)
+    if worst is not None:
+        if isinstance(worst, dict):
+            sev, msg = worst.get("severity", ""), worst.get("message", "")
+        elif isinstance(worst, str):
+            sev, msg = "", worst
+        else:
+            sev, msg = getattr(worst, "severity", ""), getattr(worst, "message", str(worst))
+        facts.append(("worst finding", f"{sev}: {msg}" if sev else str(msg)))
+    else:
+        facts.append(("worst finding", "none: every check passed"))
+    keep = head.get("checkpoint_to_keep") or summary.get("checkpoint_to_keep")
+    if isinstance(keep, dict):
+        best, stable = keep.get("best_val_step"), keep.get("last_stable_step")
+        parts = [f"step {fmt_num(best)} (lowest validation loss)"] if best is not None else []
+        if stable is not None:
+            parts.append(f"step {fmt_num(stable)} (last stable: the last saved before the first spike or "
+                         "non-finite value, or the last checkpoint when there was none)")
+        elif best is not None:
+            parts.append("no checkpoint was saved before the first spike or non-finite value")
+        facts.append(("checkpoint to keep", "; ".join(parts) if parts else "no saved checkpoint to choose from"))
+    return facts
+
+
+def not_analysed(result: Any) -> list[str]:
+    """Files of the run that were found but not read, each as one line (path and reason)."""
+    items = getattr(result, "not_analysed", None) or (result.run_info or {}).get("not_analysed") or []
+    out = []
+    for it in items:
+        if isinstance(it, dict):
+            out.append(f"{it.get('path', '')}: {it.get('reason', '')}".rstrip(": "))
+        else:
+            out.append(str(it))
+    return out
+
+
 def render_report(result: Any, run_meta: Mapping[str, Any] | None = None, *,
                   figure_cache: MutableMapping[str, str] | None = None) -> str:
     """The report as one HTML string (an AnalysisResult in; `run_meta` adds header rows).
@@ -54,8 +102,10 @@ def render_report(result: Any, run_meta: Mapping[str, Any] | None = None, *,
     header = _header_rows(result)
     for k, v in (run_meta or {}).items():
         header.append((str(k), str(v)))
-    counts = {sev: sum(1 for f in result.findings if str(f.severity) == sev) for sev in ("error", "warning", "info")}
+    counts = getattr(result, "counts", None) or {
+        sev: sum(1 for f in result.findings if str(f.severity) == sev) for sev in ("error", "warning", "info")}
     return environment().get_template("report.html.j2").render(
         csp=CSP, run_name=str(result.run_info.get("name", "")), header=header, findings=result.findings,
-        counts=counts, headlines=result.headlines, panels=panels, notes=result.notes,
-        data_warnings=result.data_warnings, table_names=list(TABLE_COLUMNS), **footer())
+        counts=counts, headlines=result.headlines, key_facts=key_facts(result),
+        panels=panels, notes=result.notes, data_warnings=result.data_warnings, not_analysed=not_analysed(result),
+        table_names=list(TABLE_COLUMNS), **footer())

@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 from markupsafe import Markup
 
-__all__ = ["CSP", "TEMPLATES", "NAME_WIDTH", "clean_text", "short_name", "fmt_num", "environment", "Table", "as_cache",
-           "Panel", "records", "FigureCache", "draw_figure", "add_figure", "footer"]
+__all__ = ["CSP", "TEMPLATES", "NAME_WIDTH", "clean_text", "short_name", "fmt_num", "fmt_sci", "environment", "Table",
+           "as_cache", "Panel", "records", "FigureCache", "draw_figure", "add_figure", "footer"]
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 TEMPLATES = Path(__file__).with_name("templates")
@@ -77,6 +77,13 @@ def fmt_num(x: Any, digits: int = 4) -> str:
     if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e6):
         return f"{v:.{max(1, digits - 2)}e}"
     return f"{v:.{digits}g}"
+
+
+def fmt_sci(x: float) -> str:
+    """A band edge in one form for legends and panel text alike: 1e-05 -> 1e-5, 0.01 -> 1e-2, 2.5e-3 -> 2.5e-3."""
+    mant, exp = f"{float(x):.2e}".split("e")
+    mant = mant.rstrip("0").rstrip(".")
+    return f"{mant}e{int(exp)}"
 
 
 def environment() -> jinja2.Environment:

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from analyze.config import AnalysisConfig
-from reports.page import FigureCache, Panel, Table, add_figure, fmt_num, records
+from reports.page import FigureCache, Panel, Table, add_figure, fmt_num, fmt_sci, records
 
 __all__ = ["build_panels", "PANEL_SPECS"]
 
@@ -58,22 +58,28 @@ def _spectral_tables(t: pd.DataFrame) -> tuple[list[Table], list[str]]:
             if len(mean_it) == 2:
                 lines.append(f"Mean iterations of the {what}: cold start {mean_it[False]:.1f}, warm start from the "
                              f"previous checkpoint's vector {mean_it[True]:.1f}.")
-    cols = [("tensor", "tensor", "name"), ("shape", "shape", "text"), ("sigma_est", "sigma est", "num"),
-            ("err_bound", "own bound", "num"), ("sigma_power", "sigma power", "num"),
-            ("sigma_exact", "sigma exact", "num"), ("rel_err", "rel err", "num"),
-            ("power_rel_err", "power rel err", "num"), ("iterations", "iters", "num"),
-            ("power_iterations", "power iters", "num"), ("warm_start", "warm", "bool"),
-            ("power_warm_start", "power warm", "bool"),
-            ("sigma_ratio", "sigma2/sigma1", "num"), ("stable_rank", "stable rank", "num")]
+    cols = [("tensor", "tensor", "name"), ("shape", "shape", "text"), ("sigma_exact", "sigma exact", "num"),
+            ("sigma_est", "default: sigma", "num"), ("err_bound", "default: own bound", "num"),
+            ("rel_err", "default: rel err", "num"), ("iterations", "default: iters", "num"),
+            ("sigma_power", "power: sigma", "num"), ("power_rel_err", "power: rel err", "num"),
+            ("power_iterations", "power: iters", "num"), ("sigma_ratio", "sigma2/ sigma1", "num"),
+            ("stable_rank", "stable rank", "num")]
     last_step = int(t["step"].max())
     last = t[t["step"] == last_step].sort_values("tensor")
-    tables = [Table(f"Validation at the last checkpoint (step {last_step}): default estimator and the sheet's power "
-                    "iteration against exact SVD", cols, records(last, 60),
-                    note=f"{len(last) - 60} more rows in tables/spectral.csv" if len(last) > 60 else "")]
-    if len(ok) and np.isfinite(ok["power_rel_err"].astype(float)).any():
-        worst = ok.sort_values("power_rel_err", ascending=False).head(5)
-        tables.append(Table("Slowest cases for the sheet's power iteration (all checkpoints)",
-                            [("step", "step", "num"), *cols], records(worst)))
+    n_show = 60
+    tables = [Table(f"Validation at the last checkpoint (step {last_step}), by tensor name: the default estimator "
+                    f"({t['method'].iloc[0] if len(t) else '-'}) and the sheet's power iteration against exact SVD",
+                    cols, records(last, n_show),
+                    note=f"{len(last) - n_show} more rows in tables/spectral.csv" if len(last) > n_show else "")]
+    if len(ok) and np.isfinite(ok["power_iterations"].astype(float)).any():
+        # slowest = most iterations; sigma2/sigma1 beside them says why (power iteration converges as (s2/s1)^k)
+        slow = ok.assign(_it=ok["power_iterations"].astype(float), _err=ok["power_rel_err"].astype(float))
+        slow = slow.sort_values(["_it", "_err"], ascending=False, na_position="last").head(5)
+        tables.append(Table("Slowest cases for the sheet's power iteration (most iterations, all checkpoints)", [
+            ("step", "step", "num"), ("tensor", "tensor", "name"), ("shape", "shape", "text"),
+            ("power_iterations", "power: iters", "num"), ("power_warm_start", "warm start", "bool"),
+            ("sigma_ratio", "sigma2/ sigma1", "num"), ("power_rel_err", "power: rel err", "num"),
+            ("iterations", "default: iters", "num"), ("rel_err", "default: rel err", "num")], records(slow)))
     return tables, lines
 
 
@@ -83,11 +89,6 @@ def _config(result: Any) -> AnalysisConfig:
     """The thresholds the analysis ran with (the defaults for a result that does not carry them)."""
     cfg = getattr(result, "config", None)
     return cfg if isinstance(cfg, AnalysisConfig) else AnalysisConfig()
-
-
-def _sci(x: float) -> str:
-    """1e-04 -> 1e-4 (a band edge in panel text)."""
-    return f"{x:.0e}".replace("e-0", "e-").replace("e+0", "e")
 
 
 def _loss(p: Panel, result: Any, cache: FigureCache) -> None:
@@ -107,12 +108,20 @@ def _loss(p: Panel, result: Any, cache: FigureCache) -> None:
 
 def _spikes(p: Panel, result: Any, cache: FigureCache) -> None:
     p.lines.append(result.headlines.get("spikes", ""))
-    add_figure(p, cache, "loss and grad-norm spikes", "plot_spikes", result.tables["train"], nrows=2, height=2.4,
+    score = (result.summary or {}).get("spike_score")
+    if isinstance(score, dict):
+        parts = [f"{name} {fmt_num(100 * v, 3)}%" if v is not None else f"{name} not logged"
+                 for name, v in (("loss", score.get("loss")), ("grad norm", score.get("grad_norm")))]
+        p.lines.append("Spike score (§9: share of logged points flagged): " + ", ".join(parts) + ".")
+    add_figure(p, cache, "loss and grad-norm spikes", "plot_spikes", result.tables["train"], nrows=2, height=2.6,
                sharex=True)
     sp = result.tables["spikes"]
     if len(sp):
+        both = "height_sigma" in sp.columns  # MAD units (§9) beside robust sigmas (1.4826 MAD)
         cols = [("series", "series", "text"), ("kind", "kind", "text"), ("first_step", "first step", "num"),
-                ("peak_step", "peak step", "num"), ("height_mad", "height (robust sigmas)", "num"),
+                ("peak_step", "peak step", "num"),
+                ("height_mad", "height (MAD units)" if both else "height (robust sigmas)", "num"),
+                *([("height_sigma", "height (robust sigmas, 1.4826 MAD)", "num")] if both else []),
                 ("length", "length (logged steps)", "num")]
         more = f"{len(sp) - 50} more in tables/spikes.csv" if len(sp) > 50 else ""
         p.tables.append(Table("Spike events", cols, records(sp, 50), note=more))
@@ -124,8 +133,9 @@ def _grad_norm(p: Panel, result: Any, cache: FigureCache) -> None:
 
 def _activations(p: Panel, result: Any, cache: FigureCache) -> None:
     add_figure(p, cache, "activation magnitude", "plot_activations", result.tables["activations"])
-    p.lines.append("Mean |A| of each block's output on the stored evaluation set; the band is +-1 sigma "
-                   "over evaluation batches (Welford).")
+    p.lines.append("Mean |A| of each block's output on the stored evaluation set, over real tokens only "
+                   "(padding positions excluded by the attention mask); the band is +-1 sigma over evaluation "
+                   "batches (Welford), clipped at 0 since |A| >= 0.")
 
 
 def _spectral(p: Panel, result: Any, cache: FigureCache) -> None:
@@ -152,6 +162,8 @@ def _attention(p: Panel, result: Any, cache: FigureCache) -> None:
     n_layers = at["layer"].nunique()  # the heat map grows with the layers, up to 9 inches
     add_figure(p, cache, "attention entropy per layer and head", "plot_attention_heads", at,
                height=min(9.0, max(2.6, 0.18 * n_layers + 1.2)), width=6.5)
+    p.lines.append("Entropies over real query tokens only: padding queries are skipped and padding keys are "
+                   "not attended to (the evaluation set's attention mask).")
     last = at[at["step"] == at["step"].max()].sort_values(["layer", "head"])
     p.tables.append(Table(f"Heads at step {int(at['step'].max())}", [
         ("layer", "layer", "num"), ("head", "head", "num"), ("mean_entropy", "mean H (nats)", "num"),
@@ -170,12 +182,23 @@ def _class_losses(p: Panel, result: Any, cache: FigureCache) -> None:
         p.lines.append("tau needs two classes; this run has fewer.")
         return
     builtin = bool(info.get("builtin_corpus"))
-    add_figure(p, cache, "tau with 2-SE band", "plot_tau", T["tau"],
-               bands=_config(result).expected_tau_bands if builtin else (),
-               last_step=float(T["train"]["step"].max()) if len(T["train"]) else None)
-    if builtin:
-        p.lines.append("Grey boxes: the sheet's expected tau on the built-in corpus (near 0 at the start, "
-                       "0.5-1.0 nats around step 500, 0.2-0.5 over the last 20% of the run).")
+    cfg = _config(result)
+    last_step = float(T["train"]["step"].max()) if len(T["train"]) else float(T["tau"]["step"].max())
+    # the sheet's expected shape describes its ~2000-step demo; shorter runs are neither judged by the
+    # tau_band finding nor drawn against it (the same cfg.tau_band_min_steps)
+    compare = builtin and last_step >= cfg.tau_band_min_steps
+    add_figure(p, cache, "tau with 2-SE band", "plot_tau", T["tau"], bands=cfg.expected_tau_bands if compare else (),
+               last_step=last_step)
+    if compare:
+        boxes = "; ".join(f"{lo:g} to {hi:g} nats " + (f"from step {a:g} to {b:g}" if a is not None and b is not None
+                                                        else "over the last 20% of the run")
+                          for a, b, lo, hi in cfg.expected_tau_bands)
+        p.lines.append(f"Grey boxes: the sheet's expected tau on the built-in corpus ({boxes}); a box is drawn "
+                       "only where it lies inside the run's steps.")
+    elif builtin:
+        p.lines.append(f"No expected-tau boxes: the sheet's expected shape describes its ~2000-step demo, and this "
+                       f"run ends at step {last_step:g}, under the {cfg.tau_band_min_steps} steps a run needs to be "
+                       "compared with it (the tau_band finding uses the same limit).")
     last_rows = T["tau"].sort_values("step").groupby("source", sort=True).tail(1)
     p.tables.append(Table("Latest tau per source", [
         ("source", "source", "name"), ("step", "step", "num"), ("class_a", "class a", "name"),
@@ -189,7 +212,16 @@ def _grad_ratio(p: Panel, result: Any, cache: FigureCache) -> None:
     if len(gr):
         add_figure(p, cache, "grad-to-weight ratio", "plot_grad_ratio", gr, healthy=(cfg.rho_low, cfg.rho_high),
                    height=3.4)
-        p.lines.append("rho from one backward pass on an evaluation batch at each checkpoint (offline).")
+        src = set(gr["source"].astype(str)) if "source" in gr.columns else {"evaluation batch"}
+        if src == {"training"}:
+            p.lines.append("rho from the per-tensor gradient norms the logger recorded during training (§11).")
+        elif "training" in src:
+            p.lines.append("rho from the per-tensor gradient norms the logger recorded during training where it "
+                           "recorded them (source 'training'), else from one backward pass on an evaluation "
+                           "batch (source 'evaluation batch').")
+        else:
+            p.lines.append("rho from one backward pass on a sample of the evaluation set at each checkpoint "
+                           "(offline fallback: the run has no logged per-tensor gradient norms).")
     elif result.panels.get("activations"):
         p.lines.append(f"No offline rho: {result.panels['activations']}")
     if len(T["update_ratio"]):
@@ -199,7 +231,8 @@ def _grad_ratio(p: Panel, result: Any, cache: FigureCache) -> None:
         last = gr[gr["step"] == gr["step"].max()].sort_values("rho", ascending=False)
         p.tables.append(Table(f"Grad-to-weight ratio at step {int(gr['step'].max())}", [
             ("tensor", "tensor", "name"), ("rho", "rho", "num"), ("grad_norm", "||G||", "num"),
-            ("weight_norm", "||W||", "num"), ("status", "status", "text")], records(last, 60)))
+            ("weight_norm", "||W||", "num"), ("status", "status", "text"),
+            *([("source", "source", "text")] if "source" in gr.columns else [])], records(last, 60)))
 
 
 def _logits(p: Panel, result: Any, cache: FigureCache) -> None:
@@ -217,8 +250,10 @@ def _logits(p: Panel, result: Any, cache: FigureCache) -> None:
 
 
 def _grad_ratio_healthy(cfg: AnalysisConfig) -> str:
-    return (f"Healthy: rho = ||G||/||W|| between {_sci(cfg.rho_low)} and {_sci(cfg.rho_high)} for every matrix "
-            "(below: barely training; above: unstable); update ratio between checkpoints near 1e-3 per step.")
+    return (f"Healthy: rho = ||G||/||W|| between {fmt_sci(cfg.rho_low)} and {fmt_sci(cfg.rho_high)} for every matrix "
+            "(below: barely training; above: unstable); update ratio between checkpoints, per step elapsed, "
+            f"inside the shaded {fmt_sci(cfg.update_ratio_low)} to {fmt_sci(cfg.update_ratio_high)} (the sheet: "
+            "typically near 1e-3 per step).")
 
 
 # (id, number, title, healthy text, fill); the healthy text of 7b is built from the config's band

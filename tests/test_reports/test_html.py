@@ -239,7 +239,7 @@ def test_bands_drawn_and_written_come_from_the_results_config(hostile_html, monk
 
     _, res = hostile_html
     cfg = AnalysisConfig(rho_low=1e-3, rho_high=5e-2, update_ratio_low=2e-6, update_ratio_high=3e-3)
-    with_cfg = SimpleNamespace(**{f.name: getattr(res, f.name) for f in dataclasses.fields(res)}, config=cfg)
+    with_cfg = SimpleNamespace(**{**{f.name: getattr(res, f.name) for f in dataclasses.fields(res)}, "config": cfg})
     calls: dict[str, dict] = {}
 
     def record(draw: str, *args: object, **kwargs: object) -> str:
@@ -250,8 +250,10 @@ def test_bands_drawn_and_written_come_from_the_results_config(hostile_html, monk
     doc = H.render_report(with_cfg)
     assert len(res.tables["update_ratio"]) and calls["plot_update_ratio"]["healthy"] == (2e-6, 3e-3)
     assert "rho = ||G||/||W|| between 1e-3 and 5e-2 for every matrix" in doc
+    assert "inside the shaded 2e-6 to 3e-3" in doc  # the text names the band the figure shades
     calls.clear()
     doc = H.render_report(res)  # a result without a config: the AnalysisConfig defaults
     default = AnalysisConfig()
     assert calls["plot_update_ratio"]["healthy"] == (default.update_ratio_low, default.update_ratio_high)
     assert "rho = ||G||/||W|| between 1e-4 and 1e-1 for every matrix" in doc
+    assert "inside the shaded 1e-5 to 1e-2" in doc and "near 1e-3 per step)" in doc
