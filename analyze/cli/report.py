@@ -37,8 +37,15 @@ __all__ = ["report"]
               help="Run the per-checkpoint tasks on this Dask scheduler (e.g. tcp://host:8786) instead of "
                    "local processes; needs pip install 'trainaudit[dask]', and every worker must see the "
                    "run's files at the same paths.")
+@click.option("--eval-data", "eval_data", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Evaluation data for the model panels of a run from another library: a text file (one example "
+                   "per line, tokenised by the checkpoint's own tokenizer), JSONL (text, optional class), nanoGPT "
+                   "val.bin or eval_set.safetensors; at most 256 sequences of 128 tokens, seed 0.")
+@click.option("--classes", "classes", default=None, metavar="A,B",
+              help="Class pair for tau = L(A) - L(B) with a JSONL --eval-data [default: the first two classes seen].")
 def report(runs: tuple[Path, ...], out: Path | None, exact_svd: bool | None, strict: bool, fmt: str | None,
-           model: str | None, workers: int | None, scheduler: str | None) -> None:
+           model: str | None, workers: int | None, scheduler: str | None, eval_data: Path | None = None,
+           classes: str | None = None) -> None:
     """Analyse RUN (a trainaudit run directory, or any run or log file trainaudit reads) and write
     report.html, summary.json and tables/*.csv. Progress goes to stderr. Exit 0 on success, 2 on
     unreadable input (or, with --strict, on any data warning).
@@ -56,14 +63,24 @@ def report(runs: tuple[Path, ...], out: Path | None, exact_svd: bool | None, str
 
     paths = expand_runs(runs)
     if len(runs) > 1 or len(paths) > 1 or paths[0] != runs[0]:
+        if eval_data is not None or classes is not None:
+            fail("--eval-data and --classes apply to one run; give one RUN")
         _compare(paths, out, exact_svd=exact_svd, strict=strict, fmt=fmt, model=model, workers=workers,
                  scheduler=scheduler, progress=progress)
         return
     from analyze.pipeline.output import write_full_report
 
     run = runs[0]
+    config = None
+    if eval_data is not None or classes is not None:
+        from analyze.config import AnalysisConfig, default_workers
+
+        config = AnalysisConfig(exact_svd=exact_svd, model_factory=model, scheduler=scheduler,
+                                workers=default_workers() if workers is None else workers,
+                                eval_data=None if eval_data is None else str(eval_data.resolve()),
+                                class_pair=class_pair(classes))
     files = write_full_report(run, out, exact_svd=exact_svd, fmt=fmt, model=model, workers=workers,
-                              scheduler=scheduler, progress=progress)
+                              scheduler=scheduler, progress=progress, config=config)
     res = files.result
     counts = {s: sum(1 for f in res.findings if str(f.severity) == s) for s in ("error", "warning", "info")}
     click.echo(f"report: {files.html}")
@@ -73,6 +90,16 @@ def report(runs: tuple[Path, ...], out: Path | None, exact_svd: bool | None, str
         click.echo(f"{files.n_data_warnings} data warning(s): see 'Data issues' in the report", err=True)
         if strict:
             fail(f"{run}: {files.n_data_warnings} data warning(s) (--strict)")
+
+
+def class_pair(classes: str | None) -> tuple[str, str] | None:
+    """`--classes A,B` as (A, B); exit 2 on anything else."""
+    if classes is None:
+        return None
+    parts = [c.strip() for c in classes.split(",")]
+    if len(parts) != 2 or not all(parts) or parts[0] == parts[1]:
+        fail(f"--classes must be two different class names A,B, got {classes!r}")
+    return parts[0], parts[1]
 
 
 def _compare(paths: list[Path], out: Path | None, *, strict: bool, progress: Callable[[str], None],

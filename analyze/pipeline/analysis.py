@@ -104,18 +104,19 @@ def _param_count(ref: CheckpointRef) -> tuple[int | None, str]:
 
 
 def _probe_spec(run: Run, cfg: AnalysisConfig) -> ProbeSpec:
-    import json
-
+    from analyze.models import find_model
     from analyze.pipeline.probe_task import ProbeSpec
 
-    config = run.model.config if run.model else {}
-    return ProbeSpec(model_name=run.model.name if run.model else None,
-                     model_config_json=json.dumps(dict(config), sort_keys=True, default=str),
-                     model_factory=cfg.model_factory,
-                     eval_set_path=None if run.eval_set_path is None else str(run.eval_set_path),
+    refs = sorted(run.checkpoints, key=lambda r: r.step)
+    model = find_model(Path(refs[-1].path) if refs else None,
+                       builtin=(run.model.name, run.model.config) if run.model else None, factory=cfg.model_factory)
+    return ProbeSpec(model=model, eval_set_path=None if run.eval_set_path is None else str(run.eval_set_path),
+                     eval_data=cfg.eval_data, search_dirs=(str(run.path if Path(run.path).is_dir() else
+                                                               Path(run.path).parent),),
                      class_names=tuple(str(c) for c in run.class_names), dead_eps=cfg.dead_eps,
                      eval_batch_size=cfg.eval_batch_size, grad_batch_size=cfg.grad_batch_size,
-                     max_eval_examples=cfg.max_eval_examples, rho_band=(cfg.rho_low, cfg.rho_high))
+                     max_eval_examples=cfg.max_eval_examples, eval_max_sequences=cfg.eval_max_sequences,
+                     eval_seq_len=cfg.eval_seq_len, eval_seed=cfg.eval_seed, rho_band=(cfg.rho_low, cfg.rho_high))
 
 
 def _checkpoints(run: Run, cfg: AnalysisConfig, cache: CheckpointCache, progress: Progress | None,
@@ -143,7 +144,8 @@ def _checkpoints(run: Run, cfg: AnalysisConfig, cache: CheckpointCache, progress
     cfg_key = "|".join((cfg.cache_key(), "exact" if exact else "noexact",
                         repr(None if run.model is None else (run.model.name, sorted(run.model.config.items()))),
                         repr(list(run.class_names)),
-                        checkpoint_fingerprint(Path(run.eval_set_path)) if run.eval_set_path else "-"))
+                        checkpoint_fingerprint(Path(run.eval_set_path)) if run.eval_set_path else "-",
+                        checkpoint_fingerprint(Path(cfg.eval_data)) if cfg.eval_data else "-"))
 
     def add(part: dict[str, list[dict]]) -> None:
         for k, v in part.items():
@@ -230,6 +232,21 @@ def _load(run_or_path: Run | str | os.PathLike[str], fmt: str | None) -> Run:
     return load_run(run_or_path, format=fmt)
 
 
+def _with_eval_classes(run: Run, cfg: AnalysisConfig) -> AnalysisConfig:
+    """Classes named by --eval-data (JSONL) join the run's; tau's pair defaults to the first two seen."""
+    if not cfg.eval_data:
+        return cfg
+    from dataclasses import replace
+
+    from loaders.evaldata import eval_class_names
+
+    found = eval_class_names(cfg.eval_data)
+    run.class_names = [*run.class_names, *(c for c in found if c not in run.class_names)]
+    if cfg.class_pair is None and len(found) >= 2:
+        cfg = replace(cfg, class_pair=(found[0], found[1]))
+    return cfg
+
+
 def _dedupe(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
@@ -249,6 +266,7 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
     cfg = config or AnalysisConfig()
     t_start = time.perf_counter()
     run = _load(run_or_path, format)
+    cfg = _with_eval_classes(run, cfg)
     _say(progress, f"loaded {run.source_format} run: {run.steps_logged} steps logged, "
                    f"{len(run.checkpoints)} checkpoint(s)")
     notes: list[str] = list(run.notes)

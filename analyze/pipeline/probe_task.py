@@ -8,13 +8,16 @@ weights into one.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from analyze.models import ModelSource
 from analyze.pipeline.runners import one_thread
 from loaders.errors import DataWarnings, TrainauditError
 from loaders.run import CheckpointRef
@@ -26,15 +29,18 @@ __all__ = ["ProbeSpec", "ProbeTask", "ProbeResult", "probe_reason", "run_probe_t
 class ProbeSpec:
     """Everything a worker needs to rebuild the model and the evaluation set (not the weights)."""
 
-    model_name: str | None
-    model_config_json: str               # the run's model config, JSON (kept hashable and plain)
-    model_factory: str | None            # explicit --model module:function
-    eval_set_path: str | None
+    model: ModelSource                   # which model to rebuild (analyze.models.find_model)
+    eval_set_path: str | None            # the run's own eval_set.safetensors
+    eval_data: str | None                # --eval-data: text, JSONL, val.bin or safetensors (wins over the run's)
+    search_dirs: tuple[str, ...]         # where the checkpoint's tokenizer may be besides the model folder
     class_names: tuple[str, ...]
     dead_eps: float
     eval_batch_size: int
     grad_batch_size: int
     max_eval_examples: int | None
+    eval_max_sequences: int              # sequences read from --eval-data (AnalysisConfig)
+    eval_seq_len: int                    # tokens per sequence cut from --eval-data (AnalysisConfig)
+    eval_seed: int                       # sampling seed of --eval-data and of the rho batch
     rho_band: tuple[float, float]        # healthy grad-to-weight band (AnalysisConfig.rho_low, rho_high; §11)
 
     @property
@@ -66,22 +72,38 @@ class _ProbePool:
         self.keep = keep
 
     def _build(self, spec: ProbeSpec) -> tuple[Any, str]:
-        from analyze.pipeline.probe import ModelProbe, build_run_model, load_eval_set
+        from analyze.models import ModelUnavailable, rebuild, text_encoder
+        from analyze.pipeline.probe import ModelProbe
+        from loaders.evaldata import EvalLimits, load_eval_data, load_eval_set
 
-        model, why = build_run_model(spec.model_name, json.loads(spec.model_config_json), spec.model_factory)
-        if model is None:
-            return None, why
-        if spec.eval_set_path is None:
-            return None, "the run stores no evaluation set to run the model on (RunLogger.save_eval_set writes one)"
-        data = load_eval_set(Path(spec.eval_set_path), spec.max_eval_examples)
+        try:
+            rebuilt = rebuild(spec.model)
+        except ModelUnavailable as exc:
+            return None, str(exc)
+        limits = EvalLimits(max_sequences=spec.eval_max_sequences,
+                            seq_len=min(spec.eval_seq_len, rebuilt.context or spec.eval_seq_len),
+                            seed=spec.eval_seed)
+        if spec.eval_data is not None:
+            search = [Path(spec.eval_data).parent, *(Path(d) for d in spec.search_dirs)]
+            data = load_eval_data(spec.eval_data, lambda: text_encoder(spec.model, search), limits)
+        elif spec.eval_set_path is not None:
+            data = load_eval_set(Path(spec.eval_set_path), spec.max_eval_examples)
+        else:
+            return None, ("no evaluation data to run the model on: pass --eval-data (a text file, JSONL, val.bin "
+                          "or eval_set.safetensors)")
         names = list(spec.class_names)
-        if data.class_ids is not None and names and int(data.class_ids.max()) >= len(names):
-            data = type(data)(data.input_ids, data.targets, data.target_mask, data.attention_mask, None)
-        probe = ModelProbe(model, data, names, eps=spec.dead_eps, batch_size=spec.eval_batch_size,
-                           grad_batch_size=spec.grad_batch_size, rho_band=spec.rho_band)
-        if len(probe.missing_hooks()) == 3:
-            return None, ("the model has none of the hook points the activation panels read "
-                          "(blocks.<i>, mlp.act, attn.probs)")
+        if data.class_ids is not None and data.class_names:  # classes named by the data: map to the run's
+            index = {c: i for i, c in enumerate(names)}
+            ids = [index.get(c, -1) for c in data.class_names]
+            remap = torch.tensor(ids + [-1], dtype=torch.int64)  # -1 (no class) stays -1
+            data = dataclasses.replace(data, class_ids=remap[data.class_ids])
+        elif data.class_ids is not None and names and int(data.class_ids.max()) >= len(names):
+            data = dataclasses.replace(data, class_ids=None)
+        probe = ModelProbe(rebuilt, data, names, eps=spec.dead_eps, batch_size=spec.eval_batch_size,
+                           grad_batch_size=spec.grad_batch_size, rho_band=spec.rho_band, seed=spec.eval_seed)
+        missing = probe.missing_points()
+        if missing:
+            return None, f"{rebuilt.description} has none of the probe points: {missing[0]}"
         return probe, ""
 
     def acquire(self, spec: ProbeSpec) -> tuple[Any, str]:
@@ -139,7 +161,7 @@ def run_probe_task(task: ProbeTask) -> ProbeResult:
             if problems:
                 return ProbeResult(step, {}, (f"step {step}: model panels skipped: {problems[0]}",))
             try:
-                return ProbeResult(step, probe.run(step))
+                return ProbeResult(step, probe.run(step), tuple(probe.notes))
             except (RuntimeError, ValueError, TrainauditError) as exc:
                 return ProbeResult(step, {}, (f"step {step}: model pass failed: {' '.join(str(exc).split())[:300]}",))
         finally:
