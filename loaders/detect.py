@@ -22,7 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from loaders.checkpoint_files import checkpoint_kind, skipped_side_files, step_from_name
+from loaders.checkpoint_files import checkpoint_kind
+from loaders.checkpoint_layout import (
+    CHECKPOINT_FOLDERS,
+    NOT_ANALYSED_RE,
+    checkpoints_beside,
+    dedupe,
+    find_checkpoints,
+    has_weights,
+    not_analysed,
+    recorded_step,
+)
 from loaders.errors import DataWarnings, TrainauditError
 from loaders.longtables import Triples, build_run
 from loaders.run import CheckpointRef, Run
@@ -52,6 +62,7 @@ def _peek(path: Path, n: int = 4096) -> bytes:
 
 
 def _detect_file(p: Path) -> str:
+    """The format of one file, by name and a peek at its first bytes (64 KiB for text logs)."""
     name = p.name.lower()
     if name.endswith((".npy", ".npz")):
         raise TrainauditError(p, _NUMPY_PROBLEM)
@@ -63,7 +74,7 @@ def _detect_file(p: Path) -> str:
         if name == "ckpt.pt":
             return "nanogpt"
         return "checkpoint"  # nanoGPT-shaped dicts are recognised after loading (see _read_torch_file)
-    head = _peek(p).lstrip(b"\xef\xbb\xbf").lstrip()
+    head = _peek(p, 65536).lstrip(b"\xef\xbb\xbf").lstrip()
     if name == "trainer_state.json":
         return "hf"
     if name == "metrics.csv":
@@ -81,6 +92,9 @@ def _detect_file(p: Path) -> str:
     if head.startswith(_NUMPY_MAGIC):
         raise TrainauditError(p, _NUMPY_PROBLEM)
     text = head.decode("utf-8", "replace")
+    from loaders.formats.nanogpt import looks_like_nanogpt_log
+    if not head.startswith((b"{", b"[")) and looks_like_nanogpt_log(text.splitlines()[:400]):
+        return "nanogpt"
     lines = text.splitlines()[:50]
     from loaders.formats.textlogs import looks_like_llmc
     if looks_like_llmc(lines):
@@ -156,13 +170,14 @@ def _detect(p: Path, warnings: DataWarnings) -> _Detected:
         return _Detected("lightning", p)
     if find_event_files(p):
         return _Detected("tensorboard", p)
-    if (p / "ckpt.pt").is_file():
+    from loaders.formats.nanogpt import find_nanogpt
+    ckpt, nano_logs = find_nanogpt(p)
+    if ckpt is not None or nano_logs:
         return _Detected("nanogpt", p)
-    if any((p / n).exists() for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                                      "pytorch_model.bin.index.json")):
+    if has_weights(p) or _checkpoint_subfolders(p):
         return _Detected("checkpoint", p)
     names = sorted(os.listdir(p))
-    if any(n.endswith((".safetensors", *TORCH_SUFFIXES)) for n in names):
+    if any(n.endswith((".safetensors", *TORCH_SUFFIXES)) and not NOT_ANALYSED_RE.match(n) for n in names):
         return _Detected("checkpoint", p)
     start = len(warnings)
     logs = _folder_logs(p, warnings)
@@ -209,28 +224,41 @@ def _single_log(p: Path, suffixes: tuple[str, ...], warnings: DataWarnings) -> P
     raise TrainauditError(p, f"expected one {'/'.join(suffixes)} file, found {len(logs)}")
 
 
-def _ckpt_step(f: Path, warnings: DataWarnings) -> int | None:
-    """A checkpoint file's step: safetensors metadata "step", else the file name."""
-    if f.suffix == ".safetensors":
-        try:
-            meta = check_safetensors_header(f).get("__metadata__") or {}
-        except TrainauditError as e:
-            warnings.add(f, e.problem)
-            meta = {}
-        s = meta.get("step")
-        if isinstance(s, str) and s.strip().isdigit():
-            return int(s)
-    return step_from_name(f.name)
+_STEP_DIR_RE = re.compile(r"^(checkpoint|ckpt|step|iter|iteration|epoch|global_step)[-_=]?\d+$", re.I)
+
+
+def _checkpoint_subfolders(p: Path) -> bool:
+    """Checkpoints of one run in sub-folders: a ``checkpoints/`` (``ckpt/`` ...) folder, or
+    folders named by a step or save number (``checkpoint_3``, ``step_100``) holding weights."""
+    if any((p / n).is_dir() and not (p / n).is_symlink() and _has_checkpoints(p / n) for n in CHECKPOINT_FOLDERS):
+        return True
+    try:
+        subs = [p / n for n in os.listdir(p) if _STEP_DIR_RE.match(n)]
+    except OSError:
+        return False
+    return any(has_weights(d) and not d.is_symlink() for d in subs)
+
+
+def _has_checkpoints(d: Path) -> bool:
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return False
+    return any(n.endswith((".safetensors", *TORCH_SUFFIXES)) and not NOT_ANALYSED_RE.match(n) for n in names) or \
+        any(has_weights(d / n) for n in names)
 
 
 def read_checkpoints(path: str | os.PathLike[str], *, warnings: DataWarnings | None = None) -> Run:
-    """A bare checkpoint file, an HF model folder, or a folder of checkpoint files -> ``Run``
-    with checkpoints only (no loss curves). A torch file shaped like nanoGPT's ``ckpt.pt`` is
-    read as a nanoGPT run."""
+    """A bare checkpoint file, an HF model folder, or a folder of checkpoints (files, checkpoint
+    folders such as accelerate's ``checkpoint_N/``, or a ``checkpoints/`` sub-folder) -> ``Run``
+    with checkpoints only (no loss curves), each at the step it records
+    (``loaders.checkpoint_layout``). A torch file shaped like nanoGPT's ``ckpt.pt`` is read as a
+    nanoGPT run."""
     p = Path(path)
     warnings = warnings if warnings is not None else DataWarnings()
     notes = ["checkpoints only: no training log, so no loss curves"]
     ckpts: list[CheckpointRef] = []
+    skipped: list[str] = []
     if p.is_file():
         if p.name.lower().endswith(TORCH_SUFFIXES):
             obj = load_torch_object(p, warnings=warnings)
@@ -238,50 +266,26 @@ def read_checkpoints(path: str | os.PathLike[str], *, warnings: DataWarnings | N
             if is_nanogpt_dict(obj):
                 del obj
                 return read_nanogpt(p, warnings=warnings)
-            step = next((obj.get(k) for k in ("iter_num", "global_step", "step") if isinstance(obj, dict)
-                         and isinstance(obj.get(k), int)), None)
             del obj
-        else:
-            step = _ckpt_step(p, warnings)
+        step, where = recorded_step(p, warnings=warnings)
         if step is None:
-            step = step_from_name(p.name) or 0
-        ckpts.append(CheckpointRef(int(step), p, checkpoint_kind(p)))
-    elif any((p / n).exists() for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                                        "pytorch_model.bin.index.json")):
-        side = skipped_side_files(p)
-        if side:
-            warnings.add(p, f"skipped {', '.join(side)} (pickled object{'s' if len(side) > 1 else ''}, not needed)")
-        ckpts.append(CheckpointRef(step_from_name(p.name) or 0, p, "hf-dir"))
+            notes.append(f"{p.name} records no step: shown as step 0")
+        ckpts.append(CheckpointRef(step or 0, p, checkpoint_kind(p)))
+    elif has_weights(p):
+        skipped.extend(not_analysed(p))
+        step, where = recorded_step(p, warnings=warnings)
+        if step is None:
+            notes.append(f"{p.name} records no step: shown as step 0")
+        ckpts.append(CheckpointRef(step or 0, p, "hf-dir"))
     else:
-        side = set(skipped_side_files(p))
-        if side:
-            warnings.add(p, f"skipped {', '.join(sorted(side))} (pickled object{'s' if len(side) > 1 else ''}, "
-                            f"not needed)")
-        files = sorted(n for n in os.listdir(p) if n.endswith((".safetensors", *TORCH_SUFFIXES)) and n not in side)
-        unknown = []
-        for i, n in enumerate(files):
-            f = p / n
-            try:
-                check_regular(f, p)
-            except TrainauditError as e:
-                warnings.add(f, e.problem)
-                continue
-            s = _ckpt_step(f, warnings)
-            if s is None:
-                unknown.append(n)
-                s = i
-            ckpts.append(CheckpointRef(s, f, checkpoint_kind(f)))
-        if unknown:
-            warnings.add(p, f"no step in the name or metadata of {', '.join(unknown[:3])}"
-                            f"{' ...' if len(unknown) > 3 else ''}: file order used as the step")
-        steps = [c.step for c in ckpts]
-        if len(set(steps)) != len(steps):
-            warnings.add(p, "several checkpoints share a step; file order used instead")
-            ckpts = [CheckpointRef(i, c.path, c.kind) for i, c in enumerate(sorted(ckpts, key=lambda c: c.path.name))]
+        ckpts = dedupe([*find_checkpoints(p, warnings=warnings, skipped=skipped),
+                        *checkpoints_beside([p], root=p, warnings=warnings, skipped=skipped)], warnings)
     if not ckpts:
         raise TrainauditError(p, "no checkpoints found")
-    return build_run(p, "checkpoint", train=Triples(), evals=Triples(), warnings=warnings,
-                     checkpoints=ckpts, notes=notes)
+    run = build_run(p, "checkpoint", train=Triples(), evals=Triples(), warnings=warnings,
+                    checkpoints=ckpts, notes=notes)
+    run.not_analysed = skipped
+    return run
 
 
 def _read_rundir(p: Path) -> Run:

@@ -77,6 +77,9 @@ class Run:
     window_averaged: dict[str, int] = field(default_factory=dict)
     warnings: DataWarnings = field(default_factory=DataWarnings)
     notes: list[str] = field(default_factory=list)
+    # Files the run's library always writes that hold no weights or curves (optimizer, scheduler,
+    # RNG state, training args): listed in the report as not analysed, never data warnings.
+    not_analysed: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if object.__getattribute__(self, "scalars") is None and self.train is None:

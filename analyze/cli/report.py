@@ -62,7 +62,7 @@ def report(runs: tuple[Path, ...], out: Path | None, exact_svd: bool | None, str
     from analyze.pipeline.compare import expand_runs
 
     paths = expand_runs(runs)
-    if len(runs) > 1 or len(paths) > 1 or paths[0] != runs[0]:
+    if len(paths) > 1:  # a comparison needs two runs (a folder holding one run is that run)
         if eval_data is not None or classes is not None:
             fail("--eval-data and --classes apply to one run; give one RUN")
         _compare(paths, out, exact_svd=exact_svd, strict=strict, fmt=fmt, model=model, workers=workers,
@@ -70,7 +70,7 @@ def report(runs: tuple[Path, ...], out: Path | None, exact_svd: bool | None, str
         return
     from analyze.pipeline.output import write_full_report
 
-    run = runs[0]
+    run = paths[0]
     config = None
     if eval_data is not None or classes is not None:
         from analyze.config import AnalysisConfig, default_workers

@@ -81,6 +81,7 @@ class AnalysisResult:
     panels: dict[str, str] = field(default_factory=dict)
     headlines: dict[str, str] = field(default_factory=dict)
     data_warnings: list[str] = field(default_factory=list)
+    not_analysed: list[str] = field(default_factory=list)   # library state files never opened (Run.not_analysed)
     cache_hits: int = 0
     cache_misses: int = 0
 
@@ -382,7 +383,7 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
                      "val_min_step": of.val_min_step if of else None, "gl5_step": of.gl_step if of else None,
                      "val_series": val_series},
         spikes=[r for r in spike_rows if r["series"] in ("loss", "grad_norm")],
-        tau=tau_sum, findings=found, notes=[*notes, *data_warnings])
+        tau=tau_sum, findings=found, notes=[*notes, *data_warnings], not_analysed=run.not_analysed)
     kinds = pd.DataFrame(spike_rows, columns=["series", "kind"]).value_counts() if spike_rows else {}
     n_spikes = {s: int(kinds.get((s, "spike"), 0)) for s in ("loss", "grad_norm")}
     n_nonfin = {s: int(kinds.get((s, "non-finite"), 0)) for s in ("loss", "grad_norm")}
@@ -403,4 +404,5 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
     }
     return AnalysisResult(tables=tables, findings=found, notes=notes, summary=summary, run_info=run_info,
                           panels=panels, headlines=headlines, data_warnings=data_warnings,
+                          not_analysed=list(run.not_analysed),
                           cache_hits=cache.hits, cache_misses=cache.misses)

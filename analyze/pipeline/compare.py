@@ -152,7 +152,8 @@ def runs_in_folder(folder: Path) -> list[Path]:
 
 def expand_runs(paths: Sequence[Path]) -> list[Path]:
     """Each argument that is a folder of runs becomes its runs; anything else stays (and fails
-    later with the loader's own message if it is not readable)."""
+    later with the loader's own message if it is not readable). A folder holding one run becomes
+    that run, so one run never makes a comparison page (a comparison needs two runs)."""
     out: list[Path] = []
     for p in paths:
         inner = runs_in_folder(Path(p))

@@ -138,7 +138,8 @@ def _int_or_none(x: Any) -> int | None:
 
 
 def build_summary(*, run: Mapping[str, Any], overfitting: Mapping[str, Any], spikes: Iterable[Mapping[str, Any]],
-                  tau: Mapping[str, Any] | None, findings: Sequence[Finding], notes: Sequence[str]) -> dict[str, Any]:
+                  tau: Mapping[str, Any] | None, findings: Sequence[Finding], notes: Sequence[str],
+                  not_analysed: Sequence[str] = ()) -> dict[str, Any]:
     """The summary.json object (format_version 1; contract in docs/summary-json.md)."""
     return json_safe({
         "format_version": SUMMARY_FORMAT_VERSION,
@@ -159,6 +160,7 @@ def build_summary(*, run: Mapping[str, Any], overfitting: Mapping[str, Any], spi
             "max_step": _int_or_none(tau.get("max_step"))},
         "findings": [f.to_json() for f in findings],
         "notes": [str(n) for n in notes],
+        "not_analysed": [str(n) for n in not_analysed],
     })
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from loaders.checkpoint_files import skipped_side_files
+from loaders.checkpoint_layout import dedupe, not_analysed, recorded_step, same_weights
 from loaders.errors import DataWarnings, TrainauditError
 from loaders.lines import read_json
 from loaders.longtables import Triples, build_run, classify_train_key, is_val_loss_key, to_float
@@ -131,36 +131,63 @@ def _has_weights(d: Path) -> bool:
     return any((d / w).exists() for w in _WEIGHTS)
 
 
+def _final_step(p: Path, run: Run | None, ckpts: list[CheckpointRef], warnings: DataWarnings) -> int:
+    """Step of the final ``save_model`` weights at the top of an output folder: the top
+    ``trainer_state.json``'s ``global_step`` (``save_state``); else the newest checkpoint's step when
+    the weights are the same; else the ``max_steps`` the run recorded (training ran to its end,
+    which is when ``save_model`` is usually called); else one past the newest checkpoint, with a
+    warning."""
+    if run is not None and Path(run.meta.get("trainer_state", "")) == p / "trainer_state.json":
+        gs = run.meta.get("global_step")
+        if isinstance(gs, int) and not isinstance(gs, bool):
+            return gs
+    if ckpts and same_weights(CheckpointRef(ckpts[-1].step, p, "hf-dir"), ckpts[-1]):
+        return ckpts[-1].step
+    ms = run.meta.get("max_steps") if run is not None else None
+    if isinstance(ms, int) and not isinstance(ms, bool) and ms > 0:
+        run.notes.append(f"final weights in {p.name}/ taken as step {ms} (the run's max_steps; "  # type: ignore[union-attr]
+                         f"no trainer_state.json beside them)")
+        return ms
+    step = ckpts[-1].step + 1 if ckpts else 0
+    warnings.add(p, f"no recorded step for the final weights: step {step} assumed (file order)")
+    return step
+
+
 def read_hf(path: str | os.PathLike[str], *, warnings: DataWarnings | None = None) -> Run:
     """An HF output folder (``checkpoint-N/`` + final weights), one checkpoint folder, or a
-    ``trainer_state.json`` file. The newest readable ``trainer_state.json`` is used; a truncated
-    newest one falls back to the previous one with a warning (row D18), and with none readable
-    the checkpoints are still returned."""
+    ``trainer_state.json`` file (with the checkpoint folder it sits in). The newest readable
+    ``trainer_state.json`` is used; a truncated newest one falls back to the previous one with a
+    warning (row D18), and with none readable the checkpoints are still returned. Each checkpoint
+    is at the step it records (``loaders.checkpoint_layout``); the optimizer, scheduler, RNG and
+    training-args files are listed in ``run.not_analysed``."""
     p = Path(path)
     warnings = warnings if warnings is not None else DataWarnings()
+    given_state: Path | None = None
     if p.is_file():
-        return read_trainer_state(p, warnings=warnings)
+        given_state = p
+        p = p.parent
+        if not (_has_weights(p) or checkpoint_dirs(p)):
+            return read_trainer_state(given_state, warnings=warnings)
     ckpts: list[CheckpointRef] = []
     dirs = checkpoint_dirs(p)
     if not dirs and _CKPT_RE.match(p.name) and _has_weights(p):
         dirs = [(int(_CKPT_RE.match(p.name).group(1)), p)]  # type: ignore[union-attr]
     skipped: list[str] = []
-    for step, d in dirs:
+    for n, d in dirs:
         if _has_weights(d):
-            ckpts.append(CheckpointRef(step, d, "hf-dir"))
+            step, _ = recorded_step(d, root=p, warnings=warnings)
+            ckpts.append(CheckpointRef(n if step is None else step, d, "hf-dir"))
         else:
             warnings.add(d, "no weights in checkpoint folder (looked for model.safetensors, pytorch_model.bin)")
-        skipped.extend(f"{d.name}/{n}" for n in skipped_side_files(d))
-    if dirs and dirs[0][1] != p:
-        skipped.extend(skipped_side_files(p))  # trainer.save_model() writes training_args.bin at the top
-    if skipped:
-        shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
-        warnings.add(p, f"skipped {shown} (pickled object{'s' if len(skipped) > 1 else ''}, not needed)")
+        skipped.extend(not_analysed(d, f"{d.name}/" if d != p else ""))
+    if not dirs or dirs[0][1] != p:
+        skipped.extend(not_analysed(p))  # trainer.save_model() writes training_args.bin at the top
     candidates = [d / "trainer_state.json" for _, d in reversed(dirs)]
     if p / "trainer_state.json" not in candidates:
         candidates.insert(0, p / "trainer_state.json")
+    if given_state is not None:
+        candidates = [given_state]
     candidates = [c for c in candidates if c.exists() or c.is_symlink()]
-    final_step = None
     errors: list[str] = []
     run: Run | None = None
     for c in candidates:
@@ -177,11 +204,9 @@ def read_hf(path: str | os.PathLike[str], *, warnings: DataWarnings | None = Non
             raise TrainauditError(p, "no trainer_state.json and no checkpoint-N folders")
         run = build_run(p, "hf", train=Triples(), evals=Triples(), warnings=warnings,
                         notes=["no readable trainer_state.json: loss curves unavailable"])
-    else:
-        final_step = run.meta.get("global_step")
+    ckpts = dedupe(ckpts, warnings)
     if _has_weights(p) and p not in [c.path for c in ckpts]:
-        step = final_step if isinstance(final_step, int) else (ckpts[-1].step + 1 if ckpts else 0)
-        if step not in {c.step for c in ckpts}:
-            ckpts.append(CheckpointRef(step, p, "hf-dir"))
-    run.checkpoints = sorted(ckpts, key=lambda c: c.step)
+        ckpts.append(CheckpointRef(_final_step(p, run, ckpts, warnings), p, "hf-dir"))
+    run.checkpoints = dedupe(ckpts, warnings)
+    run.not_analysed = skipped
     return run

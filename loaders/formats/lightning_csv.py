@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from loaders.checkpoint_files import step_from_name
+from loaders.checkpoint_layout import checkpoints_beside
 from loaders.errors import DataWarnings, TrainauditError
 from loaders.lines import iter_line_batches
 from loaders.longtables import Triples, WideLog, build_run, classify_train_key, is_val_loss_key, to_float
@@ -285,16 +285,11 @@ def read_lightning(path: str | os.PathLike[str], *, warnings: DataWarnings | Non
         h = read_hparams(hp, warnings, root)
         if h is not None:
             meta["hparams"] = h
-    ckpts: list[CheckpointRef] = []
-    cdir = folder / "checkpoints"
-    if cdir.is_dir():
-        for n in sorted(os.listdir(cdir)):
-            if n.endswith((".ckpt", ".pt", ".pth", ".safetensors")):
-                s = step_from_name(n)
-                if s is None:
-                    warnings.add(cdir / n, "checkpoint step unknown (no step in the name); skipped")
-                    continue
-                ckpts.append(CheckpointRef(s, cdir / n, "safetensors" if n.endswith(".safetensors") else "torch"))
+    skipped: list[str] = []
+    ckpts = checkpoints_beside([folder, p] if p.is_dir() else [folder], root=root if root is not None else folder,
+                               warnings=warnings, skipped=skipped)
     run_path = p
-    return read_metrics_csv(csv_path, warnings, root=root, source_format="lightning", run_path=run_path,
-                            meta=meta, checkpoints=ckpts)
+    run = read_metrics_csv(csv_path, warnings, root=root, source_format="lightning", run_path=run_path,
+                           meta=meta, checkpoints=ckpts)
+    run.not_analysed = skipped
+    return run

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from loaders.checkpoint_layout import checkpoints_beside
 from loaders.errors import DataWarnings, TrainauditError
 from loaders.longtables import TRAIN_ALIASES, Triples, build_run, classify_train_key, is_val_loss_key
 from loaders.run import Run
@@ -235,6 +236,7 @@ def read_event_scalars(path: str | os.PathLike[str], warnings: DataWarnings, *,
 
 
 _TS_RE = re.compile(r"tfevents\.(\d+)")
+_VERSION_RE = re.compile(r"^version_(\d+)$")
 
 
 def _file_order(p: Path) -> tuple[int, list[tuple[int, str]]]:
@@ -268,7 +270,9 @@ def _pick_tags(tags: list[str]) -> dict[str, str]:
 
 
 def read_tensorboard(path: str | os.PathLike[str], *, warnings: DataWarnings | None = None) -> Run:
-    """One event file, or a folder of them (one resumed run: merged in time order) -> ``Run``."""
+    """One event file, or a folder of them (one resumed run: merged in time order) -> ``Run``, with
+    the checkpoints in a ``checkpoints/`` folder beside the event files or in the run folder
+    (Lightning's ``version_N/checkpoints/``, a writer's ``logs/`` beside ``checkpoints/``)."""
     p = Path(path)
     warnings = warnings if warnings is not None else DataWarnings()
     _event_pb2(p)
@@ -276,6 +280,7 @@ def read_tensorboard(path: str | os.PathLike[str], *, warnings: DataWarnings | N
     if not files:
         raise TrainauditError(p, "no TensorBoard event files (names containing 'tfevents')")
     root = p if p.is_dir() else None
+    files = _newest_version(p, files, warnings)
     rows: list[tuple[int, str, float, float]] = []
     for f in sorted(files, key=_file_order):
         prefix = ""
@@ -316,5 +321,28 @@ def read_tensorboard(path: str | os.PathLike[str], *, warnings: DataWarnings | N
                              f"spacing of the logged points)")
     if "loss" not in chosen.values():
         notes.append("no training-loss tag found (looked for: " + ", ".join(TRAIN_ALIASES["loss"][:6]) + ", ...)")
-    return build_run(p, "tensorboard", train=train, evals=evals, warnings=warnings, meta=meta,
-                     notes=notes, window_averaged=window)
+    base = p if p.is_dir() else p.parent
+    near: list[Path] = []
+    for f in files:
+        near.extend(q for q in (f.parent, *f.parent.parents) if q == base or base in q.parents)
+    skipped: list[str] = []
+    ckpts = checkpoints_beside(list(dict.fromkeys(near)), root=base, warnings=warnings, skipped=skipped)
+    run = build_run(p, "tensorboard", train=train, evals=evals, warnings=warnings, meta=meta,
+                    notes=notes, window_averaged=window, checkpoints=ckpts)
+    run.not_analysed = skipped
+    return run
+
+
+def _newest_version(p: Path, files: list[Path], warnings: DataWarnings) -> list[Path]:
+    """Lightning's TensorBoardLogger writes one ``version_N/`` per ``fit``: like its CSV logs, only
+    the newest is read (with a warning naming the others)."""
+    versions: dict[int, list[Path]] = {}
+    for f in files:
+        m = _VERSION_RE.match(f.parent.name)
+        versions.setdefault(int(m.group(1)) if m else -1, []).append(f)
+    if len(versions) < 2 or -1 in versions:
+        return files
+    newest = max(versions)
+    others = ", ".join(f"version_{v}" for v in sorted(versions) if v != newest)
+    warnings.add(p, f"several Lightning versions; reading version_{newest} (newest), not {others}")
+    return versions[newest]
