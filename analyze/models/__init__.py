@@ -72,7 +72,9 @@ def find_model(checkpoint: Path | None, *, builtin: tuple[str, Mapping[str, Any]
     if factory:
         cfg = json.dumps(dict(builtin[1]) if builtin else {}, sort_keys=True, default=str)
         return ModelSource("factory", name=factory, config_json=cfg)
-    if builtin is not None:
+    from analyze.demo.model import BUILTIN_MODELS
+
+    if builtin is not None and (builtin[0] in BUILTIN_MODELS or checkpoint is None):
         return ModelSource("builtin", name=builtin[0], config_json=json.dumps(dict(builtin[1]), sort_keys=True,
                                                                              default=str))
     if checkpoint is None:
