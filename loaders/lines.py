@@ -15,13 +15,15 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from loaders.errors import DataWarnings, TrainauditError
 from loaders.safeio import open_regular, read_bounded
 
-__all__ = ["MAX_LINE", "DuplicateKeys", "iter_line_blocks", "iter_line_batches", "iter_lines", "parse_json_line",
-           "read_json"]
+__all__ = ["MAX_LINE", "BlockDecoder", "DuplicateKeys", "FlatBlock", "iter_line_blocks", "iter_line_batches", "iter_lines",
+           "parse_json_line", "parse_flat_json_block", "read_json"]
 
 MAX_LINE = 1 << 20          # longest accepted log line (bytes); longer lines are skipped
 _CHUNK = 1 << 20            # read size of the line streamer
@@ -162,12 +164,24 @@ def iter_line_batches(path: str | os.PathLike[str], warnings: DataWarnings, *,
     Invalid UTF-8 is replaced (one warning per file, naming the first line). This form saves
     a Python call per line over ``iter_lines``.
     """
-    bad_utf8 = False
+    decode = BlockDecoder(path, warnings)
     for start, block in iter_line_blocks(path, warnings, root=root, max_line=max_line,
                                          keep_unterminated=keep_unterminated):
+        yield start, decode(start, block)
+
+
+class BlockDecoder:
+    """A block of ``iter_line_blocks`` as a list of lines; invalid UTF-8 is replaced, with one
+    warning per file naming the first such line."""
+
+    __slots__ = ("path", "warnings", "bad_utf8")
+
+    def __init__(self, path: str | os.PathLike[str], warnings: DataWarnings) -> None:
+        self.path, self.warnings, self.bad_utf8 = path, warnings, False
+
+    def __call__(self, start: int, block: bytes) -> list[str]:
         try:
-            yield start, block.decode("utf-8").split("\n")
-            continue
+            return block.decode("utf-8").split("\n")
         except UnicodeDecodeError:
             pass
         lines = []
@@ -175,11 +189,11 @@ def iter_line_batches(path: str | os.PathLike[str], warnings: DataWarnings, *,
             try:
                 lines.append(raw.decode("utf-8"))
             except UnicodeDecodeError:
-                if not bad_utf8:
-                    warnings.add(path, "invalid UTF-8 bytes replaced", line=i)
-                bad_utf8 = True
+                if not self.bad_utf8:
+                    self.warnings.add(self.path, "invalid UTF-8 bytes replaced", line=i)
+                self.bad_utf8 = True
                 lines.append(raw.decode("utf-8", errors="replace"))
-        yield start, lines
+        return lines
 
 
 def iter_lines(path: str | os.PathLike[str], warnings: DataWarnings, *,
@@ -261,6 +275,87 @@ def parse_json_line(text: str, warnings: DataWarnings, path: str | os.PathLike[s
         names = ", ".join(sorted(set(hook.dups)))
         warnings.add(path, f"duplicate keys {names} (last value kept)", line=lineno)
     return obj
+
+
+class FlatBlock(NamedTuple):
+    """Records of ``parse_flat_json_block``: ``n`` lines; per key (in order of first appearance)
+    the line indices that carry it and the indices of its values in ``values`` (floats) and
+    ``raw`` (the numbers as ``json`` gives them: ints stay exact)."""
+
+    n: int
+    keys: dict[str, tuple[np.ndarray, np.ndarray]]
+    values: np.ndarray
+    raw: list[Any]
+
+
+_STRUCT = b'{}":,[]\n'
+_NOT_STRUCT = bytes(b for b in range(256) if b not in _STRUCT)
+_LINE_SHAPE = b'{"":}\n'
+# One-byte stand-ins for the keys of a block: control bytes, never in valid JSON outside strings.
+_MARKS = bytes([*range(1, 9), 11, 12, *range(14, 32)])
+_TO_VALUES = bytes.maketrans(b"{}" + _MARKS, b" ," + b" " * len(_MARKS))
+
+
+def parse_flat_json_block(block: bytes) -> FlatBlock | None:
+    """Every line of ``block`` (``iter_line_blocks``: repaired lines joined by newlines) parsed at
+    once when all are flat records of numbers, ``{"key": number, ...}`` (what loggers write);
+    ``None`` when any line is not, or has a duplicate key or a ``rank`` field: the caller then
+    parses the lines one by one (``parse_json_line``), which gives the same records.
+
+    A handful of passes over the bytes: the line shapes are checked on the structural bytes
+    alone; each distinct ``"key":`` is replaced by a one-byte mark (its position gives the key of
+    each value); the rest, braces blanked, is one JSON array of the values, parsed by ``json``
+    itself (its number grammar, NaN and Infinity included; any stray text fails it).
+    """
+    if not block or b"\\" in block or block.translate(None, _MARKS) != block:
+        return None
+    n = block.count(b"\n") + 1
+    # Structure: each line is { "" : ( , "" : )* } - no nesting, no arrays, no string values.
+    if block.translate(None, _NOT_STRUCT).replace(b',"":', b"") != (_LINE_SHAPE * n)[:-1]:
+        return None
+    if block[0] != 123 or block[-1] != 125 or block.count(b"\n{") != n - 1 or block.count(b"}\n") != n - 1:
+        return None  # text before { or after } (JSON allows blanks there: the per-line path)
+    names: list[str] = []
+    text = block
+    while (q := text.find(b'"')) >= 0:  # the next key not yet seen, in order of appearance
+        end = text.find(b'"', q + 1)
+        if end < 0 or len(names) == len(_MARKS) or text[end + 1:end + 2] != b":":
+            return None
+        token = text[q:end + 2]
+        try:
+            name = json.loads(token[:-1].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+        if name == "rank":
+            return None
+        names.append(name)
+        text = text.replace(token, _MARKS[len(names) - 1:len(names)])
+    a = np.frombuffer(text, dtype=np.uint8)
+    at = np.flatnonzero((a < 32) & (a != 10) & (a != 9) & (a != 13))   # the marks, one per value
+    ids = a[at]
+    body = text.translate(_TO_VALUES)
+    if b"true" in body or b"false" in body or b"null" in body:
+        return None  # booleans and nulls are not numbers: the per-line path counts them
+    try:
+        raw = json.loads(b"[" + body[:-1] + b"]")
+        values = np.array(raw, dtype=np.float64)
+    except (ValueError, RecursionError, OverflowError, TypeError):
+        return None
+    if values.ndim != 1 or len(values) != len(at):
+        return None
+    line = np.searchsorted(np.flatnonzero(a == 10), at)
+    bits = np.left_shift(np.int64(1), (ids - 1).astype(np.int64))
+    starts = np.flatnonzero(np.r_[True, line[1:] != line[:-1]])
+    if (np.bitwise_or.reduceat(bits, starts) != np.add.reduceat(bits, starts)).any():
+        return None  # a key twice in one record: the per-line path warns about it
+    cols: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for k, name in enumerate(names):
+        if len(names) == 1:
+            idx = np.arange(len(at))
+        else:
+            idx = np.flatnonzero(ids == _MARKS[k])
+        cols[name] = (line[idx], idx)
+    return FlatBlock(n, cols, values, raw)
 
 
 def read_json(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None, *,

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from loaders.errors import DataWarnings
+from loaders.lines import FlatBlock
 from loaders.run import CLASS_LOSS_COLUMNS, EVAL_CLASS_LOSS_COLUMNS, CheckpointRef, Run
 from loaders.steps import STEP_REASONS, coerce_step, rewind_groups
 
@@ -262,6 +263,9 @@ class WideLog:
         self.cols: dict[str, tuple[array, array, array]] = {}     # name -> (rows, values, bad rows)
         self.ints: dict[str, tuple[array, array, dict[int, Any]]] = {}  # name -> (rows, ints, odd raw)
         self._slots: dict[str, tuple[array, array, array, tuple[array, array, dict[int, Any]] | None]] = {}
+        # Whole blocks (`add_block`): numpy parts per column, (rows, values) and (rows, ints).
+        self._parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self._int_parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
 
     def _slot(self, k: str) -> tuple[array, array, array, tuple[array, array, dict[int, Any]] | None]:
         col = self.cols.setdefault(k, (array("q"), array("d"), array("q")))
@@ -311,19 +315,74 @@ class WideLog:
                     ic[1].append(-1)
                     ic[2][r] = v
 
+    def add_block(self, block: FlatBlock) -> None:
+        """Append the records of one ``loaders.lines.parse_flat_json_block`` block: the same
+        cells ``add`` would store for each of its records, without a Python call per record."""
+        r0 = self.n
+        self.n += block.n
+        for k, (lines, at) in block.keys.items():
+            if k not in self.cols:
+                self._slot(k)
+            rows = lines + r0
+            self._parts.setdefault(k, []).append((rows, block.values[at]))
+            if k.lower() not in self.step_like:
+                continue
+            f = block.values[at]
+            exact = (f >= 0) & (f < 2.0**53) & (np.floor(f) == f)  # coerce_step gives int(f), as for an int
+            ints = np.where(exact, f, -1).astype(np.int64)
+            odd = self.ints[k][2]
+            for i in np.flatnonzero(~exact).tolist():   # the rest as add() keeps them
+                v = block.raw[int(at[i])]
+                if type(v) is int and 0 <= v <= _INT64_MAX:
+                    ints[i] = v
+                else:
+                    odd[int(rows[i])] = v
+            self._int_parts.setdefault(k, []).append((rows, ints))
+
+    @staticmethod
+    def _merge(pending: tuple[array, array], parts: list[tuple[np.ndarray, np.ndarray]],
+               dtype: type) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, values) of one column from its per-record arrays and its block parts, in row order."""
+        chunks = [p for p in parts if len(p[0])]
+        if len(pending[0]):
+            chunks.append((np.frombuffer(pending[0], dtype=np.int64), np.frombuffer(pending[1], dtype=dtype)))
+        if not chunks:
+            return np.empty(0, np.int64), np.empty(0, dtype)
+        if len(chunks) == 1:
+            return chunks[0]
+        rows = np.concatenate([c[0] for c in chunks])
+        vals = np.concatenate([c[1] for c in chunks])
+        if (np.diff(rows) < 0).any():  # per-record rows and blocks interleaved
+            order = np.argsort(rows, kind="stable")
+            rows, vals = rows[order], vals[order]
+        return rows, vals
+
+    def _numeric(self, col: str) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, values) of the numeric cells of ``col``, merged once into one block part."""
+        parts = self._parts.get(col)
+        if parts is None:
+            c = self.cols[col]
+            return self._merge((c[0], c[1]), [], np.float64)
+        if len(parts) != 1 or len(self.cols[col][0]):
+            rows, vals = self._merge((self.cols[col][0], self.cols[col][1]), parts, np.float64)
+            parts[:] = [(rows, vals)]
+            self.cols[col][0][:] = array("q")
+            self.cols[col][1][:] = array("d")
+        return parts[0]
+
     def columns(self) -> list[str]:
         return list(self.cols)
 
     def release(self) -> None:
         """Drop the stored cells (their copies live on in the Run's tables): peak memory."""
-        self.cols, self.ints, self._slots = {}, {}, {}
+        self.cols, self.ints, self._slots, self._parts, self._int_parts = {}, {}, {}, {}, {}
 
     def rows(self, col: str) -> np.ndarray:
         """Rows with a numeric cell in ``col``."""
-        return np.frombuffer(self.cols[col][0], dtype=np.int64) if len(self.cols[col][0]) else np.empty(0, np.int64)
+        return self._numeric(col)[0]
 
     def values(self, col: str) -> np.ndarray:
-        return np.frombuffer(self.cols[col][1], dtype=np.float64) if len(self.cols[col][1]) else np.empty(0)
+        return self._numeric(col)[1]
 
     def present(self, col: str) -> np.ndarray:
         """Rows with any non-empty cell in ``col`` (numeric or not), sorted."""
@@ -354,8 +413,7 @@ class WideLog:
         reasons: Counter[str] = Counter()
         if col in self.ints:
             rows_a, ints_a, odd = self.ints[col]
-            rows = np.frombuffer(rows_a, dtype=np.int64) if len(rows_a) else np.empty(0, np.int64)
-            ints = np.frombuffer(ints_a, dtype=np.int64) if len(ints_a) else np.empty(0, np.int64)
+            rows, ints = self._merge((rows_a, ints_a), self._int_parts.get(col, []), np.int64)
             ok = ints >= 0
             steps[rows[ok]] = ints[ok]
             valid[rows[ok]] = True

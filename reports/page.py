@@ -29,7 +29,7 @@ import pandas as pd
 from markupsafe import Markup
 
 __all__ = ["CSP", "TEMPLATES", "NAME_WIDTH", "clean_text", "short_name", "fmt_num", "fmt_sci", "environment", "Table",
-           "as_cache", "Panel", "records", "FigureCache", "draw_figure", "add_figure", "footer"]
+           "as_cache", "Panel", "records", "FigureCache", "draw_figure", "add_figure", "footer", "table_digest"]
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 TEMPLATES = Path(__file__).with_name("templates")
@@ -169,9 +169,7 @@ class FigureCache:
         h.update(f"{draw}|{src.st_size}|{src.st_mtime_ns}|{FIGURE_VERSION}".encode())
         for a in args:
             if isinstance(a, pd.DataFrame):
-                h.update(repr((list(a.columns), a.shape)).encode())
-                for i in range(a.shape[1]):
-                    _hash_column(h, a.iloc[:, i])
+                _hash_frame(h, a)
             else:
                 h.update(repr(a).encode())
         h.update(repr(sorted(kwargs.items())).encode())
@@ -197,6 +195,19 @@ class FigureCache:
             return
         for key in [k for k in self.store if k not in self.used]:
             del self.store[key]
+
+
+def table_digest(df: pd.DataFrame) -> str:
+    """A digest of a table's columns, dtypes and values (the figure cache's, for other caches)."""
+    h = hashlib.sha256()
+    _hash_frame(h, df)
+    return h.hexdigest()[:24]
+
+
+def _hash_frame(h: Any, df: pd.DataFrame) -> None:
+    h.update(repr((list(df.columns), df.shape)).encode())
+    for i in range(df.shape[1]):
+        _hash_column(h, df.iloc[:, i])
 
 
 def _hash_column(h: Any, col: pd.Series) -> None:

@@ -33,7 +33,7 @@ from loaders.safeio import write_atomic
 if TYPE_CHECKING:  # torch only for writing an entry, or for a warm start from one (`as_tensors`)
     import torch
 
-__all__ = ["CheckpointCache", "CachedCheckpoint", "checkpoint_fingerprint", "as_tensors", "json_text"]
+__all__ = ["CheckpointCache", "CachedCheckpoint", "checkpoint_fingerprint", "as_tensors", "json_text", "write_tables"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +189,50 @@ class CheckpointCache:
             # The cache only saves time: a full or read-only disk must not lose the analysis.
             # The report write that follows meets the same disk and says so in one line.
             return
+
+
+TABLE_STAMPS = "tables.json"
+
+
+def write_tables(tables: Mapping[str, Any], folder: Path, cache_dir: Path | None) -> list[str]:
+    """Write each table as `<folder>/<name>.csv` unless the file there was written by this function
+    from the same table (same digest of the table's native data - `reports.page.table_digest` -
+    and the file's size and mtime_ns unchanged): a 2M-row log table costs seconds to format,
+    milliseconds to hash. The stamps live in `<cache_dir>/tables.json`. Returns the names written."""
+    from reports.page import table_digest
+
+    stamps: dict[str, Any] = {}
+    path = None if cache_dir is None else Path(cache_dir) / TABLE_STAMPS
+    if path is not None:
+        try:
+            stamps = dict(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            stamps = {}
+    written, fresh = [], {}
+    for name, df in tables.items():
+        target = Path(folder) / f"{name}.csv"
+        digest = table_digest(df)
+        old = stamps.get(name)
+        try:
+            st = target.stat()
+            same = isinstance(old, list) and old == [digest, st.st_size, st.st_mtime_ns]
+        except OSError:
+            same = False
+        if not same:
+            write_atomic(target, df.to_csv(index=False), what="report")
+            written.append(name)
+            try:
+                st = target.stat()
+            except OSError:
+                continue
+        fresh[name] = [digest, st.st_size, st.st_mtime_ns]
+    if path is not None and fresh != stamps:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(path, json.dumps(fresh).encode())
+        except OSError:
+            pass  # only costs time next run
+    return written
 
 
 def json_text(value: Any) -> str:

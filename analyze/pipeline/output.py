@@ -141,8 +141,9 @@ def write_full_report(run_path: str | os.PathLike[str], out_dir: str | os.PathLi
     result = analyze_run(run, config, progress=progress, cache_dir=out / "cache")
     if progress is not None:
         progress("writing tables, summary.json and report.html")
-    for name, df in result.tables.items():
-        write_atomic(tables_dir / f"{name}.csv", df.to_csv(index=False), what="report")
+    from analyze.pipeline.cache import write_tables
+
+    write_tables(result.tables, tables_dir, out / "cache")  # an unchanged table is not rewritten
     problems = validate_summary(result.summary)
     if problems:  # a bug in trainaudit, not in the user's data
         raise RuntimeError("summary.json does not match format_version 1: " + "; ".join(problems[:5]))

@@ -32,7 +32,7 @@ import pandas as pd
 
 from loaders.errors import DataWarnings, TrainauditError
 from loaders.formats.lightning_csv import STEP_KEYS, read_metrics_csv, wide_to_run
-from loaders.lines import iter_line_batches, parse_json_line, read_json
+from loaders.lines import BlockDecoder, iter_line_batches, iter_line_blocks, parse_flat_json_block, parse_json_line, read_json
 from loaders.longtables import Triples, WideLog, build_run, empty_frame, preferred_val_series, run_name, to_float
 from loaders.run import CLASS_LOSS_COLUMNS, EVAL_CLASS_LOSS_COLUMNS, Run
 
@@ -140,15 +140,22 @@ def read_jsonl(path: str | os.PathLike[str], *, warnings: DataWarnings | None = 
     """JSON Lines of ``{"step": ..., "loss": ..., "val_loss": ...}`` records -> ``Run``.
 
     Records are streamed into a column store (``WideLog``): memory grows with the numeric
-    cells (16 bytes each), not with the text. Records with an integer ``"rank"`` field are
+    cells (16 bytes each), not with the text. A block of lines that are all flat records of
+    numbers is parsed at once (``parse_flat_json_block``); any other block line by line, with
+    the same result. Records with an integer ``"rank"`` field are
     kept apart per rank and combined by ``read_rank_logs`` (a record without one is rank 0's).
     """
     p = Path(path)
     warnings = warnings if warnings is not None else DataWarnings()
     log = WideLog(STEP_KEYS)
     logs: dict[int, WideLog] = {0: log}
-    for start, lines in iter_line_batches(p, warnings, root=root):
-        for i, line in enumerate(lines):
+    decode = BlockDecoder(p, warnings)
+    for start, block in iter_line_blocks(p, warnings, root=root):
+        flat = parse_flat_json_block(block) if len(logs) == 1 else None
+        if flat is not None:  # every line a flat record of numbers: the whole block at once
+            log.add_block(flat)
+            continue
+        for i, line in enumerate(decode(start, block)):
             rec = parse_json_line(line, warnings, p, start + i)
             if rec is None:
                 continue

@@ -109,3 +109,55 @@ def test_cached_vectors_come_back_bit_for_bit(tmp_path: Path) -> None:
     vpath = next(tmp_path.glob("step_00000010-k.safetensors"))
     vpath.write_bytes(vpath.read_bytes()[:-3])
     assert CheckpointCache(tmp_path).load(10, "k") is None
+
+
+def _big_table(n: int = 1_000_000) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    return pd.DataFrame({"step": np.arange(n, dtype=np.int64), "series": np.where(np.arange(n) % 7, "loss", "lr"),
+                         "value": rng.normal(size=n), "spike": rng.random(n) < 0.01})
+
+
+def test_table_digest_follows_every_value() -> None:
+    """The figure cache's key and the tables' stamps hash native data: one changed value (or
+    dtype, or name) anywhere in a 1M-row table changes the digest; an equal copy does not."""
+    from reports.page import FigureCache, table_digest
+
+    df = _big_table()
+    base = table_digest(df)
+    assert table_digest(df.copy()) == base
+    key = FigureCache.key("plot_loss", (df,), {})
+    assert FigureCache.key("plot_loss", (df.copy(),), {}) == key
+    changes = {
+        "value": lambda d: d.__setitem__("value", d["value"].where(d.index != 777_777, d["value"] + 1e-12)),
+        "step": lambda d: d.__setitem__("step", d["step"].where(d.index != 3, 4)),
+        "series": lambda d: d.__setitem__("series", d["series"].where(d.index != 999_999, "grad_norm")),
+        "spike": lambda d: d.__setitem__("spike", d["spike"] ^ (d.index == 12)),
+        "dtype": lambda d: d.__setitem__("step", d["step"].astype(np.float64)),
+        "name": lambda d: d.rename(columns={"value": "loss"}, inplace=True),
+    }
+    for what, change in changes.items():
+        other = df.copy()
+        change(other)
+        assert table_digest(other) != base, what
+        assert FigureCache.key("plot_loss", (other,), {}) != key, what
+
+
+def test_unchanged_tables_are_not_rewritten(tmp_path: Path) -> None:
+    from analyze.pipeline.cache import write_tables
+
+    tables = {"train": _big_table(50_000), "small": pd.DataFrame({"a": [1.5, float("nan")], "b": ["x", None]})}
+    folder, cache = tmp_path / "tables", tmp_path / "cache"
+    folder.mkdir()
+    assert write_tables(tables, folder, cache) == ["train", "small"]
+    for name, df in tables.items():  # what pandas writes, byte for byte
+        assert (folder / f"{name}.csv").read_text() == df.to_csv(index=False)
+    assert write_tables(tables, folder, cache) == []
+    changed = dict(tables, train=tables["train"].copy())
+    changed["train"].loc[40_000, "value"] = 0.0
+    assert write_tables(changed, folder, cache) == ["train"]
+    assert (folder / "train.csv").read_text() == changed["train"].to_csv(index=False)
+    (folder / "small.csv").write_text("edited by hand\n")       # the file changed: written again
+    assert write_tables(changed, folder, cache) == ["small"]
+    (folder / "small.csv").unlink()
+    assert write_tables(changed, folder, cache) == ["small"]
+    assert write_tables(changed, folder, None) == ["train", "small"]   # no cache folder: always written

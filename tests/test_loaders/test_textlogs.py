@@ -139,3 +139,125 @@ def test_json_variants(tmp_path: Path) -> None:
     e.write_text("[1.0, 2.0, 3")
     with pytest.raises(TrainauditError, match="not valid JSON"):
         read_json_log(e)
+
+
+# ----------------------------------------------------------------------------- JSONL fast path
+# parse_flat_json_block parses a whole block of flat numeric records at once; anything else goes
+# line by line. The reference is the per-line path alone (the block parser switched off).
+
+_KEYS = ["step", "loss", "val_loss", "lr", "global_step", "epoch", "my loss", "ünï", "grad_norm"]
+_NUMS = ["0", "7", "-3", "12", "2.5", "1e-3", "1E400", "-0", "9007199254740993", "18446744073709551617",
+         "1" + "0" * 400, "NaN", "Infinity", "-Infinity", "3.0", "0.1"]
+_ODD = ["", "   ", "garbage{", '{"step": 1, "loss": true}', '{"step": 2, "loss": null}', '{"step": "3", "loss": "0.5"}',
+        '{"step": 4, "loss": [1]}', '{"eval": {"loss": 2.0}, "step": 5}', '{"step": 6, "loss": 1, "loss": 2}',
+        '{"step": 7, "rank": 1, "loss": 3}', ' {"step": 8, "loss": 1}', '{"step": 9, "loss": .5}',
+        '{"step": 10, "loss": 01}', '{"step" : 11, "loss": 1}', '{"step": 12 "loss": 1}', '{}', "[1, 2]",
+        '{"step": 13, "loss": 1} x', '{"st\\u0065p": 14, "loss": 1}', '{"step": 15, "loss": +1}',
+        '{"a\tb": 1}', '{"step": 16,, "loss": 1}', '{"step": 18, "loss": 0.5, "flag": true}',
+        '{"step":17,"loss":2}']
+
+
+def _record(draw_keys: list[str], nums: list[str], sep: str) -> str:
+    return "{" + ", ".join(f'{json.dumps(k, ensure_ascii=False)}:{sep}{v}' for k, v in zip(draw_keys, nums)) + "}"
+
+
+def _lines_strategy():
+    from hypothesis import strategies as st
+
+    rec = st.builds(_record, st.lists(st.sampled_from(_KEYS), min_size=1, max_size=4, unique=True),
+                    st.lists(st.sampled_from(_NUMS), min_size=4, max_size=4), st.sampled_from([" ", ""]))
+    return st.lists(st.one_of(rec, rec, rec, st.sampled_from(_ODD)), min_size=1, max_size=60)
+
+
+def _frames_equal(a, b) -> None:
+    import pandas as pd
+
+    for t in ("scalars", "evals"):
+        pd.testing.assert_frame_equal(getattr(a, t), getattr(b, t), check_exact=True)
+    pd.testing.assert_frame_equal(a.meta["extra_scalars"], b.meta["extra_scalars"], check_exact=True)
+    assert a.notes == b.notes and list(a.warnings) == list(b.warnings)
+    assert {k: v for k, v in a.meta.items() if k != "extra_scalars"} == \
+        {k: v for k, v in b.meta.items() if k != "extra_scalars"}
+
+
+def _both_paths(p: Path, monkeypatch: pytest.MonkeyPatch):
+    import loaders.formats.textlogs as textlogs
+
+    try:
+        fast = read_jsonl(p)
+    except TrainauditError as e:
+        fast = e
+    with monkeypatch.context() as m:
+        m.setattr(textlogs, "parse_flat_json_block", lambda block: None)
+        try:
+            slow = read_jsonl(p)
+        except TrainauditError as e:
+            slow = e
+    return fast, slow
+
+
+def test_jsonl_block_parser_gives_the_per_line_rows(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Property: on generated logs of flat records mixed with odd lines (blank, torn, nested,
+    duplicate keys, booleans, ranks, not-JSON numbers, ...), read in small blocks so both paths
+    meet, the block parser gives exactly the per-line path's tables, warnings and notes."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    import loaders.lines as lines_mod
+
+    @settings(max_examples=150, deadline=None)
+    @given(_lines_strategy(), st.sampled_from([64, 256, 1 << 20]), st.booleans())
+    def check(lines: list[str], chunk: int, torn: bool) -> None:
+        p = tmp_path_factory.mktemp("jsonl") / "metrics.jsonl"
+        p.write_text("\n".join(lines) + ("" if torn else "\n"), encoding="utf-8")
+        mp = pytest.MonkeyPatch()
+        try:
+            mp.setattr(lines_mod, "_CHUNK", chunk)
+            fast, slow = _both_paths(p, mp)
+        finally:
+            mp.undo()
+        if isinstance(slow, TrainauditError):
+            assert isinstance(fast, TrainauditError) and str(fast) == str(slow)
+        else:
+            _frames_equal(fast, slow)
+
+    check()
+
+
+def test_jsonl_block_parser_takes_common_logs_and_refuses_odd_lines() -> None:
+    """The fast path really runs on what loggers write, and declines each kind of odd block."""
+    from loaders.lines import parse_flat_json_block
+
+    good = b'{"step": 0, "loss": 2.5, "val_loss": NaN}\n{"step":1,"loss":-Infinity}\n{"loss": 1e400, "step": 2}'
+    fb = parse_flat_json_block(good)
+    assert fb is not None and fb.n == 3 and list(fb.keys) == ["step", "loss", "val_loss"]
+    lines, at = fb.keys["loss"]
+    assert lines.tolist() == [0, 1, 2] and fb.values[at].tolist() == [2.5, -math.inf, math.inf]
+    assert fb.keys["val_loss"][0].tolist() == [0] and math.isnan(fb.values[fb.keys["val_loss"][1]][0])
+    assert [fb.raw[i] for i in fb.keys["step"][1]] == [0, 1, 2]
+    for odd in _ODD[:-1]:
+        assert parse_flat_json_block(good + b"\n" + odd.encode()) is None, odd
+    assert parse_flat_json_block(good + b"\n" + _ODD[-1].encode()) is not None
+
+
+def test_jsonl_big_steps_stay_exact(tmp_path: Path) -> None:
+    """Steps above 2^53 keep every digit through the block parser (a float would round them)."""
+    p = tmp_path / "m.jsonl"
+    big = 2**60 + 1
+    p.write_text("".join(f'{{"step": {big + i}, "loss": {i}.5}}\n' for i in range(5)))
+    assert read_jsonl(p).series("loss")["step"].tolist() == [big + i for i in range(5)]
+
+
+def test_jsonl_blocks_and_odd_lines_keep_file_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record read line by line (it has a boolean) before and after whole blocks: its cells
+    take their place in file order (out of order they would read as a resume)."""
+    import loaders.lines as lines_mod
+
+    monkeypatch.setattr(lines_mod, "_CHUNK", 64)
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 0, "loss": 0.5, "flag": true}\n' + "".join(f'{{"step": {i}, "loss": {i}}}\n' for i in range(1, 6))
+                 + '{"step": 6, "loss": 6.5, "flag": false}\n{"step": 7, "loss": 7}\n')
+    run = read_jsonl(p)
+    assert run.series("loss")["step"].tolist() == list(range(8))
+    assert run.series("loss")["value"].tolist() == [0.5, 1, 2, 3, 4, 5, 6.5, 7]
+    assert not any("resume" in w for w in run.warnings)
