@@ -62,7 +62,9 @@ def count_constant_lines(m: Tensor) -> LineCounts:
     def counts(dim: int, length: int) -> tuple[Tensor, Tensor]:
         if length < 2 or m.shape[dim] == 0:
             return unchecked, unchecked
-        lo, hi = torch.aminmax(m, dim=dim)
+        # amin + amax, not aminmax(dim=): torch 2.13's CPU aminmax along a dim is ~50x slower
+        # (163 ms against 2 x 2.5 ms on a 5632 x 2048 float32 matrix, one thread)
+        lo, hi = m.amin(dim=dim), m.amax(dim=dim)
         const = lo == hi
         zero = const & (hi == 0)
         return zero.sum(dim=-1), (const & ~zero).sum(dim=-1)
@@ -74,7 +76,7 @@ def count_constant_lines(m: Tensor) -> LineCounts:
 
 def first_indices(m: Tensor, axis: int, limit: int = 5) -> tuple[int, ...]:
     """Indices of the first ``limit`` constant lines of matrix ``m`` along ``axis`` (0 rows, 1 columns)."""
-    lo, hi = torch.aminmax(m, dim=1 - axis)
+    lo, hi = m.amin(dim=1 - axis), m.amax(dim=1 - axis)
     return tuple(int(i) for i in torch.nonzero(lo == hi).flatten()[:limit])
 
 
