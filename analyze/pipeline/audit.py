@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 
 from analyze.config import AnalysisConfig
 from analyze.metrics.gradients import sum_of_squares
-from analyze.metrics.static import count_constant_lines, family_key, family_medians, first_indices, outlier_side
+from analyze.metrics.static import count_constant_lines, first_indices
 from analyze.metrics.spectral import (
     EXACT_MAX_DIM,
     as_matrix,
@@ -40,11 +39,11 @@ from analyze.metrics.spectral import (
     spectral_validation,
     stable_rank,
 )
+from analyze.pipeline.audit_static import family_findings, layouts, line_findings
 from analyze.pipeline.tables import SEVERITY_ORDER, Finding, Severity
 from loaders.checkpoint_files import skipped_side_files, step_from_name
 from loaders.checkpoints import checkpoint_info, iter_tensors, step_metadata
 from loaders.errors import DataWarnings, TrainauditError
-from loaders.lines import read_json
 
 __all__ = ["AuditResult", "SpectralRow", "TensorHealth", "audit_checkpoint", "fails", "spectral_rows",
            "SPECTRAL_JSON_KEYS", "METHODS"]
@@ -250,120 +249,6 @@ def _findings(h: TensorHealth, step: int | None, cfg: AnalysisConfig) -> list[Fi
     return out
 
 
-# Storage layouts: which axis of a 2-D weight holds the units (docs/metrics/static-checks.md).
-_CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt")   # Hugging Face models storing Conv1D [in, out]
-_CONV1D_NAME = re.compile(r"(^|\.)(c_attn|q_attn|c_proj|c_fc)\.weight$")
-_EMBED_NAME = re.compile(r"(^|\.)(wte|wpe|shared|[a-z_]*embed[a-z_]*)(\.weight)?$")
-# (axis word, what the lines are, what an all-zero line means) per layout and axis
-_AXES: dict[str | None, tuple[tuple[str, str, str], tuple[str, str, str]]] = {
-    "linear": (("rows", "output units, nn.Linear storage [out, in]", "dead units (no incoming weights)"),
-               ("columns", "inputs, nn.Linear storage [out, in]", "unused inputs (no unit reads them)")),
-    "conv1d": (("rows", "inputs, Conv1D storage [in, out]", "unused inputs (no unit reads them)"),
-               ("columns", "output units, Conv1D storage [in, out]", "dead units (no incoming weights)")),
-    "embedding": (("rows", "embedding vectors, one per token or position",
-                   "all-zero embeddings (a padding row is zero by design)"),
-                  ("columns", "embedding dimensions", "unused dimensions")),
-    "conv": (("rows", "output channels", "dead filters (no incoming weights)"),
-             ("columns", "input channel x kernel position", "unused input positions")),
-    None: (("rows", "dim 0", "all zero"), ("columns", "the other dims flattened", "all zero")),
-}
-MAX_CONFIG_JSON = 1 << 20
-
-
-def _model_config(p: Path) -> dict[str, Any]:
-    """``config.json`` of a Hugging Face folder (or beside a weights file), {} when absent or unreadable."""
-    folder = p if p.is_dir() else p.parent
-    q = folder / "config.json"
-    if not q.is_file():
-        return {}
-    try:
-        data = read_json(q, folder, max_bytes=MAX_CONFIG_JSON)
-    except TrainauditError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _layouts(p: Path, health: Sequence[TensorHealth]) -> tuple[dict[str, str | None], str]:
-    """Per tensor: "linear", "conv1d", "embedding", "conv" or None (unknown), and where the Conv1D
-    decision came from. GPT-2's fused ``c_attn`` tells the storage by its shape ([d, 3d] is Conv1D,
-    [3d, d] nn.Linear as in nanoGPT); without it, ``config.json``'s ``model_type`` decides."""
-    conv1d: bool | None = None
-    source = "shape of c_attn"
-    for h in health:
-        if h.name.endswith("c_attn.weight") and len(h.shape) == 2:
-            if h.shape[1] == 3 * h.shape[0]:
-                conv1d = True
-            elif h.shape[0] == 3 * h.shape[1]:
-                conv1d = False
-            if conv1d is not None:
-                break
-    if conv1d is None:
-        conv1d = str(_model_config(p).get("model_type", "")) in _CONV1D_MODEL_TYPES
-        source = "config.json model_type"
-    roles: dict[str, str | None] = {}
-    for h in health:
-        role: str | None = None
-        if len(h.shape) == 2 and _EMBED_NAME.search(h.name):
-            role = "embedding"
-        elif len(h.shape) == 2 and conv1d and _CONV1D_NAME.search(h.name):
-            role = "conv1d"
-        elif len(h.shape) == 2 and h.name.endswith(".weight"):
-            role = "linear"
-        elif len(h.shape) >= 3 and h.name.endswith(".weight"):
-            role = "conv"
-        roles[h.name] = role
-    return roles, source
-
-
-def _line_findings(h: TensorHealth, role: str | None, step: int | None, cfg: AnalysisConfig) -> list[Finding]:
-    """``zero_rows_cols``: all-zero or constant rows / columns of one matrix, named by its layout."""
-    out: list[Finding] = []
-    for axis, (zero, const, first) in enumerate(((h.zero_rows, h.const_rows, h.first_rows),
-                                                 (h.zero_cols, h.const_cols, h.first_cols))):
-        if zero < 0 or zero + const == 0:
-            continue
-        word, what, meaning = _AXES[role][axis]
-        n_lines = h.shape[0] if axis == 0 else h.numel // h.shape[0]
-        allowed = cfg.embedding_zero_rows_ok if role == "embedding" and axis == 0 else 0
-        severity = Severity.INFO if const == 0 and zero <= allowed else Severity.WARNING
-        parts = []
-        if zero:
-            parts.append(f"{zero:,} of {n_lines:,} {word} ({what}) are all zero: {meaning}")
-        if const:
-            lead = f"{const:,} more" if zero else f"{const:,} of {n_lines:,} {word} ({what})"
-            parts.append(f"{lead} are constant (every entry equal, not zero)")
-        out.append(Finding(severity, "zero_rows_cols",
-                           f"{h.name} {list(h.shape)}: {'; '.join(parts)}; first at index "
-                           f"{', '.join(map(str, first))}{' ...' if zero + const > len(first) else ''}.",
-                           step=step, tensor=h.name, value=float(zero + const), threshold=float(allowed),
-                           metric=f"constant_{word}"))
-    return out
-
-
-def _family_findings(health: Sequence[TensorHealth], step: int | None, cfg: AnalysisConfig) -> list[Finding]:
-    """``spectral_outlier`` / ``norm_outlier``: sigma_1 or ||W||_F outside [median/k, k*median] of
-    its family (same name but the layer index, same shape)."""
-    mats = [h for h in health if len(h.shape) >= 2 and h.skip_reason is None]
-    fams = [f"{family_key(h.name)} {list(h.shape)}" for h in mats]
-    out: list[Finding] = []
-    for code, attr, label, k, field in (
-            ("spectral_outlier", "sigma", "spectral norm", cfg.spectral_outlier_ratio, "spectral_outlier_ratio"),
-            ("norm_outlier", "fro_norm", "Frobenius norm", cfg.norm_outlier_ratio, "norm_outlier_ratio")):
-        med, ratio, size = family_medians([getattr(h, attr) for h in mats], fams, cfg.family_min_size)
-        for i, h in enumerate(mats):
-            side = outlier_side(float(ratio[i]), k)
-            if side == 0:
-                continue
-            bound = k if side > 0 else 1.0 / k
-            out.append(Finding(
-                Severity.WARNING, code,
-                f"{h.name}: {label} {getattr(h, attr):.4g} is {ratio[i]:.3g}x the median {med[i]:.4g} of its family "
-                f"{fams[i]} ({int(size[i])} tensors); the rule flags a ratio above {k:g} or below 1/{k:g} "
-                f"(AnalysisConfig.{field}).", step=step, tensor=h.name, value=float(ratio[i]), threshold=bound,
-                metric=f"{attr}_ratio_to_family_median"))
-    return out
-
-
 def audit_checkpoint(path: str | os.PathLike[str], cfg: AnalysisConfig | None = None, *,
                      baseline: str | os.PathLike[str] | None = None, frozen: Sequence[str] = ()) -> AuditResult:
     """Health findings of one checkpoint (file or folder), reading one tensor at a time, against
@@ -412,11 +297,11 @@ def audit_checkpoint(path: str | os.PathLike[str], cfg: AnalysisConfig | None = 
     flush()
     health = [h for h in slots if h is not None]
     findings: list[Finding] = []
-    roles, _ = _layouts(p, health)
+    roles, _ = layouts(p, health)
     for h in health:
         findings.extend(_findings(h, step, cfg))
-        findings.extend(_line_findings(h, roles.get(h.name), step, cfg))
-    findings.extend(_family_findings(health, step, cfg))
+        findings.extend(line_findings(h, roles.get(h.name), step, cfg))
+    findings.extend(family_findings(health, step, cfg))
     changes: tuple[Any, ...] = ()
     if baseline is not None:
         from analyze.pipeline.baseline import compare_checkpoints
