@@ -134,3 +134,80 @@ def test_update_sums_of_bfloat16_weights_difference_in_float32() -> None:
     d, o = update_sums(b, a)
     assert d == pytest.approx(float(((b.double() - a.double()) ** 2).sum()), rel=F32_REL)
     assert o == pytest.approx(float((a.double() ** 2).sum()), rel=F32_REL)
+
+
+# --------------------------------------------------------------------------- rho from training (§11)
+
+
+def _logged_run(run_dir, grad_norms_every=None, checkpoint_first=True):
+    """A 9-step run of a small MLP: checkpoints at 0, 4, 8, per-tensor grad norms logged."""
+    from loaders import RunLogger
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.GELU(), torch.nn.Linear(20, 5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with RunLogger(run_dir, flush_every=3, grad_norms_every=grad_norms_every) as log:
+        for step in range(9):
+            if checkpoint_first and step % 4 == 0:
+                log.save_checkpoint(step, model)
+            opt.zero_grad(set_to_none=True)
+            model(torch.randn(32, 12)).pow(2).mean().backward()
+            log.log_step(step, loss=1.0, model=model)
+            if not checkpoint_first and step % 4 == 0:
+                log.save_checkpoint(step, model)
+            opt.step()
+    return run_dir
+
+
+@pytest.mark.parametrize("checkpoint_first", [True, False])
+def test_training_rho_equals_logged_grad_norm_over_checkpoint_weight_norm(tmp_path, checkpoint_first) -> None:
+    import csv
+
+    from safetensors.numpy import load_file
+
+    from analyze.pipeline.analysis import analyze_run
+
+    run_dir = _logged_run(tmp_path / "r", grad_norms_every=3, checkpoint_first=checkpoint_first)
+    logged = {}
+    with open(run_dir / "grad_norms.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            logged[(int(row["step"]), row["tensor"])] = float(row["grad_norm"])
+    expected = {}
+    for step in (0, 4, 8):
+        weights = load_file(str(run_dir / "checkpoints" / f"step_{step:08d}.safetensors"))
+        for name, w in weights.items():
+            if w.ndim >= 2:  # rho is reported for weight matrices (§11; 1-D biases have no spectral row)
+                expected[(step, name)] = logged[(step, name)] / float(np.linalg.norm(w.astype(np.float64)))
+    gr = analyze_run(run_dir).tables["grad_ratio"]
+    assert set(gr["source"]) == {"training"}
+    got = {(int(r.step), r.tensor): float(r.rho) for r in gr.itertuples()}
+    assert got.keys() == expected.keys()  # steps 3 and 6 have norms but no checkpoint: no rho there
+    for key, rho in expected.items():
+        assert got[key] == pytest.approx(rho, rel=1e-6), key
+    cfg = AnalysisConfig()
+    for r in gr.itertuples():
+        assert r.status == classify_rho(float(r.rho), cfg.rho_low, cfg.rho_high)
+
+
+def test_grad_ratio_table_falls_back_to_the_evaluation_batch_and_labels_it() -> None:
+    import pandas as pd
+
+    from analyze.pipeline.grad_ratio import grad_ratio_table
+
+    cfg = AnalysisConfig()
+    probe = [{"step": 10, "tensor": "w", "rho": 0.5, "grad_norm": 1.0, "weight_norm": 2.0, "status": "unstable"}]
+    spectral = pd.DataFrame({"step": [10], "tensor": ["w"], "finite": [True], "frobenius": [4.0]})
+    none = pd.DataFrame({"step": pd.Series(dtype="int64"), "tensor": pd.Series(dtype=object),
+                         "grad_norm": pd.Series(dtype=float)})
+    t, _ = grad_ratio_table(none, spectral, probe, cfg)
+    assert t["source"].tolist() == ["evaluation batch"] and t["rho"].tolist() == [0.5]
+    logged = pd.DataFrame({"step": [10], "tensor": ["w"], "grad_norm": [0.002]})
+    t, notes = grad_ratio_table(logged, spectral, probe, cfg)
+    assert t["source"].tolist() == ["training"] and t["rho"].tolist() == [pytest.approx(0.0005)]
+    assert t["status"].tolist() == ["healthy"] and any("logged in training" in n for n in notes)
+    elsewhere = logged.assign(step=[11])  # norms at a step without a checkpoint: the fallback, said so
+    t, notes = grad_ratio_table(elsewhere, spectral, probe, cfg)
+    assert t["source"].tolist() == ["evaluation batch"] and any("none at a checkpoint step" in n for n in notes)
+    zero = spectral.assign(frobenius=[0.0])  # ||W|| = 0: rho undefined, flagged as not healthy
+    t, _ = grad_ratio_table(logged, zero, [], cfg)
+    assert math.isnan(t["rho"].iloc[0]) and t["status"].iloc[0] == "unstable"

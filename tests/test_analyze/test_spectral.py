@@ -382,3 +382,39 @@ def test_default_on_every_minilm_matrix() -> None:
         hard += ratio >= 0.99
     assert checked == 40  # all 2-D float matrices (position_ids is int64)
     assert hard >= 3      # the sigma2/sigma1 >= 0.99 matrices the sheet's method misses
+
+
+def test_validation_table_runs_the_estimators_on_every_demo_matrix(tiny_demo_run: Path) -> None:
+    """§4 validation: every row of the demo's spectral table is the Lanczos estimate with its real
+    error against exact, even with exact SVD off (the demo's matrices are all small: exact is cheap),
+    and the estimator's own bound held on every row."""
+    from analyze.config import AnalysisConfig
+    from analyze.pipeline.analysis import analyze_run
+    from safetensors.numpy import load_file
+
+    sp = analyze_run(tiny_demo_run, AnalysisConfig(exact_svd=False)).tables["spectral"]
+    ok = sp[sp["finite"].astype(bool)]
+    assert len(ok) == len(sp) > 0
+    assert set(ok["method"]) == {"lanczos"} and (ok["iterations"].astype(int) > 0).all()
+    est, exact, bound = (ok[c].astype(float).to_numpy() for c in ("sigma_est", "sigma_exact", "err_bound"))
+    assert np.isfinite(exact).all()
+    assert (est != exact).all()                       # the estimator ran: a Ritz value, not the exact one
+    assert (np.abs(est - exact) <= bound).all()       # the contract, as written
+    assert (np.abs(est - exact) <= bound * est).all() and ok["bound_held"].astype(bool).all()  # relative bound
+    np.testing.assert_allclose(ok["rel_err"].astype(float), np.abs(est - exact) / exact, rtol=1e-12)
+    assert np.isfinite(ok["power_rel_err"].astype(float)).all()
+    # sigma_exact is the exact sigma_1 of the stored weight (numpy SVD, float64)
+    last = ok[ok["step"] == ok["step"].max()]
+    weights = load_file(str(tiny_demo_run / "checkpoints" / f"step_{int(last['step'].iloc[0]):08d}.safetensors"))
+    for r in last.itertuples():
+        w = weights[r.tensor].astype(np.float64)
+        assert float(r.sigma_exact) == pytest.approx(np.linalg.svd(w.reshape(w.shape[0], -1), compute_uv=False)[0],
+                                                     rel=1e-10)
+
+
+def test_bound_held_is_false_when_the_estimate_misses() -> None:
+    from analyze.metrics.spectral import bound_held
+
+    assert bound_held(1.0, 1e-5, 1.0 + 5e-6) is True
+    assert bound_held(1.0, 1e-5, 1.0 + 2e-5) is False
+    assert bound_held(1.0, 1e-5, float("nan")) is None
