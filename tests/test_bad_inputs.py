@@ -126,6 +126,22 @@ def report(run: Path, out: Path, *, extra: tuple[str, ...] = ()) -> Report:
                   (out / "report.html").read_text(encoding="utf-8"), res)
 
 
+def report_not_analysed(run: Path, out: Path, *names: str) -> Report:
+    """A library's own state files (optimizer, RNG, training args): never opened, listed in
+    summary.json ``not_analysed`` and under "Not analysed" in the report, no data warning, so
+    --strict exits 0."""
+    res = cli("report", run, "--out", out, "--workers", "1", "--strict")
+    assert res.exit_code == 0, res.output
+    rep = Report(out, json.loads((out / "summary.json").read_text()),
+                 (out / "report.html").read_text(encoding="utf-8"), res)
+    issues = data_issues(rep.doc)
+    for name in names:
+        assert name in rep.summary["not_analysed"], (name, rep.summary["not_analysed"])
+        assert name in issues, (name, issues)
+        assert not any(name in n for n in rep.summary["notes"])
+    return rep
+
+
 def report_w(run: Path, out: Path, *fragments: str, extra: tuple[str, ...] = ()) -> Report:
     """The W outcome: exit 0, each fragment in a summary.json note and in "Data issues", and
     exit 2 under --strict (rerun into the same folder: figures come from its cache)."""
@@ -316,7 +332,7 @@ A_EXPECT = {  # row -> (command, expected fragment of the E line or the W)
     **{f"A3-p{k}": ("audit", "unsupported global posix.system (not loaded)") for k in (0, 2, 4, 5)},
     "A4": ("audit", "unsupported global posix.system (not loaded)"),
     "A5": ("audit", "not a safetensors file (header too large"),
-    "A6": ("report", "(pickled objects, not needed)"),
+    "A6": ("not-analysed", "checkpoint-10/training_args.bin"),
     "A9": ("report", "hparams.yaml: unsafe YAML tag ignored"),
     "A10": ("both", "numpy array file"),
 }
@@ -333,8 +349,10 @@ def test_a_nothing_from_a_file_ever_executes(row: str, payloads, tmp_path: Path)
         assert expect in error_line(cli("audit", p.target), p.target)
     if how == "both":
         assert expect in error_line(cli("report", p.target, "--out", tmp_path / "o"), p.target)
-    if how == "report":
-        rep = report_w(p.target, tmp_path / "o", expect)
+    if how in ("report", "not-analysed"):
+        rep = (report_w(p.target, tmp_path / "o", expect) if how == "report" else
+               report_not_analysed(p.target, tmp_path / "o", expect, "checkpoint-10/optimizer.pt",
+                                   "checkpoint-10/rng_state.pth"))
         if row == "A6":  # the model is still analysed
             assert rep.table("spectral")["tensor"].tolist() == ["w"]
             assert rep.summary["run"]["checkpoints"] == [10]
@@ -364,7 +382,7 @@ def test_a8_no_retry_without_weights_only(payloads, tmp_path: Path, monkeypatch:
         assert live[row]
         assert "not loaded" in error_line(cli("audit", p.target), p.target)
         assert not p.mark.exists()
-    report_w(built["A6"].target, tmp_path / "o", "(pickled objects, not needed)")
+    report_not_analysed(built["A6"].target, tmp_path / "o", "checkpoint-10/training_args.bin")
     assert calls, "control: the recorder never saw torch.load, so it proves nothing"
     assert all(c.get("weights_only") is True for c in calls), calls
     assert not any(built[r].mark.exists() for r in A_ROWS)

@@ -195,6 +195,8 @@ def read_hf(path: str | os.PathLike[str], *, warnings: DataWarnings | None = Non
             run = read_trainer_state(c, root=p, warnings=warnings, run_path=p)
             break
         except TrainauditError as e:
+            if given_state is not None:
+                raise  # the file the user named must be readable
             errors.append(str(e))
             warnings.add(c, f"{e.problem}; trying an older trainer_state.json")
     if run is None:
