@@ -105,8 +105,8 @@ def line_findings(h: TensorHealth, role: str | None, step: int | None, cfg: Anal
             lead = f"{const:,} more" if zero else f"{const:,} of {n_lines:,} {word} ({what})"
             parts.append(f"{lead} are constant (every entry equal, not zero)")
         out.append(Finding(severity, "zero_rows_cols",
-                           f"{h.name} {list(h.shape)}: {'; '.join(parts)}; first at index "
-                           f"{', '.join(map(str, first))}{' ...' if zero + const > len(first) else ''}.",
+                           f"{h.name} {list(h.shape)}: {'; '.join(parts)} (at index "
+                           f"{', '.join(map(str, first))}{', ...' if zero + const > len(first) else ''}).",
                            step=step, tensor=h.name, value=float(zero + const), threshold=float(allowed),
                            metric=f"constant_{word}"))
     return out
