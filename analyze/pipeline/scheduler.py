@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,6 +94,16 @@ def plan_groups(plans: Sequence[CheckpointPlan], n_groups: int) -> dict[str, int
     return group
 
 
+def _selective(ref: CheckpointRef) -> bool:
+    """True when the checkpoint's tensors can be read one by one (safetensors only, any layout)."""
+    from loaders.tensor_reader import safetensors_locations
+
+    try:
+        return safetensors_locations(ref, partial=True) is not None
+    except TrainauditError:
+        return False
+
+
 class _Scheduler:
     """Submits the tasks of `plans` and assembles their results, checkpoint by checkpoint.
 
@@ -109,9 +118,10 @@ class _Scheduler:
                  probe_spec: ProbeSpec | None, runner: TaskRunner) -> None:
         self.plans, self.cfg, self.exact, self.runner = plans, cfg, exact, runner
         self.init_vectors, self.init_prev, self.probe_spec = dict(init_vectors), init_prev, probe_spec
-        # Tensor groups read plain safetensors files one tensor at a time; any other kind is read
-        # whole by every task, so it gets one group (its model passes still run side by side).
-        selective = all(Path(p.ref.path).suffix == ".safetensors" and Path(p.ref.path).is_file() for p in plans)
+        # Tensor groups read safetensors checkpoints (files, HF folders, shards) one tensor at a
+        # time; any other kind is read whole by every task, so it gets one group (its model passes
+        # still run side by side).
+        selective = all(_selective(p.ref) for p in plans if not p.error)
         n_groups = runner.workers * GROUPS_PER_WORKER if runner.workers > 1 and selective else 1
         group_of = plan_groups([p for p in plans if not p.error], n_groups)
         self.groups = sorted(set(group_of.values()))
