@@ -135,10 +135,9 @@ def _file_step(f: Path, root: Path | None, warnings: DataWarnings) -> tuple[int 
         if s is not None:
             return s, "safetensors metadata step"
     elif f.name.endswith(TORCH_SUFFIXES):
-        try:
-            obj = load_torch_object(f, root=root, warnings=warnings)
-        except TrainauditError as e:
-            warnings.add(f, e.problem)
+        try:  # what the load warns about, or fails on, is reported when the analysis reads the tensors
+            obj = load_torch_object(f, root=root, warnings=DataWarnings())
+        except TrainauditError:
             obj = None
         if isinstance(obj, dict):
             for k in _STEP_KEYS:

@@ -595,3 +595,76 @@ def test_read_safetensors_tensor_rows_and_recycled_buffer_match_the_file(tmp_pat
     cut.write_bytes(p.read_bytes()[:-40])
     with open(cut, "rb") as f, pytest.raises(TrainauditError, match="truncated"):
         read_safetensors_tensor(f, 8 + n, cut, "a", header["a"])
+
+
+# --------------------------------------------------------------------------- recorded steps, duplicates
+
+def test_recorded_step_sources_in_order(tmp_path: Path) -> None:
+    """The checkpoint-N folder beats what the file says; the file's own step beats its name;
+    accelerate's checkpoint_N is a save counter (its scheduler's last_epoch is the step)."""
+    from loaders.checkpoint_layout import recorded_step
+
+    hf = tmp_path / "out" / "checkpoint-200"
+    hf.mkdir(parents=True)
+    save_file({"w": torch.ones(2)}, hf / "model.safetensors", metadata={"step": "7"})
+    assert recorded_step(hf / "model.safetensors")[0] == 200 and recorded_step(hf)[0] == 200
+    f = tmp_path / "step_5.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 200}, f)
+    assert recorded_step(f) == (200, "global_step")
+    torch.save({"model": {"w": torch.ones(2)}, "iter_num": 3000}, tmp_path / "ckpt.pt")
+    assert recorded_step(tmp_path / "ckpt.pt") == (3000, "iter_num")
+    save_file({"w": torch.ones(2)}, tmp_path / "a.safetensors", metadata={"step": "300"})
+    assert recorded_step(tmp_path / "a.safetensors")[0] == 300
+    torch.save({"w": torch.ones(2)}, tmp_path / "iter_40.pt")
+    assert recorded_step(tmp_path / "iter_40.pt") == (40, "file name")
+    torch.save({"w": torch.ones(2)}, tmp_path / "final.pt")
+    assert recorded_step(tmp_path / "final.pt") == (None, "")
+    acc = tmp_path / "checkpoints" / "checkpoint_1"
+    acc.mkdir(parents=True)
+    save_file({"w": torch.ones(2)}, acc / "model.safetensors")
+    torch.save({"w": torch.ones(1)}, acc / "optimizer.bin")
+    torch.save({"last_epoch": 64, "_step_count": 65, "base_lrs": [0.1]}, acc / "scheduler.bin")
+    assert recorded_step(acc) == (64, "scheduler.bin last_epoch")
+    (acc / "scheduler.bin").unlink()
+    assert recorded_step(acc) == (None, "")  # never the 1 of checkpoint_1
+
+
+def test_folder_of_checkpoints_steps_duplicates_and_file_order(tmp_path: Path) -> None:
+    from loaders.detect import open_run
+
+    d = tmp_path / "ck"
+    d.mkdir()
+    w200 = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3), "c": torch.full((2,), 2.0)}
+    torch.save({"state_dict": w200, "global_step": 200}, d / "epoch=9-step=200.ckpt")
+    torch.save({"state_dict": dict(w200), "global_step": 200}, d / "last.ckpt")   # same weights again
+    torch.save({"state_dict": {k: v + 1 for k, v in w200.items()}, "global_step": 100}, d / "model.ckpt")
+    run = open_run(d)
+    assert [(c.step, c.path.name) for c in run.checkpoints] == [(100, "model.ckpt"), (200, "epoch=9-step=200.ckpt")]
+    assert not list(run.warnings)
+    # Different weights at one recorded step: the named one kept, the other named in a warning.
+    torch.save({"state_dict": {k: v * 3 for k, v in w200.items()}, "global_step": 200}, d / "last.ckpt")
+    run = open_run(d)
+    assert [c.path.name for c in run.checkpoints] == ["model.ckpt", "epoch=9-step=200.ckpt"]
+    assert len(run.warnings) == 1 and "last.ckpt: records step 200" in run.warnings[0]
+    # Nothing records a step: file order, with a warning.
+    e = tmp_path / "bare"
+    e.mkdir()
+    for n in ("b.pt", "a.pt"):
+        torch.save({"w": torch.ones(1)}, e / n)
+    run = open_run(e)
+    assert [(c.step, c.path.name) for c in run.checkpoints] == [(0, "a.pt"), (1, "b.pt")]
+    assert len(run.warnings) == 1 and "file order used as the step" in run.warnings[0]
+
+
+def test_same_weights_is_a_content_check(tmp_path: Path) -> None:
+    from loaders.checkpoint_layout import same_weights
+    from loaders.run import CheckpointRef
+
+    sd = {f"t{i}": torch.full((2, 2), float(i)) for i in range(5)}
+    save_file(sd, tmp_path / "a.safetensors")
+    torch.save({"model": sd}, tmp_path / "b.pt")     # the same weights in another container
+    changed = dict(sd, t4=sd["t4"] + 1)              # the last tensor differs
+    save_file(changed, tmp_path / "c.safetensors")
+    ref = lambda n: CheckpointRef(1, tmp_path / n, "x")  # noqa: E731
+    assert same_weights(ref("a.safetensors"), ref("b.pt"))
+    assert not same_weights(ref("a.safetensors"), ref("c.safetensors"))

@@ -147,3 +147,30 @@ def test_fifo_is_not_opened(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "metrics.jsonl")
     with pytest.raises(TrainauditError, match="not a regular file"):
         open_run(tmp_path / "metrics.jsonl")
+
+
+def test_one_run_is_never_a_comparison(tmp_path: Path) -> None:
+    """A folder holding one run (itself, or one run sub-folder) is that run; two make a comparison."""
+    from analyze.pipeline.compare import expand_runs
+
+    parent = tmp_path / "parent"
+    a = parent / "a"
+    a.mkdir(parents=True)
+    (a / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (parent / "notes").mkdir()
+    assert expand_runs([parent]) == [a]
+    b = parent / "b"
+    b.mkdir()
+    (b / "log.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    assert expand_runs([parent]) == [a, b]
+
+
+def test_checkpoints_subfolder_makes_a_checkpoint_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"model": {"w": torch.ones(2)}, "global_step": 30}, run / "checkpoints" / "latest.pt")
+    torch.save({"w": torch.ones(1)}, run / "checkpoints" / "optimizer.pt")
+    assert detect_format(run) == "checkpoint"
+    r = open_run(run)
+    assert [c.step for c in r.checkpoints] == [30] and r.not_analysed == ["checkpoints/optimizer.pt"]
+    assert not list(r.warnings)
