@@ -82,10 +82,10 @@ def report(runs: tuple[Path, ...], out: Path | None, exact_svd: bool | None, str
     files = write_full_report(run, out, exact_svd=exact_svd, fmt=fmt, model=model, workers=workers,
                               scheduler=scheduler, progress=progress, config=config)
     res = files.result
-    counts = {s: sum(1 for f in res.findings if str(f.severity) == s) for s in ("error", "warning", "info")}
+    counts = res.summary["finding_counts"]  # the counts summary.json holds ("N more" rows count N)
     click.echo(f"report: {files.html}")
-    click.echo(f"summary: {files.summary} ({counts['error']} error(s), {counts['warning']} warning(s), "
-               f"{counts['info']} note(s))")
+    click.echo(f"summary: {files.summary} (findings: {counts['error']} error(s), {counts['warning']} warning(s), "
+               f"{counts['info']} info)")
     if files.n_data_warnings:
         click.echo(f"{files.n_data_warnings} data warning(s): see 'Data issues' in the report", err=True)
         if strict:

@@ -15,6 +15,17 @@ between the kept evaluations); non-finite training losses are left out of the T_
 are counted in the notes, and non-finite validation losses also in the headline, since they
 usually mean the run diverged (see the spike detector, §9).
 
+Sustained or recovered (ours; §10 does not say what to call a rise the run recovered from): a
+rise above GL_alpha after the minimum is "overfitting" (or "unstable") only when it is still
+there at the end: GL at the last evaluation > alpha *and* the least-squares slope of validation
+loss over the last `trend_evals` evaluations (none before the minimum; the minimum itself may be
+one) is >= 0 (not falling). Otherwise the verdict is
+"recovered": validation loss rose above GL_alpha and came back within it, or is falling again.
+
+Memorisation (ours): training loss far below validation loss at the last evaluation with a
+training loss, T <= ratio * V and V - T >= min_gap nats (`memorisation`). It is reported on its own,
+whatever the verdict: a model can memorise its training set while validation loss still improves.
+
 Where T cannot be compared (no training loss at or after the validation minimum), a rise of
 validation loss above GL_alpha is called "overfitting", as §10 defines overfitting as
 validation loss getting worse, and a note says instability could not be ruled out.
@@ -26,7 +37,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["AlignedEvals", "Overfitting", "align_train_to_evals", "smooth_gap", "analyze_overfitting"]
+__all__ = ["AlignedEvals", "Overfitting", "align_train_to_evals", "smooth_gap", "analyze_overfitting",
+           "memorisation", "VERDICTS"]
+
+VERDICTS = ("overfitting", "unstable", "recovered", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +64,7 @@ class AlignedEvals:
 class Overfitting:
     """§10 result. Steps are logged step numbers; None where a step does not exist."""
 
-    verdict: str | None  # "overfitting" | "unstable" | "none"; None without (finite) evaluations
+    verdict: str | None  # "overfitting" | "unstable" | "recovered" | "none"; None without (finite) evaluations
     divergence_step: int | float | None
     val_min_step: int | float | None
     gl_step: int | float | None  # first t_j with GL > alpha
@@ -62,6 +76,10 @@ class Overfitting:
     aligned: AlignedEvals
     headline: str
     notes: tuple[str, ...]
+    max_rise_step: int | float | None = None  # the evaluation where max_rise_pct was reached
+    final_step: int | float | None = None  # the last kept evaluation
+    trend_slope: float = math.nan  # least-squares slope of V over the last trend_evals evaluations, per step
+    trend_evals: int = 0  # evaluations that slope was fitted on
 
 
 def _sorted(steps: np.ndarray, values: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +172,7 @@ def _divergence(t: np.ndarray, gs: np.ndarray, *, delta: float, min_spearman: fl
 
 def analyze_overfitting(train_steps: np.ndarray, train_loss: np.ndarray, eval_steps: np.ndarray,
                         val_loss: np.ndarray, *, alpha: float = 5.0, delta: float = 0.05,
-                        min_spearman: float = 0.8, min_after: int = 3,
+                        min_spearman: float = 0.8, min_after: int = 3, trend_evals: int = 3,
                         train_kind: str = "logged training loss") -> Overfitting:
     """Divergence step, validation minimum, GL_alpha step and verdict from a loss history (§10).
 
@@ -163,6 +181,7 @@ def analyze_overfitting(train_steps: np.ndarray, train_loss: np.ndarray, eval_st
         eval_steps, val_loss: one validation loss per evaluation.
         alpha: GL threshold in percent (Prechelt's GL5). delta: minimum widening in nats.
         min_spearman, min_after: the divergence test's rank correlation and evaluation count.
+        trend_evals: last evaluations whose slope tells a sustained rise from a recovered one.
         train_kind: which training loss T is (e.g. "eval-mode loss on a training subset"), for the notes.
     """
     ts, tl = _sorted(train_steps, train_loss, "train")
@@ -222,10 +241,16 @@ def analyze_overfitting(train_steps: np.ndarray, train_loss: np.ndarray, eval_st
                      f"{_step(es[j_min])}: the curve is noisy, GL is a stopping rule")
     after = gl[j_min + 1:]
     max_rise = float(np.nanmax(after)) if after.size and np.isfinite(after).any() else 0.0
+    max_rise_step = _step(es[j_min + 1 + int(np.nanargmax(after))]) if max_rise > 0 else None
     rose = bool(np.any(after > alpha))
+    k = min(trend_evals, es.size - j_min)  # the last evaluations, none before the minimum
+    slope = _slope(es[-k:].astype(np.float64), vl[-k:]) if k >= 2 else math.nan
+    sustained = bool(gl[-1] > alpha) and not slope < 0  # NaN slope (one evaluation): the end GL decides
 
     verdict = "none"
-    if rose:
+    if rose and not sustained:
+        verdict = "recovered"
+    elif rose:
         defined = np.flatnonzero(np.isfinite(train[j_min:]))
         if defined.size == 0 or j_min + defined[0] == train.size - 1:
             verdict = "overfitting"
@@ -234,16 +259,40 @@ def analyze_overfitting(train_steps: np.ndarray, train_loss: np.ndarray, eval_st
         else:
             verdict = "overfitting" if train[-1] < train[j_min + defined[0]] else "unstable"
 
-    headline = _headline(verdict, _step(es[j_min]), float(gl[-1]), max_rise, alpha, divergence_step)
+    headline = _headline(verdict, _step(es[j_min]), float(gl[-1]), max_rise, alpha, divergence_step,
+                         max_rise_step=max_rise_step, slope=slope, k=k)
     if bad_val:
         headline += f"; {bad_val}"
     return Overfitting(verdict, divergence_step, _step(es[j_min]), gl_step, val_min, val_final, float(gl[-1]),
-                       max_rise, rho, aligned, headline, tuple(notes))
+                       max_rise, rho, aligned, headline, tuple(notes), max_rise_step=max_rise_step,
+                       final_step=_step(es[-1]), trend_slope=slope, trend_evals=k)
+
+
+def _slope(x: np.ndarray, y: np.ndarray) -> float:
+    """Least-squares slope of y on x (NaN when x is constant)."""
+    dx = x - x.mean()
+    denom = float(dx @ dx)
+    return float(dx @ (y - y.mean())) / denom if denom > 0 else math.nan
+
+
+def memorisation(train_loss: float, val_loss: float, *, ratio: float, min_gap: float) -> bool:
+    """Training loss far below validation loss: T <= ratio * V and V - T >= min_gap (ours, beside §10).
+    False when either loss is not finite."""
+    if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+        return False
+    return train_loss <= ratio * val_loss and val_loss - train_loss >= min_gap
 
 
 def _headline(verdict: str, min_step: int | float, final_rise: float, max_rise: float, alpha: float,
-              divergence_step: int | float | None) -> str:
+              divergence_step: int | float | None, *, max_rise_step: int | float | None = None,
+              slope: float = math.nan, k: int = 0) -> str:
     widen = "" if divergence_step is None else f"; the train/val gap has widened since step {divergence_step}"
+    if verdict == "recovered":
+        trend = (f"falling over the last {k} evaluations" if slope < 0 else
+                 f"within GL{alpha:g} again")
+        return (f"recovered: validation loss bottomed at step {min_step}, rose {max_rise:.0f}% above it by step "
+                f"{max_rise_step}, then came back: it ended {final_rise:.1f}% above its best, {trend} "
+                f"(a bump, not sustained overfitting){widen}")
     if verdict == "none":
         soft = "" if divergence_step is None else (
             f" (the train/val gap has widened since step {divergence_step}: the model fits its training data "

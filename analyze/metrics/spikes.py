@@ -2,6 +2,9 @@
 
     m_t = median(window), MAD_t = median(|L_i - m_t|), floor = 1e-6 |m_t| + 1e-12
     spike_t = (L_t - m_t) > k * 1.4826 * max(MAD_t, floor)          (one-sided, upward)
+    height (MAD units)     = (L_t - m_t) / max(MAD_t, floor)
+    height (robust sigmas) = height (MAD units) / 1.4826             (the unit of k)
+    spike score            = flagged logged points / all logged points of the series
 
 The window of t is the W most recent *finite* values logged before t (indices count logged
 points, not optimizer steps); t is in warm-up while fewer than W finite values precede it. A
@@ -74,24 +77,30 @@ class SpikeEvent:
 
     first_step: int | float
     peak_step: int | float
-    height_mad: float | None  # peak (L - m) / (1.4826 max(MAD, floor)); None for non-finite
+    height_mad: float | None  # peak (L - m) / max(MAD, floor), MAD units (§9); None for non-finite
     length: int  # logged points in the run
     kind: str  # "spike" or "non-finite"
+
+    @property
+    def height_sigma(self) -> float | None:
+        """The peak height in robust sigmas (MAD units / 1.4826), the unit of k."""
+        return None if self.height_mad is None else self.height_mad / MAD_SCALE
 
 
 @dataclass(frozen=True, slots=True)
 class SpikeReport:
     """Per-point flags and the events they form (§9).
 
-    ``kind`` is "" / "spike" / "non-finite" per point; ``height_mad`` is (L - m) in robust-sigma
-    units for every finite point past warm-up (NaN elsewhere). ``score`` = flagged points / points
-    that could be judged (past warm-up, plus every non-finite point); NaN when none could.
+    ``kind`` is "" / "spike" / "non-finite" per point; ``height_mad`` is (L - m) in MAD units
+    (divided by max(MAD, floor)) for every finite point past warm-up (NaN elsewhere). ``score`` is
+    the §9 spike score, flagged points / all logged points (NaN for an empty series);
+    ``n_checked`` counts the points that could be judged (past warm-up, plus every non-finite one).
     """
 
     steps: np.ndarray
     flags: np.ndarray  # bool
     kind: np.ndarray  # str
-    height_mad: np.ndarray  # float64
+    height_mad: np.ndarray  # float64, MAD units
     events: tuple[SpikeEvent, ...]
     score: float
     n_checked: int
@@ -137,7 +146,8 @@ def detect_spikes(steps: np.ndarray, values: np.ndarray, *, window: int = 50, k:
     Args:
         steps: logged step numbers (sorted here, stably, if they are not).
         values: the series (training loss, gradient norm, ...), one value per step.
-        window: W, in logged points. k: threshold in robust-sigma units (default 6).
+        window: W, in logged points. k: threshold in robust-sigma units (default 6), i.e. a
+            point is flagged when its height in MAD units exceeds 1.4826 k.
         window_averaged: how many raw steps each logged value averages (Hugging Face Trainer
             ``loss`` averages ``logging_steps``); > 1 adds a reduced-sensitivity note.
     """
@@ -153,17 +163,17 @@ def detect_spikes(steps: np.ndarray, values: np.ndarray, *, window: int = 50, k:
     med, mad = rolling_median_mad(x, window)
     finite = np.isfinite(x)
     ready = ~np.isnan(med)
-    scale = MAD_SCALE * np.maximum(mad, 1e-6 * np.abs(med) + 1e-12)
+    scale = np.maximum(mad, 1e-6 * np.abs(med) + 1e-12)  # MAD units
     excess = x - med
     with np.errstate(invalid="ignore"):
-        spike = finite & ready & (excess > k * scale)
+        spike = finite & ready & (excess > k * MAD_SCALE * scale)
         height = np.where(finite & ready, excess / scale, np.nan)
     nonfinite = ~finite
     flags = spike | nonfinite
     code = spike.astype(np.int8) + 2 * nonfinite.astype(np.int8)
     kind = np.array(["", "spike", "non-finite"])[code]
     n_checked = int((ready & finite).sum() + nonfinite.sum())
-    score = float(flags.sum() / n_checked) if n_checked else float("nan")
+    score = float(flags.sum() / x.size) if x.size else float("nan")
     if int(finite.sum()) <= window:
         notes.append(f"only {int(finite.sum())} finite points for a window of {window}: "
                      "no point is past warm-up, only non-finite values can be flagged")

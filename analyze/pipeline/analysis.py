@@ -36,7 +36,7 @@ from analyze.pipeline.class_tables import BUILTIN_CLASS_PAIR, class_index, class
 from analyze.pipeline.grad_ratio import grad_ratio_table
 from analyze.pipeline.log_tables import frame as _frame
 from analyze.pipeline.log_tables import overfitting_table, train_table
-from analyze.pipeline.tables import TABLE_COLUMNS, Finding, build_summary
+from analyze.pipeline.tables import TABLE_COLUMNS, Finding, build_summary, finding_counts
 from loaders.errors import TrainauditError
 from loaders.run import CheckpointRef, Run
 
@@ -70,7 +70,11 @@ class AnalysisResult:
 
     ``panels`` maps a panel id (PANELS) to the reason it could not be computed ("" when it was);
     ``headlines`` holds the one-line verdicts (overfitting, spikes, tau); ``data_warnings`` every
-    loader warning plus what the analysis skipped; ``run_info`` the run header.
+    loader warning plus what the analysis skipped; ``run_info`` the run header. ``config`` is the
+    AnalysisConfig the tables and findings were made with; ``counts`` the findings per severity (a
+    "N more" row counting N); ``headline`` what a reader needs first: ``verdict`` (the overfitting
+    verdict, §10), ``verdict_text`` (its one line), ``memorisation`` (bool), ``worst_finding`` (the
+    first finding, or None) and ``checkpoint_to_keep`` (as in summary.json).
     """
 
     tables: dict[str, pd.DataFrame]
@@ -84,6 +88,9 @@ class AnalysisResult:
     not_analysed: list[str] = field(default_factory=list)   # library state files never opened (Run.not_analysed)
     cache_hits: int = 0
     cache_misses: int = 0
+    config: AnalysisConfig = field(default_factory=AnalysisConfig)
+    counts: dict[str, int] = field(default_factory=dict)
+    headline: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -286,7 +293,8 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
     for series, rep in spike_reports.items():
         for e in rep.events:
             spike_rows.append({"series": series, "kind": e.kind, "first_step": e.first_step,
-                               "peak_step": e.peak_step, "height_mad": e.height_mad, "length": e.length})
+                               "peak_step": e.peak_step, "height_mad": e.height_mad,
+                               "height_sigma": e.height_sigma, "length": e.length})
         if rep.note:
             notes.append(f"spike detector on {series}: {rep.note}")
     has_loss = bool((train["series"] == "loss").any())
@@ -338,7 +346,8 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
         "tau": _frame("tau", tau_rows),
         "class_gaps": _frame("class_gaps", gap_rows),
     }
-    for name in ("spectral", "update_ratio", "activations", "dead_neurons", "attention", "attention_logits",
+    for name in ("spectral", "update_ratio", "activations", "dead_neurons", "activation_frequency", "attention",
+                 "attention_logits",
                  "eval_set"):
         tables[name] = _frame(name, ck_rows.get(name, []))
     # rho (§11): from the logged training gradients when there are any, else the probe's fallback
@@ -355,6 +364,10 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
                                val_series=val_series, n_data_warnings=len(data_warnings),
                                last_step=int(run.scalars["step"].max()) if len(run.scalars) else 0)
     found = findings_mod.derive(tables, ctx)
+    ck_steps = [r.step for r in sorted(run.checkpoints, key=lambda r: r.step)]
+    keep = findings_mod.checkpoint_to_keep(tables, ck_steps, val_series)
+    # §9 spike score: flagged logged points over logged points; None when the run logs no such series
+    spike_score = {s: float(spike_reports[s].score) if s in spike_reports else None for s in ("loss", "grad_norm")}
     tau_sum = None
     tau_t = tables["tau"]
     for source in ("train", *(f"eval:{s}" for s in sorted(set(evals["series"].astype(str)))), "checkpoint"):
@@ -381,9 +394,11 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
              "checkpoints": [r.step for r in sorted(run.checkpoints, key=lambda r: r.step)]},
         overfitting={"verdict": of.verdict if of else None, "divergence_step": of.divergence_step if of else None,
                      "val_min_step": of.val_min_step if of else None, "gl5_step": of.gl_step if of else None,
-                     "val_series": val_series},
+                     "val_series": val_series, "final_gl": of.final_rise_pct if of else None,
+                     "memorisation": (any(f.code == "memorisation" for f in found) if of and of.verdict else None)},
         spikes=[r for r in spike_rows if r["series"] in ("loss", "grad_norm")],
-        tau=tau_sum, findings=found, notes=[*notes, *data_warnings], not_analysed=run.not_analysed)
+        tau=tau_sum, findings=found, notes=[*notes, *data_warnings], spike_score=spike_score,
+        checkpoint_to_keep=keep, not_analysed=run.not_analysed)
     kinds = pd.DataFrame(spike_rows, columns=["series", "kind"]).value_counts() if spike_rows else {}
     n_spikes = {s: int(kinds.get((s, "spike"), 0)) for s in ("loss", "grad_norm")}
     n_nonfin = {s: int(kinds.get((s, "non-finite"), 0)) for s in ("loss", "grad_norm")}
@@ -402,7 +417,12 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
         "window_averaged": dict(run.window_averaged), "val_series": val_series,
         "builtin_corpus": ctx.is_builtin_corpus,
     }
+    memorised = any(f.code == "memorisation" for f in found)
+    headline = {"verdict": of.verdict if of else None, "verdict_text": of.headline if of else None,
+                "memorisation": memorised, "worst_finding": found[0] if found else None,
+                "checkpoint_to_keep": summary["checkpoint_to_keep"]}
     return AnalysisResult(tables=tables, findings=found, notes=notes, summary=summary, run_info=run_info,
                           panels=panels, headlines=headlines, data_warnings=data_warnings,
                           not_analysed=list(run.not_analysed),
-                          cache_hits=cache.hits, cache_misses=cache.misses)
+                          cache_hits=cache.hits, cache_misses=cache.misses, config=cfg,
+                          counts=finding_counts(found), headline=headline)

@@ -14,10 +14,12 @@ import numpy as np
 import pandas as pd
 
 from analyze.config import AnalysisConfig
+from analyze.metrics.gradients import classify_rho
 from analyze.metrics.growth import spectral_growth
+from analyze.metrics.overfitting import memorisation
 from analyze.pipeline.tables import SEVERITY_ORDER, Finding, Severity, finite_or_none
 
-__all__ = ["Context", "derive", "MAX_PER_KIND"]
+__all__ = ["Context", "derive", "MAX_PER_KIND", "checkpoint_to_keep"]
 
 MAX_PER_KIND = 5  # findings of one kind listed before "N more" (a display cap; thresholds are in AnalysisConfig)
 
@@ -39,7 +41,7 @@ def _capped(items: list[Finding], code: str, what: str) -> list[Finding]:
     worst = items[0].severity
     rest = len(items) - MAX_PER_KIND
     return items[:MAX_PER_KIND] + [Finding(worst, code, f"{rest} more {what} not listed here (see the tables).",
-                                           metric=items[0].metric)]
+                                           metric=items[0].metric, n=rest)]
 
 
 def _spikes(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
@@ -59,10 +61,12 @@ def _spikes(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
                 sev = Severity.WARNING if series == "loss" else Severity.INFO
                 spikes.append(Finding(
                     sev, f"{series}_spike",
-                    f"{labels[series]} spiked at step {r.peak_step}: {float(r.height_mad):.1f} robust sigmas above the "
+                    f"{labels[series]} spiked at step {r.peak_step}: {float(r.height_mad):.1f} MAD units "
+                    f"({float(r.height_sigma):.1f} robust sigmas, threshold {cfg.spike_k:g}) above the "
                     f"median of the previous {cfg.spike_window} logged values (first flagged at step {r.first_step}, "
                     f"{int(r.length)} logged step(s)).",
-                    step=int(r.peak_step), value=finite_or_none(r.height_mad), threshold=cfg.spike_k, metric=series))
+                    step=int(r.peak_step), value=finite_or_none(r.height_sigma), threshold=cfg.spike_k,
+                    metric=f"{series} spike height (robust sigmas)"))
         out += _capped(nonfin, f"nonfinite_{series}", "non-finite events")
         out += _capped(spikes, f"{series}_spike", f"{series} spike events")
     return out
@@ -72,18 +76,52 @@ def _overfitting(ctx: Context) -> list[Finding]:
     of = ctx.overfitting
     if of is None or of.verdict is None:
         return []
+    cfg = ctx.cfg
+    rule = (f"Rule: GL (validation loss above its best so far, %) over {cfg.gl_alpha:g} at the last evaluation "
+            f"and validation loss not falling over the last {cfg.overfit_trend_evals} evaluations since its "
+            f"minimum is a sustained rise; a rise above {cfg.gl_alpha:g} that does not meet both is a bump the "
+            "run recovered from.")
     out = []
+    what = of.headline.split(": ", 1)[-1]
+    what = what[:1].upper() + what[1:]
     if of.verdict in ("overfitting", "unstable"):
         sev = Severity.WARNING if of.verdict == "overfitting" else Severity.ERROR
-        out.append(Finding(sev, of.verdict, of.headline[:1].upper() + of.headline[1:] + ".",
-                           step=_int(of.val_min_step), value=finite_or_none(of.max_rise_pct),
-                           threshold=ctx.cfg.gl_alpha, metric=f"GL (validation {ctx.val_series})"))
-    elif of.divergence_step is not None:
+        # the GL the verdict is about: at the last evaluation (step and value of one row)
+        out.append(Finding(sev, of.verdict, f"{what}. {rule}",
+                           step=_int(of.final_step), value=finite_or_none(of.final_rise_pct),
+                           threshold=cfg.gl_alpha, metric=f"GL at the end (validation {ctx.val_series})"))
+    elif of.verdict == "recovered":
+        out.append(Finding(Severity.INFO, "overfitting_recovered", f"{what}. {rule}",
+                           step=_int(of.max_rise_step), value=finite_or_none(of.max_rise_pct),
+                           threshold=cfg.gl_alpha, metric=f"peak GL (validation {ctx.val_series})"))
+    if of.verdict not in ("overfitting", "unstable") and of.divergence_step is not None:
         out.append(Finding(Severity.INFO, "train_val_divergence",
                            f"The train/val gap has widened consistently since step {of.divergence_step}, while "
                            "validation loss is still near its best: the model fits its training data faster than "
                            "it generalises.", step=_int(of.divergence_step), metric="train/val gap"))
     return out
+
+
+def _memorisation(t: pd.DataFrame, ctx: Context) -> list[Finding]:
+    """Training loss far below validation loss at the last evaluation with both (ours, beside §10)."""
+    cfg = ctx.cfg
+    if t.empty:
+        return []
+    ok = t[np.isfinite(t["train_loss"].astype(float)) & np.isfinite(t["val_loss"].astype(float))]
+    if ok.empty:
+        return []
+    last = ok.iloc[-1]
+    tr, va = float(last["train_loss"]), float(last["val_loss"])
+    if not memorisation(tr, va, ratio=cfg.memorisation_ratio, min_gap=cfg.memorisation_min_gap):
+        return []
+    return [Finding(
+        Severity.WARNING, "memorisation",
+        f"Memorisation: at step {int(last['step'])} training loss is {tr:.4g} against validation loss {va:.4g} "
+        f"({tr / va:.1%} of it, {va - tr:.3g} nats below): the model fits its training data far better than "
+        f"held-out data. Rule: training loss at most {cfg.memorisation_ratio:g} x validation loss and at least "
+        f"{cfg.memorisation_min_gap:g} nats below it at the last evaluation.",
+        step=int(last["step"]), value=tr / va, threshold=cfg.memorisation_ratio,
+        metric=f"train/val loss ratio (validation {ctx.val_series})")]
 
 
 def _int(x: Any) -> int | None:
@@ -129,14 +167,13 @@ def _spectral(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
                    f"{float(r.err_bound):.1e}).", step=int(r.step), tensor=str(r.tensor), value=float(r.rel_err),
                    threshold=cfg.estimator_rel_tol, metric="spectral estimator error")
            for r in worse.itertuples(index=False)]
-    out += _capped(est, "estimator_error", "estimates outside the 1e-3 target")
+    out += _capped(est, "estimator_error", f"estimates outside the {cfg.estimator_rel_tol:g} target")
     prel = ok["power_rel_err"].astype(float)
     off = ok[prel > cfg.estimator_rel_tol]
     if len(off):
         worst = off.loc[off["power_rel_err"].astype(float).idxmax()]
-        ratio_txt = ""
-        if np.isfinite(off["sigma_ratio"].astype(float)).any():
-            ratio_txt = f"; sigma_2/sigma_1 there reaches {off['sigma_ratio'].astype(float).max():.3f}"
+        ratio = finite_or_none(worst["sigma_ratio"])  # of the matrix named, not the largest of any
+        ratio_txt = "" if ratio is None else f" (sigma_2/sigma_1 = {ratio:.3f} there)"
         out.append(Finding(
             Severity.INFO, "power_iteration_error",
             f"The sheet's power iteration (stop at relative change {cfg.power_tol:g}) was off by more than "
@@ -187,9 +224,11 @@ def _rho_source(r: Any) -> str:
 
 def _rho(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
     out = []
-    for r in _last(t).itertuples(index=False):
-        # the row's §11 verdict (analyze.metrics.gradients.classify_rho, against cfg.rho_low / rho_high)
-        meaning = str(r.status)
+    last = _last(t)
+    # §11 verdict against this config's band (not the cached `status`, classified when the row was made)
+    verdicts = [classify_rho(float(x), cfg.rho_low, cfg.rho_high) for x in last["rho"].astype(float)]
+    for r, meaning in zip(last.itertuples(index=False), verdicts):
+        meaning = str(meaning)
         if meaning == "healthy":
             continue
         rho = finite_or_none(r.rho)
@@ -242,6 +281,42 @@ def _tau(t: pd.DataFrame, ctx: Context) -> list[Finding]:
                     value=v, threshold=hi if v > hi else lo, metric="tau")]
 
 
+def _tau_disagreement(t: pd.DataFrame, cfg: AnalysisConfig) -> list[Finding]:
+    """Training-window tau against the checkpoint's held-out tau at the same point (§8: they should
+    agree within their SE). Each checkpoint step s is paired with the training window ending at or
+    before s, if it ends within one window (`class_window` steps) of s; flagged when
+    |tau_train - tau_checkpoint| > tau_disagreement_se * sqrt(se_train^2 + se_checkpoint^2)."""
+    if t.empty:
+        return []
+    num = t.assign(step=t["step"].astype(np.int64), tau=t["tau"].astype(float), se=t["se"].astype(float))
+    num = num[np.isfinite(num["tau"]) & np.isfinite(num["se"])]
+    tr = num[num["source"] == "train"].sort_values("step")
+    ck = num[num["source"] == "checkpoint"].sort_values("step")
+    if tr.empty or ck.empty:
+        return []
+    # each checkpoint with the latest training window ending at or before its step
+    pair = pd.merge_asof(ck, tr.assign(tr_step=tr["step"]), on="step", direction="backward", suffixes=("_ck", "_tr"))
+    pair = pair[np.isfinite(pair["tau_tr"].astype(float)) & (pair["step"] - pair["tr_step"] < cfg.class_window)]
+    combined = np.hypot(pair["se_tr"].astype(float), pair["se_ck"].astype(float))
+    diff = (pair["tau_tr"].astype(float) - pair["tau_ck"].astype(float)).abs()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(combined > 0, diff / combined, np.where(diff > 0, np.inf, 0.0))
+    out = []
+    for r, zz in zip(pair.itertuples(index=False), z):
+        if not zz > cfg.tau_disagreement_se:
+            continue
+        out.append(Finding(
+            Severity.WARNING, "tau_disagreement",
+            f"tau = L({r.class_a_ck}) - L({r.class_b_ck}) disagrees between the training window ending at step "
+            f"{int(r.tr_step)} ({float(r.tau_tr):.3f} +- {float(r.se_tr):.3f}) and the checkpoint's held-out "
+            f"evaluation at step {int(r.step)} ({float(r.tau_ck):.3f} +- {float(r.se_ck):.3f}): {float(zz):.2f} "
+            f"combined SE apart, more than {cfg.tau_disagreement_se:g} (§8 expects agreement within SE; the "
+            "training windows see training examples, the checkpoint held-out ones).",
+            step=int(r.step), value=float(zz), threshold=cfg.tau_disagreement_se,
+            metric="tau train vs held-out (combined SE)"))
+    return _capped(out, "tau_disagreement", "checkpoints where training and held-out tau disagree")
+
+
 def derive(tables: dict[str, pd.DataFrame], ctx: Context) -> list[Finding]:
     """All findings, errors first, then warnings, then info; by step within a severity."""
     cfg = ctx.cfg
@@ -252,11 +327,59 @@ def derive(tables: dict[str, pd.DataFrame], ctx: Context) -> list[Finding]:
                              "reading it; see Data issues.", value=float(ctx.n_data_warnings), metric="input data"))
     found += _spikes(tables["spikes"], cfg)
     found += _overfitting(ctx)
+    found += _memorisation(tables["overfitting"], ctx)
     found += _spectral(tables["spectral"], cfg)
     found += _dead(tables["dead_neurons"], cfg)
     found += _heads(tables["attention"])
     found += _rho(tables["grad_ratio"], cfg)
     found += _logits(tables["attention_logits"], cfg)
     found += _tau(tables["tau"], ctx)
+    found += _tau_disagreement(tables["tau"], cfg)
     # stable: a capped kind keeps its "N more" line after its listed findings
     return sorted(found, key=lambda f: SEVERITY_ORDER[Severity(f.severity)])
+
+
+def checkpoint_to_keep(tables: dict[str, pd.DataFrame], checkpoints: list[int],
+                       val_series: str | None) -> dict[str, int | None]:
+    """The checkpoints a reader would keep (summary.json `checkpoint_to_keep`).
+
+    ``best_val_step``: the saved checkpoint whose validation loss is lowest, its loss being the
+    chosen validation series' evaluation at its step, else the latest one before it (the
+    checkpoint's own pass over the stored evaluation set, `eval_set`, when the run logs no
+    validation series); the earliest on ties; None when no checkpoint has one.
+    ``last_stable_step``: the last saved checkpoint before the first spike or non-finite event of
+    the loss or gradient norm (or the first checkpoint with non-finite weights); the last
+    checkpoint when there is none; None when no checkpoint precedes it.
+    """
+    steps = sorted(int(s) for s in checkpoints)
+    out: dict[str, int | None] = {"best_val_step": None, "last_stable_step": None}
+    if not steps:
+        return out
+    ck = pd.DataFrame({"step": np.asarray(steps, dtype=np.int64)})
+    ev = tables["evals"]
+    ev = ev[ev["series"].astype(str) == val_series] if val_series is not None and len(ev) else ev.iloc[0:0]
+    if len(ev):
+        val = pd.DataFrame({"step": ev["step"].astype(np.int64), "loss": ev["loss"].astype(float)})
+    else:
+        es = tables["eval_set"]
+        val = pd.DataFrame({"step": es["step"].astype(np.int64), "loss": es["loss"].astype(float)}) if len(es) \
+            else pd.DataFrame({"step": pd.Series(dtype=np.int64), "loss": pd.Series(dtype=float)})
+    val = val[np.isfinite(val["loss"])].sort_values("step", kind="stable").drop_duplicates("step", keep="last")
+    if len(val):
+        at = pd.merge_asof(ck, val, on="step", direction="backward")
+        at = at[np.isfinite(at["loss"])]
+        if len(at):
+            out["best_val_step"] = int(at.loc[at["loss"].idxmin(), "step"])  # idxmin: first on ties
+    events = []
+    sp = tables["spikes"]
+    if len(sp):
+        events.append(int(sp["first_step"].astype(float).min()))
+    spec = tables["spectral"]
+    if len(spec):
+        bad = spec[~spec["finite"].astype(bool)]
+        if len(bad):
+            events.append(int(bad["step"].astype(np.int64).min()))
+    first = min(events) if events else None
+    stable = [s for s in steps if first is None or s < first]
+    out["last_stable_step"] = stable[-1] if stable else None
+    return out

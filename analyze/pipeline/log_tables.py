@@ -74,7 +74,8 @@ def overfitting_table(run: Run, cfg: AnalysisConfig) -> tuple[Overfitting | None
         t_steps, t_loss = t["step"].to_numpy(), t["value"].to_numpy(dtype=np.float64)
         kind = "logged training loss (train mode)"
     of = analyze_overfitting(t_steps, t_loss, ev["step"].to_numpy(), ev["loss"].to_numpy(dtype=np.float64),
-                             alpha=cfg.gl_alpha, delta=cfg.divergence_delta, train_kind=kind)
+                             alpha=cfg.gl_alpha, delta=cfg.divergence_delta, min_spearman=cfg.divergence_spearman,
+                             min_after=cfg.divergence_min_evals, trend_evals=cfg.overfit_trend_evals, train_kind=kind)
     a = of.aligned
     table = pd.DataFrame({"step": a.eval_step, "val_series": chosen, "val_loss": a.val, "train_loss": a.train,
                           "gap": a.gap, "gap_smoothed": a.gap_smooth, "gl": a.gl})

@@ -14,7 +14,8 @@ from typing import Any
 
 __all__ = [
     "TABLE_COLUMNS", "SPECTRAL_COLUMNS", "Severity", "Finding", "SUMMARY_FORMAT_VERSION",
-    "build_summary", "validate_summary", "finite_or_none", "json_safe",
+    "build_summary", "validate_summary", "summary_schema", "SUMMARY_SCHEMA", "finite_or_none", "json_safe",
+    "finding_counts",
 ]
 
 SPECTRAL_COLUMNS = (
@@ -31,13 +32,16 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     # the §10 alignment: per evaluation of the chosen validation series
     "overfitting": ("step", "val_series", "val_loss", "train_loss", "gap", "gap_smoothed", "gl"),
     # spike events of the loss and grad-norm series (§9)
-    "spikes": ("series", "kind", "first_step", "peak_step", "height_mad", "length"),
+    # height_mad in MAD units, (L - m) / max(MAD, floor); height_sigma the same in robust sigmas (/ 1.4826)
+    "spikes": ("series", "kind", "first_step", "peak_step", "height_mad", "height_sigma", "length"),
     # per checkpoint x 2-D tensor: both estimators and the exact value (§4, §12)
     "spectral": SPECTRAL_COLUMNS,
     # per checkpoint x tensor: ||W_j - W_{j-1}||_F / ||W_{j-1}||_F, and per step elapsed (§11, §12)
     "update_ratio": ("step", "prev_step", "tensor", "update_ratio", "update_ratio_per_step"),
     # per checkpoint x block: mean |A| Welford over eval batches (§3)
     "activations": ("step", "layer", "mean_abs", "std", "n_batches"),
+    # per checkpoint x FFN layer x unit: activation frequency f_j, share of tokens with |H| >= eps (§5)
+    "activation_frequency": ("step", "layer", "unit", "f_j"),
     # per checkpoint x FFN layer (§5)
     "dead_neurons": ("step", "layer", "d_ff", "dead_count", "dead_fraction", "near_dead_count",
                      "n_tokens", "eps", "activation", "activation_sparsity"),
@@ -75,7 +79,8 @@ SEVERITY_ORDER = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
 class Finding:
     """One health finding: what, where (tensor/layer), when (step), the value and its threshold.
 
-    `message` is one plain sentence a person can act on; `metric` names the quantity.
+    `message` is one plain sentence a person can act on; `metric` names the quantity. `n` is how
+    many findings the row stands for: 1, or the count of a capped kind's "N more" row.
     """
 
     severity: str
@@ -86,6 +91,7 @@ class Finding:
     value: float | None = None
     threshold: float | None = None
     metric: str | None = None
+    n: int = 1
 
     def __post_init__(self) -> None:
         if self.severity not in {s.value for s in Severity}:
@@ -95,7 +101,15 @@ class Finding:
         return {"severity": str(self.severity), "code": self.code, "message": self.message,
                 "step": None if self.step is None else int(self.step), "tensor": self.tensor,
                 "value": json_safe(self.value), "threshold": json_safe(self.threshold),
-                "metric": self.metric}
+                "metric": self.metric, "n": int(self.n)}
+
+
+def finding_counts(findings: Iterable[Finding]) -> dict[str, int]:
+    """Findings per severity, a capped kind's "N more" row counting as the N it stands for."""
+    out = {s.value: 0 for s in (Severity.ERROR, Severity.WARNING, Severity.INFO)}
+    for f in findings:
+        out[str(f.severity)] += int(f.n)
+    return out
 
 
 def finite_or_none(x: Any) -> float | None:
@@ -139,8 +153,13 @@ def _int_or_none(x: Any) -> int | None:
 
 def build_summary(*, run: Mapping[str, Any], overfitting: Mapping[str, Any], spikes: Iterable[Mapping[str, Any]],
                   tau: Mapping[str, Any] | None, findings: Sequence[Finding], notes: Sequence[str],
+                  spike_score: Mapping[str, float | None] | None = None,
+                  checkpoint_to_keep: Mapping[str, int | None] | None = None,
                   not_analysed: Sequence[str] = ()) -> dict[str, Any]:
-    """The summary.json object (format_version 1; contract in docs/summary-json.md)."""
+    """The summary.json object (format_version 1; contract in docs/summary-json.md, schema in
+    analyze/pipeline/summary.schema.json)."""
+    spike_score = spike_score or {}
+    keep = checkpoint_to_keep or {}
     return json_safe({
         "format_version": SUMMARY_FORMAT_VERSION,
         "run": {"name": str(run["name"]), "source_format": str(run["source_format"]),
@@ -150,123 +169,44 @@ def build_summary(*, run: Mapping[str, Any], overfitting: Mapping[str, Any], spi
                         "divergence_step": _int_or_none(overfitting.get("divergence_step")),
                         "val_min_step": _int_or_none(overfitting.get("val_min_step")),
                         "gl5_step": _int_or_none(overfitting.get("gl5_step")),
-                        "val_series": overfitting.get("val_series")},
+                        "val_series": overfitting.get("val_series"),
+                        "final_gl": json_safe(overfitting.get("final_gl")),
+                        "memorisation": overfitting.get("memorisation")},
         "spikes": [{"series": s["series"], "kind": s["kind"], "first_step": int(s["first_step"]),
                     "peak_step": int(s["peak_step"]), "height_mad": json_safe(s.get("height_mad")),
+                    "height_sigma": json_safe(s.get("height_sigma")),
                     "length": int(s["length"])} for s in spikes],
+        "spike_score": {k: json_safe(spike_score.get(k)) for k in ("loss", "grad_norm")},
         "tau": None if tau is None else {
             "class_a": str(tau["class_a"]), "class_b": str(tau["class_b"]),
             "final": json_safe(tau.get("final")), "max": json_safe(tau.get("max")),
             "max_step": _int_or_none(tau.get("max_step"))},
+        "checkpoint_to_keep": {k: _int_or_none(keep.get(k)) for k in ("best_val_step", "last_stable_step")},
+        "finding_counts": finding_counts(findings),
         "findings": [f.to_json() for f in findings],
         "notes": [str(n) for n in notes],
         "not_analysed": [str(n) for n in not_analysed],
     })
 
 
-def _check(problems: list[str], where: str, value: Any, kinds: tuple[type, ...], *, nullable: bool = False,
-           choices: Sequence[Any] | None = None) -> None:
-    if value is None:
-        if not nullable:
-            problems.append(f"{where}: null not allowed")
-        return
-    if isinstance(value, bool) and bool not in kinds:
-        problems.append(f"{where}: expected {'/'.join(k.__name__ for k in kinds)}, got bool")
-        return
-    if not isinstance(value, kinds):
-        problems.append(f"{where}: expected {'/'.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
-        return
-    if isinstance(value, float) and not math.isfinite(value):
-        problems.append(f"{where}: non-finite number")
-    if choices is not None and value not in choices:
-        problems.append(f"{where}: {value!r} not one of {list(choices)}")
+SUMMARY_SCHEMA = "summary.schema.json"  # package data of analyze.pipeline (docs/summary-json.md)
+
+
+def summary_schema() -> dict[str, Any]:
+    """The JSON Schema of summary.json, as shipped in the package."""
+    import json
+    from importlib.resources import files
+
+    return json.loads(files("analyze.pipeline").joinpath(SUMMARY_SCHEMA).read_text(encoding="utf-8"))
 
 
 def validate_summary(obj: Any) -> list[str]:
-    """Problems of a summary.json object against the format_version 1 shape ([] when valid)."""
-    p: list[str] = []
-    if not isinstance(obj, dict):
-        return ["summary: not an object"]
-    need = ("format_version", "run", "overfitting", "spikes", "tau", "findings", "notes")
-    p += [f"summary: missing key {k!r}" for k in need if k not in obj]
-    if p:
-        return p
-    if obj["format_version"] != SUMMARY_FORMAT_VERSION:
-        p.append(f"format_version: expected 1, got {obj['format_version']!r}")
-    run = obj["run"]
-    if not isinstance(run, dict):
-        p.append("run: not an object")
-    else:
-        for k, kinds in (("name", (str,)), ("source_format", (str,)), ("steps_logged", (int,)),
-                         ("checkpoints", (list,))):
-            if k not in run:
-                p.append(f"run: missing key {k!r}")
-            else:
-                _check(p, f"run.{k}", run[k], kinds)
-        for i, s in enumerate(run.get("checkpoints") or []):
-            _check(p, f"run.checkpoints[{i}]", s, (int,))
-    of = obj["overfitting"]
-    if not isinstance(of, dict):
-        p.append("overfitting: not an object")
-    else:
-        for k in ("verdict", "divergence_step", "val_min_step", "gl5_step", "val_series"):
-            if k not in of:
-                p.append(f"overfitting: missing key {k!r}")
-        _check(p, "overfitting.verdict", of.get("verdict"), (str,), nullable=True,
-               choices=("overfitting", "unstable", "none"))
-        for k in ("divergence_step", "val_min_step", "gl5_step"):
-            _check(p, f"overfitting.{k}", of.get(k), (int,), nullable=True)
-        _check(p, "overfitting.val_series", of.get("val_series"), (str,), nullable=True)
-    if not isinstance(obj["spikes"], list):
-        p.append("spikes: not a list")
-    else:
-        for i, s in enumerate(obj["spikes"]):
-            w = f"spikes[{i}]"
-            if not isinstance(s, dict):
-                p.append(f"{w}: not an object")
-                continue
-            for k in ("series", "kind", "first_step", "peak_step", "height_mad", "length"):
-                if k not in s:
-                    p.append(f"{w}: missing key {k!r}")
-            _check(p, f"{w}.series", s.get("series"), (str,), choices=("loss", "grad_norm"))
-            _check(p, f"{w}.kind", s.get("kind"), (str,), choices=("spike", "non-finite"))
-            _check(p, f"{w}.first_step", s.get("first_step"), (int,))
-            _check(p, f"{w}.peak_step", s.get("peak_step"), (int,))
-            _check(p, f"{w}.height_mad", s.get("height_mad"), (int, float), nullable=True)
-            _check(p, f"{w}.length", s.get("length"), (int,))
-    tau = obj["tau"]
-    if tau is not None:
-        if not isinstance(tau, dict):
-            p.append("tau: not an object or null")
-        else:
-            for k in ("class_a", "class_b", "final", "max", "max_step"):
-                if k not in tau:
-                    p.append(f"tau: missing key {k!r}")
-            _check(p, "tau.class_a", tau.get("class_a"), (str,))
-            _check(p, "tau.class_b", tau.get("class_b"), (str,))
-            _check(p, "tau.final", tau.get("final"), (int, float), nullable=True)
-            _check(p, "tau.max", tau.get("max"), (int, float), nullable=True)
-            _check(p, "tau.max_step", tau.get("max_step"), (int,), nullable=True)
-    if not isinstance(obj["findings"], list):
-        p.append("findings: not a list")
-    else:
-        for i, f in enumerate(obj["findings"]):
-            w = f"findings[{i}]"
-            if not isinstance(f, dict):
-                p.append(f"{w}: not an object")
-                continue
-            for k in ("severity", "code", "message", "step", "tensor", "value"):
-                if k not in f:
-                    p.append(f"{w}: missing key {k!r}")
-            _check(p, f"{w}.severity", f.get("severity"), (str,), choices=("info", "warning", "error"))
-            _check(p, f"{w}.code", f.get("code"), (str,))
-            _check(p, f"{w}.message", f.get("message"), (str,))
-            _check(p, f"{w}.step", f.get("step"), (int,), nullable=True)
-            _check(p, f"{w}.tensor", f.get("tensor"), (str,), nullable=True)
-            _check(p, f"{w}.value", f.get("value"), (int, float), nullable=True)
-    if not isinstance(obj["notes"], list):
-        p.append("notes: not a list")
-    else:
-        for i, n in enumerate(obj["notes"]):
-            _check(p, f"notes[{i}]", n, (str,))
-    return p
+    """Problems of a summary.json object against the shipped schema ([] when valid), one line each
+    ("<json path>: <message>"). Needs the `jsonschema` package (the `test` extra); the analysis
+    itself does not call it."""
+    import jsonschema
+
+    schema = summary_schema()
+    validator = jsonschema.Draft202012Validator(schema, format_checker=None)
+    errors = sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))
+    return [f"{e.json_path}: {e.message}" for e in errors]

@@ -21,9 +21,9 @@ def _slow(x, window, k):
         if not math.isfinite(v):
             kd = "non-finite"
         elif not math.isnan(m):
-            scale = 1.4826 * max(d, 1e-6 * abs(m) + 1e-12)
-            h = (v - m) / scale
-            kd = "spike" if (v - m) > k * scale else ""
+            mad_unit = max(d, 1e-6 * abs(m) + 1e-12)
+            h = (v - m) / mad_unit  # §9: the height in MAD units
+            kd = "spike" if (v - m) > k * 1.4826 * mad_unit else ""
         if math.isfinite(v):
             seen.append(v)
         med.append(m), mad.append(d), kind.append(kd), height.append(h)
@@ -85,8 +85,13 @@ def test_detector_matches_loop(k):
         assert (e.height_mad is None) == (h is None)
         if h is not None:
             assert e.height_mad == pytest.approx(h, rel=1e-12)
+            assert e.height_sigma == pytest.approx(h / 1.4826, rel=1e-12)  # robust sigmas, the unit of k
+            assert e.height_sigma > k  # flagged means above k robust sigmas
     n_checked = int(np.sum(~np.isnan(height)) + np.sum(~np.isfinite(x)))
-    assert r.n_checked == n_checked and r.score == pytest.approx((kind != "").sum() / n_checked, abs=1e-15)
+    assert r.n_checked == n_checked
+    # §9 spike score: flagged logged points over all logged points of the series (warm-up included)
+    assert r.score == pytest.approx((kind != "").sum() / x.size, abs=1e-15)
+    assert r.score < (kind != "").sum() / n_checked  # warm-up points count in the denominator
 
 
 def test_planted_spikes_found_exactly():
@@ -98,7 +103,9 @@ def test_planted_spikes_found_exactly():
     r = detect_spikes(np.arange(3000), x)
     assert [(e.first_step, e.length, e.kind) for e in r.events] == [
         (400, 1, "spike"), (1234, 1, "spike"), (1800, 4, "spike"), (2500, 1, "spike"), (2999, 1, "spike")]
-    assert all(e.height_mad > 20 for e in r.events)
+    assert all(e.height_sigma > 20 for e in r.events)
+    # 30 sigma of N(0, 0.1) noise: ~30 / 0.6745 MAD units (MAD of a Gaussian = 0.6745 sigma)
+    assert all(e.height_mad == pytest.approx(e.height_sigma * 1.4826) for e in r.events)
     assert np.flatnonzero(r.flags).tolist() == [400, 1234, 1800, 1801, 1802, 1803, 2500, 2999]
 
 
@@ -139,7 +146,8 @@ def test_flat_window_floor_and_one_sided():
 def test_notes_sorting_and_shapes():
     r = detect_spikes(np.arange(10), np.ones(10), window_averaged=8)
     assert "8" in r.note and "sensitivity" in r.note and "warm-up" in r.note
-    assert math.isnan(r.score) and r.n_checked == 0
+    assert r.score == 0.0 and r.n_checked == 0  # nothing flagged among 10 logged points
+    assert math.isnan(detect_spikes(np.arange(0), np.ones(0)).score)
     x = np.random.default_rng(0).standard_normal(100)
     x[80] = 50.0
     order = np.random.default_rng(1).permutation(100)
