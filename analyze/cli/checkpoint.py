@@ -35,8 +35,13 @@ def _fmt(x: float | None, spec: str = ".6g") -> str:
               help="With --baseline: tensors matching this name pattern (fnmatch, repeatable) must not have moved "
                    "(error frozen_moved).")
 @click.option("--verbose", "-v", is_flag=True, help="List the info findings too (the text view summarises them).")
+@click.option("--eval-data", "eval_data", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Also run the model on this evaluation data (text, JSONL, val.bin, eval_set.safetensors; as "
+                   "for `report`): dead FFN units, dead heads, attention logits, rho and, with classes, tau.")
+@click.option("--classes", "classes", default=None, metavar="A,B",
+              help="Class pair for tau with a JSONL --eval-data [default: the first two classes seen].")
 def audit(checkpoint: Path, as_json: bool, fail_on: str, baseline: Path | None, frozen: tuple[str, ...],
-          verbose: bool) -> None:
+          verbose: bool, eval_data: Path | None = None, classes: str | None = None) -> None:
     """Health-check one checkpoint: non-finite or exploding tensors, dead units (all-zero rows or
     columns), layers whose norms stand out from their siblings, spectral norms, stable rank.
 
@@ -49,10 +54,25 @@ def audit(checkpoint: Path, as_json: bool, fail_on: str, baseline: Path | None, 
     if frozen and baseline is None:
         raise click.UsageError("--frozen needs --baseline")
     result = audit_checkpoint(checkpoint, baseline=baseline, frozen=frozen)
+    pass_lines: list[str] = []
+    if eval_data is not None and result.error is None:
+        from dataclasses import replace
+
+        from analyze.cli.report import class_pair
+        from analyze.config import AnalysisConfig
+        from analyze.pipeline.probe_task import audit_model_pass
+
+        extra, pass_lines = audit_model_pass(checkpoint, AnalysisConfig(eval_data=str(eval_data.resolve()),
+                                                                         class_pair=class_pair(classes)))
+        result = replace(result, findings=tuple(result.findings) + tuple(extra))
+    elif classes is not None:
+        raise click.UsageError("--classes needs --eval-data")
     if as_json:
         click.echo(json.dumps([f.to_json() for f in result.findings], indent=2, allow_nan=False, sort_keys=True))
     else:
         _print_audit(checkpoint, result, verbose)
+        for line in pass_lines:
+            click.echo(f"  {line}")
     if result.error is not None:
         fail(result.error)
     sys.exit(1 if fails(result, fail_on) else 0)

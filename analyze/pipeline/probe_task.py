@@ -76,6 +76,9 @@ class _ProbePool:
         from analyze.pipeline.probe import ModelProbe
         from loaders.evaldata import EvalLimits, load_eval_data, load_eval_set
 
+        if spec.eval_data is None and spec.eval_set_path is None:  # before building: a 1.1B model costs ~1 min
+            return None, ("no evaluation data to run the model on: pass --eval-data (a text file, JSONL, val.bin "
+                          "or eval_set.safetensors)")
         try:
             rebuilt = rebuild(spec.model)
         except ModelUnavailable as exc:
@@ -166,3 +169,42 @@ def run_probe_task(task: ProbeTask) -> ProbeResult:
                 return ProbeResult(step, {}, (f"step {step}: model pass failed: {' '.join(str(exc).split())[:300]}",))
         finally:
             _PROBES.release(task.spec, probe)
+
+
+MODEL_PASS_CODES = ("dead_neurons", "dead_head", "grad_ratio", "attention_logit_growth", "tau_band",
+                    "tau_disagreement")
+
+
+def audit_model_pass(checkpoint: Path, config: Any) -> tuple[list[Any], list[str]]:
+    """`audit --eval-data`: the model pass of one checkpoint (dead units, dead heads, rho, attention
+    logits, tau) as findings, and summary lines (evaluation loss, log Z, tau, or why the pass could
+    not run). The report's analysis on that checkpoint alone, with one worker."""
+    import dataclasses as dc
+
+    from analyze.pipeline.analysis import analyze_run
+
+    res = analyze_run(checkpoint, dc.replace(config, workers=1))
+    found = [f for f in res.findings if f.code in MODEL_PASS_CODES]
+    lines = []
+    why = res.panels.get("dead_neurons") or res.panels.get("attention")
+    if why:
+        lines.append(f"model pass skipped: {why}")
+    ev = res.tables.get("eval_set")
+    if ev is not None and len(ev):
+        r = ev.iloc[-1]
+        lines.append(f"model pass: {int(r['n_examples'])} sequences, {int(r['n_tokens']):,} target tokens, "
+                     f"loss {float(r['loss']):.4g} nats, mean log Z {float(r['mean_log_z']):.4g}")
+    tau = res.tables.get("tau")
+    if tau is not None and len(tau):
+        t = tau[tau["source"] == "checkpoint"]
+        if len(t):
+            r = t.iloc[-1]
+            lines.append(f"tau = L({r['class_a']}) - L({r['class_b']}) = {float(r['tau']):.4g} nats")
+    dn = res.tables.get("dead_neurons")
+    if dn is not None and len(dn):
+        lines.append(f"dead FFN units: {int(dn['dead_count'].sum())} of {int(dn['d_ff'].sum())} in {len(dn)} layer(s)")
+    att = res.tables.get("attention")
+    if att is not None and len(att):
+        lines.append(f"attention heads: {int(att['dead'].sum())} dead of {len(att)}")
+    lines += [n for n in res.notes if n.startswith(("model panels:", "evaluation data:"))]
+    return found, lines

@@ -188,3 +188,53 @@ def test_bert_encoder_gets_every_panel_but_the_lm_ones(hf_runs: dict) -> None:
     assert res.tables["eval_set"].empty and res.tables["grad_ratio"].empty
     assert res.tables["class_losses"].empty
     assert any("no next-token head" in n for n in res.notes)
+
+
+def test_audit_eval_data_reports_the_planted_dead_units(hf_runs: dict) -> None:
+    from click.testing import CliRunner
+
+    from analyze.cli import main
+
+    res = CliRunner().invoke(main, ["audit", str(hf_runs["planted"]), "--eval-data", str(hf_runs["data"]),
+                                    "--classes", "B,A", "--json"])
+    assert res.exit_code in (0, 1), res.output
+    found = json.loads(res.output[res.output.index("["):])
+    dead = [f for f in found if f["code"] == "dead_neurons"]
+    assert [f["tensor"] for f in dead] == ["transformer.h.0.mlp.act"]
+    assert f"{hf_runs['n_planted']} of 128 units dead" in dead[0]["message"]
+
+
+def test_report_cli_eval_data_and_a_bad_classes_value(hf_runs: dict, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from analyze.cli import main
+
+    res = CliRunner().invoke(main, ["report", str(hf_runs["gpt"]), "--out", str(tmp_path / "r"), "--workers", "1",
+                                    "--eval-data", str(hf_runs["data"]), "--classes", "A,B"])
+    assert res.exit_code == 0, res.output
+    tau = (tmp_path / "r" / "tables" / "tau.csv").read_text().splitlines()
+    assert tau[0].startswith("source") and ",A,B," in tau[1]
+    bad = CliRunner().invoke(main, ["report", str(hf_runs["gpt"]), "--out", str(tmp_path / "r2"),
+                                    "--eval-data", str(hf_runs["data"]), "--classes", "A"])
+    assert bad.exit_code == 2 and "--classes must be two different class names" in bad.output
+
+
+def test_without_transformers_the_panels_say_what_to_install(hf_runs: dict, monkeypatch) -> None:
+    import sys
+
+    from analyze.models import ModelUnavailable, find_model, rebuild
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(ModelUnavailable, match=r"pip install 'trainaudit\[hf\]'"):
+        rebuild(find_model(hf_runs["gpt"]))
+
+
+def test_config_with_custom_code_is_refused_not_run(tmp_path: Path) -> None:
+    from analyze.models import ModelUnavailable, find_model, rebuild
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "evil", "architectures": ["EvilModel"],
+                                                      "auto_map": {"AutoModel": "modeling_evil.EvilModel"}}))
+    (tmp_path / "modeling_evil.py").write_text("raise SystemExit('ran')\n")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelUnavailable, match="never runs|custom code"):
+        rebuild(find_model(tmp_path))
