@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -68,15 +69,27 @@ def write_csv_run(run: Path, lines: int) -> Path:
     return run / "train.csv"
 
 
-def timed(cmd: list[str]) -> tuple[float, float, str]:
-    """Wall seconds, peak RSS (MB, /usr/bin/time -v) and stdout of one fresh process."""
+class Timed(NamedTuple):
+    wall: float   # seconds
+    cpu: float    # user + system seconds (steadier than wall time on a shared machine)
+    rss: float    # peak RSS, MB
+    out: str      # stdout
+
+
+def timed(cmd: list[str]) -> Timed:
+    """One fresh process under /usr/bin/time -v."""
     t0 = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, cwd=REPO)
     dt = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
-    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    return dt, (int(m.group(1)) / 1024 if m else float("nan")), proc.stdout
+
+    def field(name: str) -> float:
+        m = re.search(name + r": ([0-9.]+)", proc.stderr)
+        return float(m.group(1)) if m else float("nan")
+
+    cpu = field(r"User time \(seconds\)") + field(r"System time \(seconds\)")
+    return Timed(dt, cpu, field(r"Maximum resident set size \(kbytes\)") / 1024, proc.stdout)
 
 
 def read_bytes(path: Path) -> tuple[float, float]:
@@ -111,32 +124,31 @@ def main() -> None:
             if not data.exists():
                 write_jsonl(data, args.lines)
         size = data.stat().st_size
-        t0s = [timed([sys.executable, "-c", "import torch"])[0] for _ in range(2)]
-        t0 = min(t0s)
+        t0s = [timed([sys.executable, "-c", "import torch"]) for _ in range(3)]
+        t0 = min(t.wall for t in t0s)
+        t0_cpu = min(t.cpu for t in t0s)
         cat, pyread = read_bytes(data)
         print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {args.lines:,} lines "
               f"({size / 1e6:.0f} MB, {'train.csv' if args.csv else 'foreign JSONL'})")
-        print(f"T0 = python -c 'import torch': {t0:.2f} s; reading the bytes: cat {cat:.3f} s, "
-              f"Python 1 MiB blocks {pyread:.3f} s")
+        print(f"T0 = python -c 'import torch' (best of 3): {t0:.2f} s wall, {t0_cpu:.2f} s CPU; reading the bytes: "
+              f"cat {cat:.3f} s, Python 1 MiB blocks {pyread:.3f} s")
 
-        def show(what: str, dt: float, rss: float, extra: str = "") -> None:
-            print(f"  {what:34s} {dt:7.2f} s = {dt / t0:5.2f} T0 = {dt / max(pyread, 1e-9):6.0f}x reading; "
-                  f"peak RSS {rss:6.0f} MB {extra}")
+        def show(what: str, t: Timed, extra: str = "") -> None:
+            print(f"  {what:27s} wall {t.wall:6.2f} s = {t.wall / t0:5.2f} T0, CPU {t.cpu:6.2f} s = "
+                  f"{t.cpu / t0_cpu:5.2f} T0cpu = {t.wall / max(pyread, 1e-9):5.0f}x reading; "
+                  f"peak RSS {t.rss:5.0f} MB {extra}")
 
-        dt, rss, out = timed([sys.executable, "-c", LOAD, str(target)])
-        steps, load_s, imp, nwarn = out.split()
-        show("load_run (fresh process)", dt, rss,
-             f"| load alone {float(load_s):.2f} s = {int(steps) / float(load_s):,.0f} lines/s, "
-             f"{float(load_s) * 1e9 / args.lines:.0f} ns/line; imports {imp} s; {nwarn} warnings")
+        t = timed([sys.executable, "-c", LOAD, str(target)])
+        steps, load_s, imp, nwarn = t.out.split()
+        show("load_run", t, f"| in process {float(load_s):.2f} s = {int(steps) / float(load_s):,.0f} lines/s, "
+                            f"{float(load_s) * 1e9 / args.lines:.0f} ns/line; imports {imp} s; {nwarn} warnings")
         if not args.no_report:
             out_dir = root / f"report_{args.lines}"
             shutil.rmtree(out_dir, ignore_errors=True)
             cmd = [sys.executable, "-m", "analyze", "report", str(target), "--out", str(out_dir), "--workers", "1"]
-            dt, rss, _ = timed(cmd)
-            show("trainaudit report, cold", dt, rss, "(target <= 6 T0)" if args.lines == 2_000_000 else
+            show("trainaudit report, cold", timed(cmd), "(target <= 6 T0)" if args.lines == 2_000_000 else
                  "(target <= 60 s, <= 512 MB)" if args.lines == 10_000_000 else "")
-            dt, rss, _ = timed(cmd)
-            show("trainaudit report, cached", dt, rss, "(target <= 2.4 T0)" if args.lines == 2_000_000 else "")
+            show("trainaudit report, cached", timed(cmd), "(target <= 2.4 T0)" if args.lines == 2_000_000 else "")
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)

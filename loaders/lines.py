@@ -288,11 +288,11 @@ class FlatBlock(NamedTuple):
     raw: list[Any]
 
 
-_STRUCT = b'{}":,[]\n'
-_NOT_STRUCT = bytes(b for b in range(256) if b not in _STRUCT)
 _LINE_SHAPE = b'{"":}\n'
 # One-byte stand-ins for the keys of a block: control bytes, never in valid JSON outside strings.
 _MARKS = bytes([*range(1, 9), 11, 12, *range(14, 32)])
+_KEPT = b'{}":,[]\n\x00' + _MARKS   # what the shape check keeps: structure, and bytes JSON refuses
+_NOT_KEPT = bytes(b for b in range(256) if b not in _KEPT)
 _TO_VALUES = bytes.maketrans(b"{}" + _MARKS, b" ," + b" " * len(_MARKS))
 
 
@@ -307,14 +307,14 @@ def parse_flat_json_block(block: bytes) -> FlatBlock | None:
     each value); the rest, braces blanked, is one JSON array of the values, parsed by ``json``
     itself (its number grammar, NaN and Infinity included; any stray text fails it).
     """
-    if not block or b"\\" in block or block.translate(None, _MARKS) != block:
+    if not block or b"\\" in block:
         return None
-    n = block.count(b"\n") + 1
-    # Structure: each line is { "" : ( , "" : )* } - no nesting, no arrays, no string values.
-    if block.translate(None, _NOT_STRUCT).replace(b',"":', b"") != (_LINE_SHAPE * n)[:-1]:
+    # Structure: each line is { "" : ( , "" : )* } - no nesting, no arrays, no string values,
+    # no control byte.
+    shape = block.translate(None, _NOT_KEPT).replace(b',"":', b"")
+    n = shape.count(b"\n") + 1
+    if shape != (_LINE_SHAPE * n)[:-1] or block[0] != 123 or block[-1] != 125:
         return None
-    if block[0] != 123 or block[-1] != 125 or block.count(b"\n{") != n - 1 or block.count(b"}\n") != n - 1:
-        return None  # text before { or after } (JSON allows blanks there: the per-line path)
     names: list[str] = []
     text = block
     while (q := text.find(b'"')) >= 0:  # the next key not yet seen, in order of appearance
@@ -331,6 +331,9 @@ def parse_flat_json_block(block: bytes) -> FlatBlock | None:
         names.append(name)
         text = text.replace(token, _MARKS[len(names) - 1:len(names)])
     a = np.frombuffer(text, dtype=np.uint8)
+    nl = np.flatnonzero(a == 10)
+    if n > 1 and ((a[nl + 1] != 123).any() or (a[nl - 1] != 125).any()):
+        return None  # text before { or after } (JSON allows blanks there: the per-line path)
     at = np.flatnonzero((a < 32) & (a != 10) & (a != 9) & (a != 13))   # the marks, one per value
     ids = a[at]
     body = text.translate(_TO_VALUES)
@@ -343,7 +346,7 @@ def parse_flat_json_block(block: bytes) -> FlatBlock | None:
         return None
     if values.ndim != 1 or len(values) != len(at):
         return None
-    line = np.searchsorted(np.flatnonzero(a == 10), at)
+    line = np.searchsorted(nl, at)
     bits = np.left_shift(np.int64(1), (ids - 1).astype(np.int64))
     starts = np.flatnonzero(np.r_[True, line[1:] != line[:-1]])
     if (np.bitwise_or.reduceat(bits, starts) != np.add.reduceat(bits, starts)).any():
