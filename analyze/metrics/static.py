@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["LineCounts", "count_constant_lines", "family_key", "family_medians", "outlier_side",
-           "relative_change", "first_indices"]
+__all__ = ["LineCounts", "change_norms", "count_constant_lines", "family_key", "family_medians", "first_indices",
+           "group_change", "layer_key", "outlier_side", "ratio_of_norms", "relative_change"]
 
 # A path component that is a number: a layer (or expert) index.
 _INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
@@ -117,15 +117,43 @@ def outlier_side(ratio: float, k: float) -> int:
     return 1 if ratio > k else -1 if ratio < 1.0 / k else 0
 
 
-def relative_change(w: Tensor, w0: Tensor) -> float:
-    """``||w - w0||_F / ||w0||_F`` in float64 accumulation; 0 when both are equal, inf when
-    only ``w0`` is all zero, NaN when either has a non-finite value."""
+def change_norms(w: Tensor, w0: Tensor) -> tuple[float, float]:
+    """``(||w - w0||_F, ||w0||_F)`` in float64 accumulation (half types upcast first)."""
     a = w.detach().to(torch.float32) if w.dtype not in (torch.float32, torch.float64) else w.detach()
     b = w0.detach().to(a.dtype)
-    diff = float(torch.linalg.vector_norm(a - b, dtype=torch.float64))
-    base = float(torch.linalg.vector_norm(b, dtype=torch.float64))
+    return float(torch.linalg.vector_norm(a - b, dtype=torch.float64)), float(torch.linalg.vector_norm(
+        b, dtype=torch.float64))
+
+
+def ratio_of_norms(diff: float, base: float) -> float:
+    """``diff / base``: 0 when both are 0, inf when only ``base`` is, NaN when either is not finite."""
     if not (math.isfinite(diff) and math.isfinite(base)):
         return math.nan
     if base == 0.0:
         return 0.0 if diff == 0.0 else math.inf
     return diff / base
+
+
+def relative_change(w: Tensor, w0: Tensor) -> float:
+    """``||w - w0||_F / ||w0||_F``; 0 when both are equal, inf when only ``w0`` is all zero, NaN
+    when either has a non-finite value."""
+    return ratio_of_norms(*change_norms(w, w0))
+
+
+def group_change(diff: np.ndarray, base: np.ndarray, groups: Sequence[str]) -> dict[str, float]:
+    """Relative change of each group of tensors taken together (a layer):
+    ``sqrt(sum ||W - W0||^2) / sqrt(sum ||W0||^2)`` over the group's finite members."""
+    d, b = np.asarray(diff, dtype=np.float64), np.asarray(base, dtype=np.float64)
+    ok = np.isfinite(d) & np.isfinite(b)
+    keys, inv = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    num = np.sqrt(np.bincount(inv[ok], weights=d[ok] ** 2, minlength=len(keys)))
+    den = np.sqrt(np.bincount(inv[ok], weights=b[ok] ** 2, minlength=len(keys)))
+    return {str(k): ratio_of_norms(float(n), float(m)) for k, n, m in zip(keys, num, den, strict=True)}
+
+
+def layer_key(name: str) -> str:
+    """The layer a tensor belongs to: its name up to the first numeric component
+    (``bert.encoder.layer.5.attention.self.query.weight`` -> ``bert.encoder.layer.5``), else its
+    module (the name without the last component)."""
+    m = _INDEX.search(name)
+    return name[:m.end()] if m else name.rsplit(".", 1)[0]

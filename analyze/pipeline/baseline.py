@@ -1,7 +1,8 @@
 """What changed between a checkpoint and its base: the library behind ``audit CKPT --baseline BASE``.
 
 Per tensor: the relative change ``||W - W0||_F / ||W0||_F`` and sigma_1 before and after (§4);
-tensors added, removed or reshaped; the tensors that moved most. Findings: a tensor named as
+tensors added, removed or reshaped; the layers (all tensors of one layer index taken together)
+and the tensors that moved most. Findings: a tensor named as
 frozen (``--frozen`` patterns) that moved (error), and a family of same-role tensors (same name
 but the layer index) whose median change is far above the median over families (warning,
 ``AnalysisConfig.family_moved_ratio``).
@@ -25,7 +26,7 @@ import torch
 
 from analyze.config import AnalysisConfig
 from analyze.metrics.spectral import as_matrix, estimate_spectral_norm
-from analyze.metrics.static import family_key, family_medians, relative_change
+from analyze.metrics.static import change_norms, family_key, family_medians, group_change, layer_key, ratio_of_norms
 from analyze.pipeline.tables import Finding, Severity
 from loaders.checkpoints import checkpoint_info, iter_tensors
 
@@ -48,6 +49,8 @@ class TensorChange:
     sigma_before: float = math.nan
     sigma_after: float = math.nan
     equal: bool | None = None
+    diff_norm: float = math.nan          # ||W - W0||_F
+    base_norm: float = math.nan          # ||W0||_F
 
 
 def match_names(names: Sequence[str], base_names: Sequence[str]) -> tuple[dict[str, str], str]:
@@ -82,8 +85,9 @@ def _compare(name: str, base_name: str, t: torch.Tensor, t0: torch.Tensor) -> Te
         return TensorChange(name, base_name, "reshaped", shape, base_shape)
     if not (t.is_floating_point() and t0.is_floating_point()):
         return TensorChange(name, base_name, "buffer", shape, base_shape, equal=bool(torch.equal(t, t0)))
-    return TensorChange(name, base_name, "changed", shape, base_shape, relative_change(t, t0),
-                        _sigma(t0), _sigma(t), equal=bool(torch.equal(t, t0)))
+    diff, norm0 = change_norms(t, t0)
+    return TensorChange(name, base_name, "changed", shape, base_shape, ratio_of_norms(diff, norm0),
+                        _sigma(t0), _sigma(t), equal=bool(torch.equal(t, t0)), diff_norm=diff, base_norm=norm0)
 
 
 def _paired(path: Path, base: Path, mapping: dict[str, str]) -> Iterator[TensorChange]:
@@ -113,7 +117,9 @@ def _paired(path: Path, base: Path, mapping: dict[str, str]) -> Iterator[TensorC
                 pending[side][key] = t
                 continue
             a, b = (t, other) if side == 0 else (other, t)
-            yield _compare(key, mapping[key], a, b)
+            change = _compare(key, mapping[key], a, b)
+            del t, other, a, b   # not held while the next pair is read
+            yield change
     for name, t in pending[0].items():   # matched by name in the headers but never read: a partial file
         yield TensorChange(name, None, "added", tuple(t.shape), None)
     for name, t in pending[1].items():
@@ -153,10 +159,18 @@ def compare_checkpoints(path: Path, base: Path, cfg: AnalysisConfig, *, frozen: 
                     "reshaped": f"{r.name}: shape {list(r.base_shape or ())} in the base, {list(r.shape or ())} now"}
             f(Finding(Severity.INFO, f"tensor_{r.status}", what[r.status] + ".", step=step,
                       tensor=r.name if r.status != "removed" else r.base_name))
+    if not any(r.status in ("changed", "buffer") for r in rows):
+        f(Finding(Severity.WARNING, "baseline_unrelated",
+                  f"no tensor of {path} has a partner of the same name and shape in {base}: is it the right base?",
+                  step=step))
     moved = [r for r in rows if r.status == "changed" and math.isfinite(r.rel_change)]
     top = sorted(moved, key=lambda r: (-r.rel_change, order.get(r.name, 0)))[:MOST_MOVED_LISTED]
     if top:
-        f(Finding(Severity.INFO, "moved_most", "moved most (||W - W0|| / ||W0||): "
+        layers = group_change(np.asarray([r.diff_norm for r in moved]), np.asarray([r.base_norm for r in moved]),
+                              [layer_key(r.name) for r in moved])
+        by_layer = sorted(((v, k) for k, v in layers.items() if math.isfinite(v)), key=lambda kv: (-kv[0], kv[1]))
+        f(Finding(Severity.INFO, "moved_most", "moved most (||W - W0|| / ||W0||): layers "
+                  + ", ".join(f"{k} {_fmt(v)}" for v, k in by_layer[:MOST_MOVED_LISTED]) + "; tensors "
                   + ", ".join(f"{r.name} {_fmt(r.rel_change)}" for r in top) + ".", step=step,
                   tensor=top[0].name, value=top[0].rel_change, metric="relative_change"))
     out.extend(_frozen_findings(rows, frozen, step))

@@ -89,8 +89,15 @@ def test_changes_against_numpy_across_layouts_and_prefixes(tmp_path: Path) -> No
     (top,) = [f for f in res.findings if f.code == "moved_most"]
     v = {f"transformer.h.{i}.v.weight" for i in range(3)}  # moved 5%, the others 1%; ln.bias from zero: inf, left out
     assert top.tensor in v and top.value == pytest.approx(0.05, rel=1e-5)
-    assert {part.split()[0] for part in top.message.split(": ", 1)[1].split(", ")[:3]} == v
+    assert {part.split()[0] for part in top.message.split("; tensors ", 1)[1].split(", ")[:3]} == v
     assert rows["ln.bias"].rel_change == float("inf")
+    layer = {i: np.sqrt(sum(np.linalg.norm(new[f"h.{i}.{k}.weight"].double().numpy() - base[f"h.{i}.{k}.weight"]
+                                          .double().numpy()) ** 2 for k in "qkvo"))
+             / np.sqrt(sum(np.linalg.norm(base[f"h.{i}.{k}.weight"].double().numpy()) ** 2 for k in "qkvo"))
+             for i in range(3)}
+    listed = dict(part.rsplit(" ", 1) for part in top.message.split("layers ", 1)[1].split("; ")[0].split(", "))
+    for i in range(3):
+        assert float(listed[f"transformer.h.{i}"]) == pytest.approx(layer[i], rel=1e-3)
     assert [f for f in res.findings if f.severity != "info"] == []
 
 
@@ -159,3 +166,13 @@ def test_bad_base_exit_2_and_frozen_needs_baseline(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "bad.safetensors" in res.stderr and "Traceback" not in res.output
     res = CliRunner().invoke(audit, [str(tmp_path / "m.safetensors"), "--frozen", "x"])
     assert res.exit_code == 2 and "--frozen needs --baseline" in res.output
+
+
+def test_unrelated_base_is_a_warning(tmp_path: Path) -> None:
+    save_file({"a.weight": torch.randn(4, 4)}, tmp_path / "base.safetensors")
+    save_file({"a.weight": torch.randn(4, 5), "b.weight": torch.randn(3, 3)}, tmp_path / "m.safetensors")
+    code, findings = json_findings([str(tmp_path / "m.safetensors"), "--baseline", str(tmp_path / "base.safetensors")])
+    assert code == 0 and [f["code"] for f in findings if f["severity"] != "info"] == ["baseline_unrelated"]
+    save_file({"a.weight": torch.randn(4, 4)}, tmp_path / "m2.safetensors")          # one partner: related
+    code, findings = json_findings([str(tmp_path / "m2.safetensors"), "--baseline", str(tmp_path / "base.safetensors")])
+    assert [f["code"] for f in findings if f["severity"] != "info"] == []

@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 
 from analyze.cli.checkpoint import audit
 from analyze.config import AnalysisConfig
-from analyze.metrics.static import count_constant_lines, family_key, family_medians, outlier_side, relative_change
+from analyze.metrics.static import (count_constant_lines, family_key, family_medians, group_change, layer_key, outlier_side,
+                                    relative_change)
 from analyze.pipeline.audit import audit_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,6 +109,14 @@ def test_family_key_and_medians_against_numpy() -> None:
     assert np.isnan(r2).all()
     assert (outlier_side(5.01, 5), outlier_side(4.99, 5), outlier_side(0.19, 5), outlier_side(0.21, 5),
             outlier_side(math.nan, 5)) == (1, 0, -1, 0, 0)
+
+
+def test_layer_key_and_group_change_against_numpy() -> None:
+    assert layer_key("bert.encoder.layer.5.attention.self.query.weight") == "bert.encoder.layer.5"
+    assert layer_key("wte.weight") == "wte" and layer_key("h.0.w") == "h.0"
+    diff, base = np.array([1.0, 2.0, 3.0, np.nan]), np.array([2.0, 2.0, 4.0, 1.0])
+    got = group_change(diff, base, ["a", "a", "b", "b"])
+    assert got["a"] == pytest.approx(np.sqrt(1 + 4) / np.sqrt(4 + 4)) and got["b"] == pytest.approx(3 / 4)
 
 
 def test_relative_change_against_numpy() -> None:
