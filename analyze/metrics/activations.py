@@ -1,7 +1,7 @@
 """Per-layer activation magnitude mean|A| (§3).
 
 a_l = (1 / (B * L * d)) * sum_{b,l,i} |A_l[b, l, i]|, over real (unmasked) tokens only when a
-padding mask is given. The values are then aggregated with Welford (`analyze.metrics.welford`) over the
+padding mask is given. The values are then aggregated with Welford (`analyze.kernels`, §1) over the
 batches of an evaluation; `batch_mean_abs` gives the per-example values that feed it.
 """
 from __future__ import annotations
