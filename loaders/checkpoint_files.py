@@ -42,10 +42,12 @@ def step_from_name(name: str) -> int | None:
 
 
 def checkpoint_kind(path: str | os.PathLike[str]) -> str:
-    """``CheckpointRef.kind`` for a path: safetensors | sharded-safetensors | hf-dir | torch."""
+    """``CheckpointRef.kind`` for a path: safetensors | sharded-safetensors | hf-dir | dcp | torch."""
     p = Path(path)
     if p.is_dir():
-        return "hf-dir"
+        from loaders.dcp import is_dcp_dir
+
+        return "dcp" if is_dcp_dir(p) and not any((p / n).exists() for n in _HF_WEIGHT_FILES) else "hf-dir"
     if p.name.endswith(".safetensors.index.json"):
         return "sharded-safetensors"
     if p.suffix == ".safetensors":
@@ -65,7 +67,7 @@ def skipped_side_files(folder: str | os.PathLike[str]) -> list[str]:
 @dataclass(frozen=True, slots=True)
 class Part:
     path: Path
-    fmt: str  # "safetensors" | "torch"
+    fmt: str  # "safetensors" | "torch" | "dcp" (a torch.distributed.checkpoint folder, loaders.dcp)
 
 
 @dataclass(slots=True)
@@ -130,6 +132,10 @@ def resolve(ref_or_path: CheckpointRef | str | os.PathLike[str], root: str | os.
                 q = p / name
                 break
         else:
+            from loaders.dcp import is_dcp_dir
+
+            if is_dcp_dir(p):
+                return Source(p, "dcp", [Part(p, "dcp")], r if r is not None else p)
             sts = sorted(x for x in os.listdir(p) if x.endswith(".safetensors"))
             if len(sts) == 1:
                 q = p / sts[0]

@@ -9,6 +9,7 @@ pread), ``torch_files`` (weights-only ``torch.load``, the state dict inside) and
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -135,6 +136,13 @@ def iter_tensors(ref_or_path: CheckpointRef | str | os.PathLike[str], *, root: s
             ren = rename if rename is not None else _strip(names, part.path, warnings)[0]
             for name, t in iter_safetensors(part.path, header, src.root):
                 yield ren.get(name, name), t
+        elif part.fmt == "dcp":
+            from loaders.dcp import iter_dcp_tensors, read_dcp_info
+
+            info = read_dcp_info(part.path)
+            ren = _strip([t.name for t in info.tensors], part.path, warnings)[0]
+            for name, t in iter_dcp_tensors(part.path, info=info):
+                yield ren.get(name, name), t
         else:
             obj = load_torch_object(part.path, root=src.root, warnings=warnings)
             sd, _key = find_state_dict(obj, part.path)
@@ -199,6 +207,14 @@ def checkpoint_info(ref_or_path: CheckpointRef | str | os.PathLike[str], *, root
                 for d in shape:
                     numel *= d
                 n_params += numel
+        elif part.fmt == "dcp":
+            from loaders.dcp import read_dcp_info
+
+            dinfo = read_dcp_info(part.path)
+            ren, prefix = _strip([t.name for t in dinfo.tensors], part.path, warnings)
+            for t in dinfo.tensors:
+                infos.append(TensorInfo(ren.get(t.name, t.name), t.shape, t.dtype))
+                n_params += math.prod(t.shape)
         else:
             obj = load_torch_object(part.path, root=src.root, warnings=warnings)
             sd, container = find_state_dict(obj, part.path)
@@ -240,7 +256,7 @@ def step_metadata(path: str | os.PathLike[str], *, root: str | os.PathLike[str] 
     p = Path(path)
     if p.is_dir() or p.name.endswith(".index.json"):
         src = resolve(p, root)
-        if not src.parts:
+        if not src.parts or src.kind == "dcp":  # DCP non-tensor entries are never loaded (loaders.dcp)
             return {}
         p = src.parts[0].path
         root = src.root

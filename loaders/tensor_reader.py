@@ -234,9 +234,17 @@ class TensorReader:
         found = safetensors_locations(ref, warnings=DataWarnings(), partial=True)
         self._locs: dict[str, _Loc] | None = None
         self._files: _Files | None = None
+        self._dcp: tuple[Any, dict[str, str]] | None = None   # (DcpInfo, name -> stored name)
         if found is not None:
             self._locs = {loc.name: loc for loc in found[0] if loc.name in self.names}
             self._files = _Files(found[1].root)
+        elif _is_dcp(ref):
+            from loaders.checkpoints import _strip
+            from loaders.dcp import read_dcp_info
+
+            info = read_dcp_info(self.path)
+            ren = _strip([t.name for t in info.tensors], self.path, None)[0]
+            self._dcp = (info, {new: old for old, new in ren.items() if new in self.names})
 
     def get(self, name: str, buffers: ReadBuffers | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(tensor, the recycled buffer it lives in or None); (None, None) when absent. Half
@@ -256,6 +264,8 @@ class TensorReader:
         return out, buf
 
     def _all(self) -> dict[str, torch.Tensor]:
+        if self._dcp is not None:  # a DCP folder: only the tensor asked for, never the whole model
+            return _OneDcpTensor(*self._dcp)  # type: ignore[return-value]
         if self._kept is None:
             from loaders.checkpoints import iter_tensors
 
@@ -293,6 +303,20 @@ class TensorReader:
         if self._files is not None:
             self._files.close()
         self._kept = None
+
+
+class _OneDcpTensor:
+    """``.get(name)`` of a DCP folder, loading that one tensor (loaders.dcp)."""
+
+    def __init__(self, info: Any, stored: dict[str, str]) -> None:
+        self.info, self.stored = info, stored
+
+    def get(self, name: str) -> torch.Tensor | None:
+        from loaders.dcp import iter_dcp_tensors
+
+        if name not in self.stored:
+            return None
+        return next((t for _, t in iter_dcp_tensors(self.info.path, [self.stored[name]], info=self.info)), None)
 
 
 # --------------------------------------------------------------------------- the stream
