@@ -3,7 +3,7 @@ torchtitan write them), read tensor by tensor with torch's own reader, no proces
 
 Safety (bad-inputs.md A: untrusted files are data). torch's ``FileSystemReader.read_metadata``
 reads ``.metadata`` with a plain ``pickle.load``, so a crafted file runs code when opened, and its
-planner's ``load_bytes`` loads non-tensor entries with ``torch.load(weights_only=False)``. Here:
+planner's ``load_bytes`` loads non-tensor entries with ``torch.load`` without ``weights_only``. Here:
 
 - ``.metadata`` goes through ``_MetadataUnpickler``, which resolves only the classes a DCP
   metadata file is made of (the dataclasses of ``torch.distributed.checkpoint.metadata``,
