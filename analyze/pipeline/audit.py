@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,11 @@ from analyze.metrics.spectral import (
 )
 from analyze.pipeline.audit_static import family_findings, layouts, line_findings
 from analyze.pipeline.tables import SEVERITY_ORDER, Finding, Severity
+from analyze.pipeline.tensor_norms import BlockNorms, FusedNorms
 from loaders.checkpoint_files import skipped_side_files, step_from_name
 from loaders.checkpoints import checkpoint_info, iter_tensors, step_metadata
 from loaders.errors import DataWarnings, TrainauditError
+from loaders.tensor_reader import TensorStream
 
 __all__ = ["AuditResult", "SpectralRow", "TensorHealth", "audit_checkpoint", "fails", "spectral_rows",
            "SPECTRAL_JSON_KEYS", "METHODS"]
@@ -137,7 +139,9 @@ def _checkpoint_step(path: Path) -> int | None:
     return step_from_name(path.name)
 
 
-def _health(name: str, t: torch.Tensor) -> TensorHealth:
+def _health(name: str, t: torch.Tensor, norms: BlockNorms | None = None) -> TensorHealth:
+    """`norms`: extremes and sum of squares already computed while the tensor was read (fused
+    into the read, `analyze.pipeline.tensor_norms`): the passes for them are skipped."""
     shape = tuple(t.shape)
     dtype = str(t.dtype).removeprefix("torch.")
     nan = math.nan
@@ -148,7 +152,9 @@ def _health(name: str, t: torch.Tensor) -> TensorHealth:
     if x.dtype not in (torch.float32, torch.float64):
         x = x.to(torch.float32)  # bf16/fp16 (and fp8) upcast before any reduction
     lo = hi = nan
-    if not x.is_complex():  # one pass, no temporary: finite extremes mean every value is finite
+    if norms is not None and norms.finite:
+        lo, hi = norms.lo, norms.hi
+    elif not x.is_complex():  # one pass, no temporary: finite extremes mean every value is finite
         lo, hi = (float(v) for v in torch.aminmax(x))
     if math.isfinite(lo) and math.isfinite(hi):
         nonfinite, max_abs = 0, max(-lo, hi)
@@ -166,8 +172,9 @@ def _health(name: str, t: torch.Tensor) -> TensorHealth:
                             reason or "non-finite values: no spectral norm", **lines)
     m = as_matrix(x)
     assert m is not None
-    est = estimate_spectral_norm(m)
-    fro2 = sum_of_squares(m)
+    fused = norms is not None and norms.finite  # finite extremes: check_finite's pass is not needed
+    est = estimate_spectral_norm(m, check_finite=not fused)
+    fro2 = norms.sum_sq if fused else sum_of_squares(m)
     return TensorHealth(name, shape, dtype, t.numel(), 0, max_abs, est.sigma, est.err_bound,
                         stable_rank(fro2, est.sigma), None, math.sqrt(fro2), **lines)
 
@@ -279,23 +286,27 @@ def audit_checkpoint(path: str | os.PathLike[str], cfg: AnalysisConfig | None = 
         pending.clear()
         held = 0
 
+    stored: list[str] = []                  # the dtype each tensor was stored in (they arrive upcast)
     try:
-        for name, t in iter_tensors(p, warnings=warnings):
+        # one tensor at a time, read ahead, half types upcast block-wise with the norms fused in
+        for item in TensorStream(p, warnings=warnings, reducer=FusedNorms):
+            name, t = item.name, item.tensor
             slots.append(None)
+            stored.append(item.stored_dtype)
             if _batchable(t):
                 pending.setdefault((tuple(t.shape), t.dtype), []).append((len(slots) - 1, name, t))
                 held += t.numel()
                 if held > _BATCH_ELEMENTS:
                     flush()
             else:
-                slots[-1] = _health(name, t)
-            del t  # not held while the next tensor is read: peak memory is one tensor (F2)
+                slots[-1] = _health(name, t, item.reduced)
+            del t, item  # not held while the next tensor is read: peak memory is ~2 tensors (F2)
     except TrainauditError as e:
         if not slots:
             raise
         error = str(e)
     flush()
-    health = [h for h in slots if h is not None]
+    health = [replace(h, dtype=stored[i]) for i, h in enumerate(slots) if h is not None]
     findings: list[Finding] = []
     roles, _ = layouts(p, health)
     for h in health:
@@ -371,15 +382,16 @@ def spectral_rows(path: str | os.PathLike[str], *, exact: bool = False, method: 
     if tol is not None:
         est_kw["rtol"] = tol
         pow_kw["tol"] = tol
-    for name, t in iter_tensors(path, warnings=warnings):
+    for item in TensorStream(path, warnings=warnings, reducer=FusedNorms):
+        name, t = item.name, item.tensor
         m = as_matrix(t)
         if m is None:
             continue
         shape = tuple(t.shape)
-        if not bool(torch.isfinite(m).all()):
+        if not (item.reduced.finite if item.reduced is not None else bool(torch.isfinite(m).all())):
             rows.append(SpectralRow(name, shape, "non-finite", None, None, None, None, None, None, None, None))
             continue
-        est = estimate_spectral_norm(m, **est_kw)
+        est = estimate_spectral_norm(m, check_finite=False, **est_kw)
         v = spectral_validation(est, power_iteration(m, **pow_kw), exact_top_singular_values(m) if exact else None)
         rows.append(SpectralRow(name, shape, v.method, v.sigma_est, v.err_bound, v.sigma_power, _num(v.sigma_exact),
                                 _num(v.rel_err), _num(v.power_rel_err), v.iterations, _num(v.sigma_ratio)))
