@@ -58,13 +58,19 @@ def plant(clean: Path, out: Path, layout: Layout) -> int:
     return dead
 
 
+CPU: dict[str, float] = {}   # command label -> user + system seconds of the last run
+
+
 def timed(args: list[str]) -> tuple[int, str, float, float]:
-    """(exit code, stdout, wall seconds, peak RSS MiB) of one command under /usr/bin/time -v."""
+    """(exit code, stdout, wall seconds, peak RSS MiB) of one command under /usr/bin/time -v;
+    its CPU seconds (user + system) in CPU["last"]."""
     res = subprocess.run(["/usr/bin/time", "-v", *args], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)", res.stderr)
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr)
     secs = (int(wall.group(1) or 0) * 3600 + int(wall.group(2)) * 60 + float(wall.group(3))) if wall else float("nan")
+    cpu = [float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", res.stderr)]
+    CPU["last"] = sum(cpu) if cpu else float("nan")
     return res.returncode, res.stdout, secs, int(rss.group(1)) / 1024 if rss else float("nan")
 
 
@@ -88,6 +94,7 @@ def main() -> None:
           + (f"; generated in {pair.seconds:.0f} s" if pair else ""))
 
     rc, out, secs, rss = timed(audit(str(bad), "--json"))
+    cpu_audit = CPU["last"]
     findings = json.loads(out)
     flagged = sorted({f["tensor"] for f in findings if f["severity"] in ("error", "warning")})
     dead_f = [f for f in findings if f["code"] == "zero_rows_cols"]
@@ -115,6 +122,7 @@ def main() -> None:
         print(f"  {label:38s} exit {rc_w}  {out_w.strip().splitlines()[-1]}  ({s_w:.1f} s)")
 
     rc_b, out_b, secs_b, rss_b = timed(audit(str(step2), "--baseline", str(clean), "--json"))
+    cpu_base = CPU["last"]
     fb = json.loads(out_b)
     rel = [f["value"] for f in fb if f["code"] == "weight_change" and f["value"] is not None]
     print(f"\naudit step_2 --baseline step_1 --json: exit {rc_b}; {len(rel)} tensors compared, relative change "
@@ -122,12 +130,13 @@ def main() -> None:
           f"{[f['code'] for f in fb if f['severity'] != 'info']}")
 
     rc_t, _, secs_t, rss_t = timed([sys.executable, "-c", "import torch"])
-    print("\nwall time and peak RSS (/usr/bin/time -v):")
+    cpu_t = CPU["last"]
+    print(f"\nwall time, CPU time (user + sys) and peak RSS (/usr/bin/time -v); load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, torch threads {torch.get_num_threads()}:")
     label = 'python -c "import torch"'
-    print(f"  {label:44s} {secs_t:6.2f} s {rss_t:7.0f} MiB")
-    print(f"  {'audit --json (defects file)':44s} {secs:6.2f} s {rss:7.0f} MiB")
-    print(f"  {'audit --baseline (two files)':44s} {secs_b:6.2f} s {rss_b:7.0f} MiB")
-    print(f"  torch threads: {torch.get_num_threads()}")
+    print(f"  {label:32s} wall {secs_t:6.2f} s  cpu {cpu_t:6.2f} s  peak RSS {rss_t:5.0f} MiB")
+    print(f"  {'audit --json (defects file)':32s} wall {secs:6.2f} s  cpu {cpu_audit:6.2f} s  peak RSS {rss:5.0f} MiB")
+    print(f"  {'audit --baseline (two files)':32s} wall {secs_b:6.2f} s  cpu {cpu_base:6.2f} s  peak RSS {rss_b:5.0f} MiB")
 
 
 if __name__ == "__main__":
