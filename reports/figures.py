@@ -34,7 +34,7 @@ __all__ = [
     "plot_compare_losses", "decimate", "MAX_POINTS", "expected_tau_boxes",
 ]
 
-DPI = 90
+DPI = 110  # an 8-inch figure is 880 px: legends and ticks readable at the page's width
 MAX_LINES = 10  # lines with a legend entry; the rest are drawn thin and grey
 MAX_POINTS = 4000  # points drawn per series at most (plus flagged points): see decimate()
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",

@@ -41,6 +41,23 @@ def _header_rows(result: Any) -> list[tuple[str, str]]:
     return [(k, "" if v is None else str(v)) for k, v in rows]
 
 
+def _code(finding: Any) -> str | None:
+    return finding.get("code") if isinstance(finding, dict) else getattr(finding, "code", None)
+
+
+def _first_instability(result: Any) -> int | None:
+    """The step of the first spike or non-finite event (spikes table) or non-finite weights (spectral
+    table): the event the analysis' last stable checkpoint precedes, named beside it."""
+    T = getattr(result, "tables", None) or {}
+    steps = []
+    sp, spec = T.get("spikes"), T.get("spectral")
+    if sp is not None and len(sp):
+        steps.append(float(sp["first_step"].astype(float).min()))
+    if spec is not None and len(spec) and (~spec["finite"].astype(bool)).any():
+        steps.append(float(spec.loc[~spec["finite"].astype(bool), "step"].astype(float).min()))
+    return int(min(steps)) if steps else None
+
+
 def key_facts(result: Any) -> list[tuple[str, str]]:
     """What a reader needs first, as (label, text): the verdict, the worst finding and the
     checkpoints worth keeping. Read from the result's `headline` (the analysis chooses them), with
@@ -51,9 +68,9 @@ def key_facts(result: Any) -> list[tuple[str, str]]:
     verdict = head.get("verdict_text") or (result.headlines or {}).get("overfitting")
     if verdict:
         facts.append(("verdict", str(verdict)))
-    if head.get("memorisation"):
-        facts.append(("memorisation", "training loss far below validation loss (see finding 'memorisation')"))
     worst = head.get("worst_finding", result.findings[0] if result.findings else None)
+    if head.get("memorisation") and _code(worst) != "memorisation":
+        facts.append(("memorisation", "training loss far below validation loss (see finding 'memorisation')"))
     if worst is not None:
         if isinstance(worst, dict):
             sev, msg = worst.get("severity", ""), worst.get("message", "")
@@ -68,9 +85,11 @@ def key_facts(result: Any) -> list[tuple[str, str]]:
     if isinstance(keep, dict):
         best, stable = keep.get("best_val_step"), keep.get("last_stable_step")
         parts = [f"step {fmt_num(best)} (lowest validation loss)"] if best is not None else []
+        first = _first_instability(result)
         if stable is not None:
-            parts.append(f"step {fmt_num(stable)} (last stable: the last saved before the first spike or "
-                         "non-finite value, or the last checkpoint when there was none)")
+            parts.append(f"step {fmt_num(stable)} (last stable: " + (
+                f"the last saved before the first spike or non-finite value, at step {fmt_num(first)})"
+                if first is not None else "no spike or non-finite value in the run)"))
         elif best is not None:
             parts.append("no checkpoint was saved before the first spike or non-finite value")
         facts.append(("checkpoint to keep", "; ".join(parts) if parts else "no saved checkpoint to choose from"))

@@ -183,7 +183,7 @@ def _class_losses(p: Panel, result: Any, cache: FigureCache) -> None:
         return
     builtin = bool(info.get("builtin_corpus"))
     cfg = _config(result)
-    last_step = float(T["train"]["step"].max()) if len(T["train"]) else float(T["tau"]["step"].max())
+    last_step = float(max(T["train"]["step"].max() if len(T["train"]) else 0, T["tau"]["step"].max()))
     # the sheet's expected shape describes its ~2000-step demo; shorter runs are neither judged by the
     # tau_band finding nor drawn against it (the same cfg.tau_band_min_steps)
     compare = builtin and last_step >= cfg.tau_band_min_steps

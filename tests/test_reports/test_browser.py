@@ -112,8 +112,9 @@ class Browser:
         os.close(self._evt_r)
 
 
-def visit(url: str, profile: Path) -> tuple[list[dict], bytes, dict]:
-    """Open `url`, wait for load, return (events, full-page PNG, layout metrics)."""
+def visit(url: str, profile: Path) -> tuple[list[dict], bytes, dict, list[tuple[int, int, int, int]]]:
+    """Open `url`, wait for load, return (events, full-page PNG, layout metrics, the page boxes
+    (x0, y0, x1, y1) of its <img> elements, found through the DOM domain: the page runs no script)."""
     b = Browser(profile)
     try:
         target = b.call("Target.createTarget", {"url": "about:blank"})["targetId"]
@@ -124,9 +125,17 @@ def visit(url: str, profile: Path) -> tuple[list[dict], bytes, dict]:
         b.wait_for("Page.loadEventFired")
         b.drain()
         metrics = b.call("Page.getLayoutMetrics", session=s)
-        shot = b.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}, session=s,
-                      timeout=60)
-        return b.events, base64.b64decode(shot["data"]), metrics
+        root = b.call("DOM.getDocument", session=s)["root"]["nodeId"]
+        boxes = []
+        for node in b.call("DOM.querySelectorAll", {"nodeId": root, "selector": "img"}, session=s)["nodeIds"]:
+            q = b.call("DOM.getBoxModel", {"nodeId": node}, session=s)["model"]["content"]
+            boxes.append((round(min(q[0::2])), round(min(q[1::2])), round(max(q[0::2])), round(max(q[1::2]))))
+        size = metrics["cssContentSize"]
+        shot = b.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True,
+                                                 "clip": {"x": 0, "y": 0, "width": size["width"],
+                                                          "height": size["height"], "scale": 1}},
+                      session=s, timeout=60)
+        return b.events, base64.b64decode(shot["data"]), metrics, boxes
     finally:
         b.close()
 
@@ -153,7 +162,7 @@ def test_harness_sees_requests_and_errors(tmp_path: Path) -> None:
     page = tmp_path / "control.html"
     page.write_text('<html><body><p>x</p><img src="https://example.invalid/a.png">'
                     "<script>console.error('boom')</script></body></html>")
-    events, png, _ = visit(page.as_uri(), tmp_path / "profile")
+    events, png, _, _ = visit(page.as_uri(), tmp_path / "profile")
     found = problems(events, page.as_uri())
     assert any(f.startswith("request https://example.invalid/") for f in found), found
     assert any("boom" in f for f in found), found
@@ -173,7 +182,7 @@ def test_report_in_chromium_requests_nothing_logs_nothing_and_renders(report_fil
     from PIL import Image
 
     url = report_file.as_uri()
-    events, png, metrics = visit(url, tmp_path / "profile")
+    events, png, metrics, boxes = visit(url, tmp_path / "profile")
     assert problems(events, url) == []
     loaded = [e for e in events if e.get("method") == "Network.requestWillBeSent"]
     assert [e["params"]["request"]["url"] for e in loaded][:1] == [url]  # the harness saw the page load itself
@@ -183,4 +192,15 @@ def test_report_in_chromium_requests_nothing_logs_nothing_and_renders(report_fil
     assert img.shape[0] >= 3000 and img.shape[1] >= 1000
     assert img.std() > 20  # not blank: text and figures
     assert (img < 128).mean() > 0.005  # dark pixels (text, axes) cover a visible share of the page
+    # every figure the page holds is laid out and shows drawn data: coloured pixels (lines, markers,
+    # bands, heat-map cells; the palette is coloured, while text, axes, ticks and grid are grey or
+    # black), so a figure whose plot function drew nothing fails here even with its labels in place
+    html = report_file.read_text(encoding="utf-8")
+    assert len(boxes) == html.count('<img src="data:image/png;base64,') >= 10
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+    for x0, y0, x1, y1 in boxes:
+        assert x1 - x0 > 300 and y1 - y0 > 150, (x0, y0, x1, y1)  # laid out at a readable size
+        crop = rgb[y0:y1, x0:x1]
+        chroma = crop.max(axis=2) - crop.min(axis=2)
+        assert (chroma > 30).mean() > 5e-4, f"figure at y={y0} shows no coloured data"  # an empty axes: 0
     (report_file.parent / "screenshot.png").write_bytes(png)  # kept beside the report for a human look

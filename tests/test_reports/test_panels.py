@@ -92,7 +92,9 @@ def test_grad_ratio_panel_says_where_rho_comes_from(drawn, source: str, says: st
 
 def test_key_facts_lead_the_page_and_the_verdict_is_not_labelled_twice() -> None:
     worst = Finding("warning", "memorisation", "train loss 0.0027 is far below validation loss 0.177", step=600)
-    r = result((), findings=[worst, Finding("info", "x", "minor")],
+    sp = pd.DataFrame({"series": ["grad_norm", "loss"], "kind": "spike", "first_step": [170, 130], "peak_step": 0,
+                       "height_mad": 9.0, "length": 1})
+    r = result((), tables={"spikes": sp}, findings=[worst, Finding("info", "x", "minor")],
                headlines={"overfitting": "no overfitting: validation loss ended 2.6% above its best, still falling"},
                headline={"verdict": "recovered", "verdict_text": "no overfitting: validation loss ended 2.6% above "
                          "its best, still falling", "memorisation": True, "worst_finding": worst,
@@ -104,8 +106,11 @@ def test_key_facts_lead_the_page_and_the_verdict_is_not_labelled_twice() -> None
     block = doc[facts: doc.index("</dl>", facts)]
     assert "no overfitting: validation loss ended 2.6%" in block
     assert "warning: train loss 0.0027 is far below validation loss 0.177" in block
-    assert "step 250 (lowest validation loss)" in block and "step 100 (last stable" in block
-    assert "memorisation" in block
+    assert "step 250 (lowest validation loss)" in block
+    assert "step 100 (last stable: the last saved before the first spike or non-finite value, at step 130)" in block
+    assert "<dt>memorisation</dt>" not in block  # the worst finding is the memorisation: not repeated
+    r.headline["worst_finding"] = Finding("error", "nonfinite", "NaN loss at step 5")
+    assert "<dt>memorisation</dt>" in H.render_report(r)
     assert "overfitting: overfitting" not in doc and "<strong>overfitting:</strong>" not in doc
     assert doc.count("validation loss ended 2.6% above its best") == 1  # shown once, as the verdict
     assert "10 warning(s)" in doc and "9 note(s)" in doc  # the analysis' counts, "N more" rows counted as N
@@ -117,6 +122,8 @@ def test_key_facts_without_a_checkpoint_before_the_first_instability() -> None:
     assert facts["worst finding"] == "none: every check passed"
     assert "step 300 (lowest validation loss)" in facts["checkpoint to keep"]
     assert "no checkpoint was saved before the first spike" in facts["checkpoint to keep"]
+    r = result((), summary={"checkpoint_to_keep": {"best_val_step": 300, "last_stable_step": 400}})
+    assert "step 400 (last stable: no spike or non-finite value in the run)" in dict(H.key_facts(r))["checkpoint to keep"]
 
 
 def test_update_ratio_band_text_and_shading_agree(drawn) -> None:
