@@ -51,8 +51,8 @@ class AnalysisConfig:
     divergence_spearman: float = 0.8     # ... with Spearman(t, gap) at least this after its last record low (§10)
     divergence_min_evals: int = 3        # ... over at least this many evaluations after it (§10)
     overfit_trend_evals: int = 3         # last evaluations whose trend tells a sustained rise from a recovered
-                                         # bump: "overfitting" needs GL > gl_alpha at the end and a slope >= 0
-                                         # over these (ours; §10 leaves recovery open)
+                                         # bump: "overfitting" needs GL > gl_alpha at the end and at the trend
+                                         # projected one span ahead (ours; §10 leaves recovery open)
     memorisation_ratio: float = 0.25     # memorisation: train loss <= this x validation loss at the last
     memorisation_min_gap: float = 0.1    # evaluation, and at least this many nats below it (ours)
     tau_disagreement_se: float = 2.0     # training-window tau vs checkpoint tau: combined SEs apart (§8)

@@ -17,10 +17,12 @@ usually mean the run diverged (see the spike detector, §9).
 
 Sustained or recovered (ours; §10 does not say what to call a rise the run recovered from): a
 rise above GL_alpha after the minimum is "overfitting" (or "unstable") only when it is still
-there at the end: GL at the last evaluation > alpha *and* the least-squares slope of validation
-loss over the last `trend_evals` evaluations (none before the minimum; the minimum itself may be
-one) is >= 0 (not falling). Otherwise the verdict is
-"recovered": validation loss rose above GL_alpha and came back within it, or is falling again.
+there at the end and the trend does not take it back: GL at the last evaluation > alpha *and*
+GL > alpha at the validation loss the trend projects one trend span ahead,
+V_m + b * (t_m - t_{m-k+1}), b the least-squares slope of V over the last k = `trend_evals`
+evaluations (none before the minimum; the minimum itself may be one). Otherwise the verdict is
+"recovered": validation loss rose above GL_alpha and is back within it, or falling fast enough to
+be back within it at that rate over the same span.
 
 Memorisation (ours): training loss far below validation loss at the last evaluation with a
 training loss, T <= ratio * V and V - T >= min_gap nats (`memorisation`). It is reported on its own,
@@ -245,7 +247,10 @@ def analyze_overfitting(train_steps: np.ndarray, train_loss: np.ndarray, eval_st
     rose = bool(np.any(after > alpha))
     k = min(trend_evals, es.size - j_min)  # the last evaluations, none before the minimum
     slope = _slope(es[-k:].astype(np.float64), vl[-k:]) if k >= 2 else math.nan
-    sustained = bool(gl[-1] > alpha) and not slope < 0  # NaN slope (one evaluation): the end GL decides
+    span = float(es[-1] - es[-k]) if k >= 2 else 0.0
+    v_proj = vl[-1] + (slope * span if math.isfinite(slope) else 0.0)  # the trend, one span ahead
+    gl_proj = 100.0 * (v_proj / val_min - 1.0) if val_min > 0 else math.nan
+    sustained = bool(gl[-1] > alpha) and not gl_proj <= alpha  # NaN (GL undefined): the end GL decides
 
     verdict = "none"
     if rose and not sustained:
@@ -260,7 +265,7 @@ def analyze_overfitting(train_steps: np.ndarray, train_loss: np.ndarray, eval_st
             verdict = "overfitting" if train[-1] < train[j_min + defined[0]] else "unstable"
 
     headline = _headline(verdict, _step(es[j_min]), float(gl[-1]), max_rise, alpha, divergence_step,
-                         max_rise_step=max_rise_step, slope=slope, k=k)
+                         max_rise_step=max_rise_step, slope=slope, k=k, gl_proj=gl_proj, span=span)
     if bad_val:
         headline += f"; {bad_val}"
     return Overfitting(verdict, divergence_step, _step(es[j_min]), gl_step, val_min, val_final, float(gl[-1]),
@@ -285,11 +290,12 @@ def memorisation(train_loss: float, val_loss: float, *, ratio: float, min_gap: f
 
 def _headline(verdict: str, min_step: int | float, final_rise: float, max_rise: float, alpha: float,
               divergence_step: int | float | None, *, max_rise_step: int | float | None = None,
-              slope: float = math.nan, k: int = 0) -> str:
+              slope: float = math.nan, k: int = 0, gl_proj: float = math.nan, span: float = 0.0) -> str:
     widen = "" if divergence_step is None else f"; the train/val gap has widened since step {divergence_step}"
+    at_rate = f"{gl_proj:.0f}% above it {span:g} steps on at that rate"
     if verdict == "recovered":
-        trend = (f"falling over the last {k} evaluations" if slope < 0 else
-                 f"within GL{alpha:g} again")
+        trend = (f"falling over the last {k} evaluations ({at_rate})" if slope < 0 else
+                 f"back within {alpha:g}% of it")
         return (f"recovered: validation loss bottomed at step {min_step}, rose {max_rise:.0f}% above it by step "
                 f"{max_rise_step}, then came back: it ended {final_rise:.1f}% above its best, {trend} "
                 f"(a bump, not sustained overfitting){widen}")
@@ -300,6 +306,10 @@ def _headline(verdict: str, min_step: int | float, final_rise: float, max_rise: 
         return "no overfitting: validation loss is at or near its best at the end" + soft
     if final_rise > alpha:
         rise = f"ended {final_rise:.0f}% above it"
+        if slope < 0:
+            rise += f", falling over the last {k} evaluations but too slowly to recover ({at_rate})"
+        elif slope >= 0:
+            rise += f", not falling over the last {k} evaluations"
     else:
         rise = f"rose up to {max_rise:.0f}% above it (ended {final_rise:.0f}% above)"
     if verdict == "overfitting":

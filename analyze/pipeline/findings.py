@@ -77,10 +77,10 @@ def _overfitting(ctx: Context) -> list[Finding]:
     if of is None or of.verdict is None:
         return []
     cfg = ctx.cfg
-    rule = (f"Rule: GL (validation loss above its best so far, %) over {cfg.gl_alpha:g} at the last evaluation "
-            f"and validation loss not falling over the last {cfg.overfit_trend_evals} evaluations since its "
-            f"minimum is a sustained rise; a rise above {cfg.gl_alpha:g} that does not meet both is a bump the "
-            "run recovered from.")
+    rule = (f"Rule: a rise is sustained when GL (validation loss above its best so far, %) is over "
+            f"{cfg.gl_alpha:g} at the last evaluation and still over it where the least-squares trend of the "
+            f"last {cfg.overfit_trend_evals} evaluations since the minimum leads over the same span again; a rise "
+            f"above {cfg.gl_alpha:g} that is not sustained is a bump the run recovered from.")
     out = []
     what = of.headline.split(": ", 1)[-1]
     what = what[:1].upper() + what[1:]

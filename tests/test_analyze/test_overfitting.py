@@ -81,8 +81,8 @@ def test_planted_overfitting():
     assert r.final_rise_pct == pytest.approx(100 * (3.75 / 2.55 - 1), rel=1e-12)
     assert r.divergence_step == 600  # same smoothed turn as GAP_TURN (G~_4 = G~_5 = .15)
     assert r.verdict == "overfitting"  # T at the end 1.8 < T at the minimum 2.4
-    assert r.headline == ("overfitting: validation loss bottomed at step 600 and ended 47% above it; "
-                          "the train/val gap has widened since step 600")
+    assert r.headline == ("overfitting: validation loss bottomed at step 600 and ended 47% above it, not falling "
+                          "over the last 3 evaluations; the train/val gap has widened since step 600")
 
 
 def test_unstable_when_train_rises_too():
@@ -204,20 +204,26 @@ def test_spearman_matches_scipy_with_ties() -> None:
 
 
 def test_sustained_rise_versus_recovered_bump_at_the_trend_rule():
-    """overfitting needs GL > alpha at the end and a non-falling trend over the last evaluations
-    since the minimum; otherwise a rise above alpha is 'recovered' (each side of both conditions)."""
+    """overfitting needs GL > alpha at the end and at the trend's projection one span ahead (the
+    last evaluations since the minimum); otherwise a rise above alpha is 'recovered' (each side)."""
     evals = np.arange(1, 8) * 10
     train = np.linspace(3, 1, 7)
     # min 2.0 at step 30, then 2.3 2.4 2.5 2.6: 30 % above at the end and rising -> sustained
     rising = np.array([3.0, 2.5, 2.0, 2.3, 2.4, 2.5, 2.6])
     r = analyze_overfitting(evals, train, evals, rising, trend_evals=3)
     assert r.verdict == "overfitting" and r.trend_slope > 0 and r.final_rise_pct == pytest.approx(30.0)
-    # same end level (GL 30 % > 5) but falling over the last 3 evaluations -> recovered (still coming back)
-    falling = np.array([3.0, 2.5, 2.0, 2.9, 2.8, 2.7, 2.6])
+    # GL 10 % at the end but falling fast: slope of (50, 2.7), (60, 2.45), (70, 2.2) = -0.025 per step,
+    # projected 20 steps on: 2.2 - 0.5 = 1.7, below the best (2.0) -> recovered (still coming back)
+    falling = np.array([3.0, 2.5, 2.0, 2.9, 2.7, 2.45, 2.2])
     r = analyze_overfitting(evals, train, evals, falling, trend_evals=3)
-    assert r.verdict == "recovered" and r.trend_slope < 0 and "falling over the last 3" in r.headline
-    # the slope of the last 3 points, by hand: x = 50, 60, 70, y = 2.8, 2.7, 2.6 -> -0.01 per step
-    assert r.trend_slope == pytest.approx(-0.01, rel=1e-12)
+    assert r.verdict == "recovered" and "falling over the last 3" in r.headline
+    assert r.trend_slope == pytest.approx(-0.025, rel=1e-12) and r.final_rise_pct == pytest.approx(10.0)
+    # falling, but too slowly: (50, 2.8), (60, 2.7), (70, 2.6): -0.01 per step, 2.4 projected = GL 20 % > 5
+    slow = np.array([3.0, 2.5, 2.0, 2.9, 2.8, 2.7, 2.6])
+    r = analyze_overfitting(evals, train, evals, slow, trend_evals=3)
+    assert r.verdict == "overfitting" and "too slowly to recover (20% above it 20 steps on" in r.headline
+    # the same slow fall held against alpha = 21 %: the projection (20 %) is back within it -> recovered
+    assert analyze_overfitting(evals, train, evals, slow, alpha=21.0, trend_evals=3).verdict == "recovered"
     # flat at the end (slope exactly 0 is "not falling") and above alpha -> sustained
     flat = np.array([3.0, 2.5, 2.0, 2.9, 2.6, 2.6, 2.6])
     assert analyze_overfitting(evals, train, evals, flat, trend_evals=3).verdict == "overfitting"
