@@ -88,6 +88,11 @@ def find_model(checkpoint: Path | None, *, builtin: tuple[str, Mapping[str, Any]
         except TrainauditError as exc:
             return ModelSource("", reason=f"the checkpoint cannot be read ({exc})")
         if found is not None:
+            need = [k for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size") if found[0].get(k) is None]
+            if need:
+                return ModelSource("", reason=(f"{checkpoint.name}: model_args lack {', '.join(need)}, so this is not "
+                                               "nanoGPT's GPT and cannot be rebuilt without running its code: "
+                                               "weight-only (pass --model module:function to give one)"))
             return ModelSource("nanogpt", path=str(checkpoint), config_json=json.dumps(found[0], default=str),
                                dataset=found[1])
     return ModelSource("", reason=(

@@ -71,12 +71,18 @@ def build_hf(folder: Path) -> RebuiltModel:
         raise ModelUnavailable(f"{folder}/config.json: model_type {model_type!r} is not known to the installed "
                                "transformers (custom code is never run); weight-only")
     cls = _model_class(cfg_dict, folder)
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # config advice (token ids, deprecated keys) is not the user's concern here
     try:
         config = CONFIG_MAPPING[model_type].from_dict(cfg_dict)
         model = cls._from_config(config, attn_implementation="eager", dtype=torch.float32)
     except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as exc:
         raise ModelUnavailable(f"{folder}/config.json: {cls.__name__} cannot be built from it "
                                f"({' '.join(str(exc).split())[:200]})") from None
+    finally:
+        hf_logging.set_verbosity(level)
     model.eval()
     is_lm = cls.__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     causal = is_lm or bool(getattr(config, "is_decoder", False))
