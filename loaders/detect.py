@@ -3,8 +3,10 @@
 Recognised, in this order for a folder: our run directory (``run.json`` with
 ``format_version``), a Hugging Face Trainer output (``trainer_state.json`` and/or
 ``checkpoint-N/``), a Lightning log (``metrics.csv``, ``version_N/metrics.csv``), TensorBoard
-event files, a nanoGPT ``ckpt.pt``, a Hugging Face model folder, a folder of checkpoints, and a
-single plain log (JSONL / CSV / JSON / llm.c) or one log per DDP rank (``metrics.rank0.jsonl``,
+event files, a nanoGPT working folder (``ckpt.pt`` or ``out*/ckpt.pt``, stdout logs), a Hugging
+Face model folder, a folder of checkpoints (files, checkpoint folders, a ``checkpoints/``
+sub-folder: docs/foreign-runs.md), and a single plain log (nanoGPT stdout / JSONL / CSV / JSON /
+llm.c) or one log per DDP rank (``metrics.rank0.jsonl``,
 ``metrics.rank1.jsonl``, ...: read by ``loaders.formats.textlogs.read_rank_logs``). A file is recognised
 by name and a peek at its first bytes. ``format=`` (the CLI's ``--format``) skips detection.
 Anything else raises ``TrainauditError`` listing what was looked for.
@@ -46,7 +48,7 @@ __all__ = ["FORMATS", "detect_format", "is_run", "open_run", "rank_logs", "read_
 FORMATS = ("rundir", "hf", "lightning", "tensorboard", "nanogpt", "llmc", "jsonl", "csv", "json", "checkpoint")
 
 LOOKED_FOR = ("run.json (trainaudit run)", "trainer_state.json", "checkpoint-N/", "metrics.csv",
-              "version_N/metrics.csv", "*tfevents*", "ckpt.pt", "model.safetensors", "pytorch_model.bin",
+              "version_N/metrics.csv", "*tfevents*", "ckpt.pt", "out*/ckpt.pt", "checkpoints/", "model.safetensors", "pytorch_model.bin",
               "*.safetensors", "*.pt", "*.pth", "*.bin", "*.ckpt", "*.jsonl", "*.csv", "*.json", "*.log", "*.txt")
 _CKPT_DIR_RE = re.compile(r"^checkpoint-\d+$")
 _LOG_SUFFIXES = (".jsonl", ".csv", ".json", ".log", ".txt", ".ndjson")
@@ -276,7 +278,7 @@ def read_checkpoints(path: str | os.PathLike[str], *, warnings: DataWarnings | N
         step, where = recorded_step(p, warnings=warnings)
         if step is None:
             notes.append(f"{p.name} records no step: shown as step 0")
-        ckpts.append(CheckpointRef(step or 0, p, "hf-dir"))
+        ckpts.append(CheckpointRef(step or 0, p, checkpoint_kind(p)))
     else:
         ckpts = dedupe([*find_checkpoints(p, warnings=warnings, skipped=skipped),
                         *checkpoints_beside([p], root=p, warnings=warnings, skipped=skipped)], warnings)
