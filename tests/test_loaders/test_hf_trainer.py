@@ -158,3 +158,20 @@ def test_not_a_trainer_state(tmp_path: Path) -> None:
     p.write_text('{"a": 1}')
     with pytest.raises(TrainauditError, match="no log_history"):
         read_trainer_state(p)
+
+
+def test_final_save_model_weights_step(tmp_path: Path) -> None:
+    """Top-level weights from save_model() without save_state(): the newest checkpoint when they
+    are the same weights (one checkpoint), else the run's max_steps (with a note)."""
+    out = tmp_path / "out"
+    st = dict(trainer_state(), global_step=4, max_steps=6)
+    _ckpt(out / "checkpoint-4", st)
+    save_file({"w": torch.ones(2, 2) * 4}, out / "model.safetensors")      # the same weights
+    run = read_hf(out)
+    assert [(c.step, c.path.name) for c in run.checkpoints] == [(4, "checkpoint-4")] and not list(run.warnings)
+    save_file({"w": torch.ones(2, 2) * 6}, out / "model.safetensors")      # trained on to max_steps
+    run = read_hf(out)
+    assert [(c.step, c.path.name) for c in run.checkpoints] == [(4, "checkpoint-4"), (6, "out")]
+    assert any("max_steps" in n for n in run.notes) and not list(run.warnings)
+    write_state(out / "trainer_state.json", dict(st, global_step=5))         # save_state() names the step
+    assert [c.step for c in read_hf(out).checkpoints] == [4, 5]

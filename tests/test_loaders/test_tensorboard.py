@@ -193,3 +193,20 @@ def test_missing_tensorboard_gives_an_install_hint(tmp_path: Path, monkeypatch: 
     monkeypatch.setitem(sys.modules, "tensorboard.compat.proto.event_pb2", None)
     with pytest.raises(TrainauditError, match=r"pip install trainaudit\[tensorboard\]"):
         read_tensorboard(f)
+
+
+def test_lightning_tensorboard_versions_and_checkpoints(tmp_path: Path) -> None:
+    """Lightning's TensorBoardLogger layout: the newest version_N is read (like its CSV logs) with
+    the checkpoints in version_N/checkpoints/, each at the global_step stored in it."""
+    import torch
+
+    logs = tmp_path / "lightning_logs"
+    write_run(logs / "version_0", range(0, 5), base=10.0)
+    write_run(logs / "version_1", range(0, 8))
+    (logs / "version_1" / "checkpoints").mkdir()
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 8}, logs / "version_1" / "checkpoints" / "last.ckpt")
+    run = read_tensorboard(tmp_path)
+    assert run.series("loss")["step"].tolist() == list(range(8))
+    assert all(v < 10.0 for v in run.series("loss")["value"])
+    assert [(c.step, c.path.name) for c in run.checkpoints] == [(8, "last.ckpt")]
+    assert len(run.warnings) == 1 and "reading version_1 (newest), not version_0" in run.warnings[0]
