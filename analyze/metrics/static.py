@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["LineCounts", "change_norms", "count_constant_lines", "family_key", "family_medians", "first_indices",
+__all__ = ["LineCounts", "change_norms", "count_constant_lines", "family_key", "family_medians",
            "group_change", "layer_key", "outlier_side", "ratio_of_norms", "relative_change"]
 
 # A path component that is a number: a layer (or expert) index.
@@ -45,10 +45,22 @@ class LineCounts:
     const_rows: Tensor
     zero_cols: Tensor
     const_cols: Tensor
+    first_rows: list[tuple[int, ...]]   # per matrix (batch flattened): the first constant rows' indices
+    first_cols: list[tuple[int, ...]]
 
 
-def count_constant_lines(m: Tensor) -> LineCounts:
-    """Constant rows and columns of ``m`` (shape ``(..., rows, cols)``), one pass per axis.
+def _first(const: Tensor, limit: int) -> list[tuple[int, ...]]:
+    """Per row of the (batch, lines) mask ``const``: the indices of its first ``limit`` True entries."""
+    keep = const & (const.cumsum(dim=1) <= limit)
+    out: list[list[int]] = [[] for _ in range(const.shape[0])]
+    for b, i in torch.nonzero(keep).tolist():     # at most limit pairs per matrix
+        out[b].append(i)
+    return [tuple(x) for x in out]
+
+
+def count_constant_lines(m: Tensor, limit: int = 5) -> LineCounts:
+    """Constant rows and columns of ``m`` (shape ``(..., rows, cols)``), one pass per axis, with
+    the indices of the first ``limit`` of each axis.
 
     A line with a NaN is never constant (its min and max are NaN). A line of one entry is not
     a line: rows are checked only when there are at least 2 columns, and vice versa.
@@ -58,26 +70,21 @@ def count_constant_lines(m: Tensor) -> LineCounts:
     batch = m.shape[:-2]
     r, c = m.shape[-2], m.shape[-1]
     unchecked = torch.full(batch, -1, dtype=torch.int64)
+    n_mats = math.prod(batch)
 
-    def counts(dim: int, length: int) -> tuple[Tensor, Tensor]:
+    def counts(dim: int, length: int) -> tuple[Tensor, Tensor, list[tuple[int, ...]]]:
         if length < 2 or m.shape[dim] == 0:
-            return unchecked, unchecked
+            return unchecked, unchecked, [()] * n_mats
         # amin + amax, not aminmax(dim=): torch 2.13's CPU aminmax along a dim is ~50x slower
         # (163 ms against 2 x 2.5 ms on a 5632 x 2048 float32 matrix, one thread)
         lo, hi = m.amin(dim=dim), m.amax(dim=dim)
         const = lo == hi
         zero = const & (hi == 0)
-        return zero.sum(dim=-1), (const & ~zero).sum(dim=-1)
+        return zero.sum(dim=-1), (const & ~zero).sum(dim=-1), _first(const.reshape(n_mats, -1), limit)
 
-    zr, cr = counts(-1, c)
-    zc, cc = counts(-2, r)
-    return LineCounts(zr, cr, zc, cc)
-
-
-def first_indices(m: Tensor, axis: int, limit: int = 5) -> tuple[int, ...]:
-    """Indices of the first ``limit`` constant lines of matrix ``m`` along ``axis`` (0 rows, 1 columns)."""
-    lo, hi = m.amin(dim=1 - axis), m.amax(dim=1 - axis)
-    return tuple(int(i) for i in torch.nonzero(lo == hi).flatten()[:limit])
+    zr, cr, fr = counts(-1, c)
+    zc, cc, fc = counts(-2, r)
+    return LineCounts(zr, cr, zc, cc, fr, fc)
 
 
 def family_medians(values: Sequence[float] | np.ndarray, families: Sequence[str],

@@ -27,7 +27,7 @@ import torch
 
 from analyze.config import AnalysisConfig
 from analyze.metrics.gradients import sum_of_squares
-from analyze.metrics.static import count_constant_lines, first_indices
+from analyze.metrics.static import LineCounts, count_constant_lines
 from analyze.metrics.spectral import (
     EXACT_MAX_DIM,
     as_matrix,
@@ -166,7 +166,7 @@ def _health(name: str, t: torch.Tensor, norms: BlockNorms | None = None) -> Tens
             max_abs = float(torch.where(finite, x.abs(), torch.zeros((), dtype=x.dtype)).max())
         del finite
     reason = matrix_skip_reason(t)
-    lines = _lines(x.reshape(x.shape[0], -1)) if x.ndim >= 2 and not x.is_complex() else {}
+    lines = _lines(count_constant_lines(x.reshape(x.shape[0], -1))) if x.ndim >= 2 and not x.is_complex() else {}
     if reason is not None or nonfinite:
         return TensorHealth(name, shape, dtype, t.numel(), nonfinite, max_abs, nan, nan, nan,
                             reason or "non-finite values: no spectral norm", **lines)
@@ -179,16 +179,13 @@ def _health(name: str, t: torch.Tensor, norms: BlockNorms | None = None) -> Tens
                         stable_rank(fro2, est.sigma), None, math.sqrt(fro2), **lines)
 
 
-def _lines(m: torch.Tensor, counts: tuple[int, int, int, int] | None = None) -> dict[str, Any]:
-    """TensorHealth fields of the constant rows and columns of matrix ``m`` (counts given when a
-    batch computed them), with the first few indices of each kind found."""
-    if counts is None:
-        c = count_constant_lines(m)
-        counts = (int(c.zero_rows), int(c.const_rows), int(c.zero_cols), int(c.const_cols))
-    zr, cr, zc, cc = counts
-    return {"zero_rows": zr, "const_rows": cr, "zero_cols": zc, "const_cols": cc,
-            "first_rows": first_indices(m, 0) if zr + cr > 0 else (),
-            "first_cols": first_indices(m, 1) if zc + cc > 0 else ()}
+def _lines(c: LineCounts, i: int | None = None) -> dict[str, Any]:
+    """TensorHealth fields of the constant rows and columns: matrix ``i`` of a batch's counts
+    (None: the counts of one matrix)."""
+    at = () if i is None else (i,)
+    return {"zero_rows": int(c.zero_rows[at]), "const_rows": int(c.const_rows[at]),
+            "zero_cols": int(c.zero_cols[at]), "const_cols": int(c.const_cols[at]),
+            "first_rows": c.first_rows[i or 0], "first_cols": c.first_cols[i or 0]}
 
 
 def _batchable(t: torch.Tensor) -> bool:
@@ -219,9 +216,8 @@ def _health_batch(items: list[tuple[str, torch.Tensor]]) -> list[TensorHealth]:
     ests = estimate_spectral_norm_batched(mats)
     fro2 = (mats.to(torch.float64) ** 2).sum(dim=(1, 2)).tolist()
     c = count_constant_lines(mats)
-    counts = list(zip(c.zero_rows.tolist(), c.const_rows.tolist(), c.zero_cols.tolist(), c.const_cols.tolist()))
     return [TensorHealth(n, shape, dtype, numel, 0, max_abs[i], e.sigma, e.err_bound,
-                         stable_rank(fro2[i], e.sigma), None, math.sqrt(fro2[i]), **_lines(mats[i], counts[i]))
+                         stable_rank(fro2[i], e.sigma), None, math.sqrt(fro2[i]), **_lines(c, i))
             for i, ((n, _), e) in enumerate(zip(items, ests, strict=True))]
 
 

@@ -87,7 +87,12 @@ def test_count_constant_lines_against_a_numpy_loop() -> None:
         assert int(c.const_rows[b]) == sum(r and a[i, 0] != 0 for i, r in enumerate(rows))
         assert int(c.zero_cols[b]) == sum(k and a[0, j] == 0 for j, k in enumerate(cols))
         assert int(c.const_cols[b]) == sum(k and a[0, j] != 0 for j, k in enumerate(cols))
+        assert c.first_rows[b] == tuple(i for i, r in enumerate(rows) if r)[:5]
+        assert c.first_cols[b] == tuple(j for j, k in enumerate(cols) if k)[:5]
     assert [int(c.zero_rows[0]), int(c.const_rows[0]), int(c.zero_cols[1]), int(c.const_cols[1])] == [1, 1, 1, 1]
+    many = torch.randn(2, 40, 3, generator=g)
+    many[1, ::3] = 0.0                                      # 14 zero rows: the first 5 listed
+    assert count_constant_lines(many).first_rows == [(), (0, 3, 6, 9, 12)]
     one_col = count_constant_lines(torch.zeros(5, 1))       # a line of one entry is not a line
     assert int(one_col.zero_rows) == -1 and int(one_col.zero_cols) == 1
 
