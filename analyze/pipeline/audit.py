@@ -313,7 +313,8 @@ def audit_checkpoint(path: str | os.PathLike[str], cfg: AnalysisConfig | None = 
     if baseline is not None:
         from analyze.pipeline.baseline import compare_checkpoints
 
-        rows, base_findings = compare_checkpoints(p, Path(baseline), cfg, frozen=frozen, step=step)
+        rows, base_findings = compare_checkpoints(p, Path(baseline), cfg, frozen=frozen, step=step,
+                                                  sigma={h.name: h.sigma for h in health})
         changes = tuple(rows)
         findings.extend(base_findings)
     skipped = [h for h in health if h.skip_reason is not None and h.numel > 0 and not h.nonfinite]

@@ -79,7 +79,7 @@ def _sigma(t: torch.Tensor) -> float:
     return estimate_spectral_norm(m).sigma
 
 
-def _compare(name: str, base_name: str, t: torch.Tensor, t0: torch.Tensor) -> TensorChange:
+def _compare(name: str, base_name: str, t: torch.Tensor, t0: torch.Tensor, sigma_after: float | None) -> TensorChange:
     shape, base_shape = tuple(t.shape), tuple(t0.shape)
     if shape != base_shape:
         return TensorChange(name, base_name, "reshaped", shape, base_shape)
@@ -87,10 +87,11 @@ def _compare(name: str, base_name: str, t: torch.Tensor, t0: torch.Tensor) -> Te
         return TensorChange(name, base_name, "buffer", shape, base_shape, equal=bool(torch.equal(t, t0)))
     diff, norm0 = change_norms(t, t0)
     return TensorChange(name, base_name, "changed", shape, base_shape, ratio_of_norms(diff, norm0),
-                        _sigma(t0), _sigma(t), equal=bool(torch.equal(t, t0)), diff_norm=diff, base_norm=norm0)
+                        _sigma(t0), _sigma(t) if sigma_after is None else sigma_after, equal=bool(torch.equal(t, t0)), diff_norm=diff, base_norm=norm0)
 
 
-def _paired(path: Path, base: Path, mapping: dict[str, str]) -> Iterator[TensorChange]:
+def _paired(path: Path, base: Path, mapping: dict[str, str],
+            known_sigma: dict[str, float]) -> Iterator[TensorChange]:
     """Stream both checkpoints side by side; yield each pair once both halves were read, and each
     unmatched tensor as added / removed."""
     inverse = {b: a for a, b in mapping.items()}
@@ -117,7 +118,7 @@ def _paired(path: Path, base: Path, mapping: dict[str, str]) -> Iterator[TensorC
                 pending[side][key] = t
                 continue
             a, b = (t, other) if side == 0 else (other, t)
-            change = _compare(key, mapping[key], a, b)
+            change = _compare(key, mapping[key], a, b, known_sigma.get(key))
             del t, other, a, b   # not held while the next pair is read
             yield change
     for name, t in pending[0].items():   # matched by name in the headers but never read: a partial file
@@ -131,14 +132,16 @@ def _fmt(x: float) -> str:
 
 
 def compare_checkpoints(path: Path, base: Path, cfg: AnalysisConfig, *, frozen: Sequence[str] = (),
-                        step: int | None = None) -> tuple[list[TensorChange], list[Finding]]:
-    """Per-tensor changes of ``path`` against ``base`` and their findings (module docstring)."""
+                        step: int | None = None, sigma: dict[str, float] | None = None,
+                        ) -> tuple[list[TensorChange], list[Finding]]:
+    """Per-tensor changes of ``path`` against ``base`` and their findings (module docstring).
+    ``sigma``: sigma_1 of the checkpoint's tensors already estimated (the audit's), not redone."""
     names = [t.name for t in checkpoint_info(path).tensors]
     base_names = [t.name for t in checkpoint_info(base).tensors]
     mapping, note = match_names(names, base_names)
     order = {n: i for i, n in enumerate(names)}
     base_order = {n: i for i, n in enumerate(base_names)}
-    rows = sorted(_paired(path, base, mapping),
+    rows = sorted(_paired(path, base, mapping, {k: v for k, v in (sigma or {}).items() if math.isfinite(v)}),
                   key=lambda r: (order.get(r.name, len(order)), base_order.get(r.base_name or "", 0)))
     out: list[Finding] = []
     f = out.append
