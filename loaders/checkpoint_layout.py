@@ -74,10 +74,13 @@ def not_analysed(folder: str | os.PathLike[str], prefix: str = "") -> list[str]:
 
 
 def has_weights(d: Path) -> bool:
-    """A folder holding a model's weights (an HF / accelerate checkpoint folder)."""
+    """A folder holding a model's weights (an HF / accelerate checkpoint folder, or a
+    ``torch.distributed.checkpoint`` folder: ``.metadata`` + ``*.distcp``)."""
     if not d.is_dir():
         return False
-    return any((d / w).exists() for w in WEIGHT_FILES)
+    from loaders.dcp import is_dcp_dir
+
+    return any((d / w).exists() for w in WEIGHT_FILES) or is_dcp_dir(d)
 
 
 def is_accelerate_dir(d: Path) -> bool:
@@ -101,14 +104,13 @@ def _hf_dir(p: Path, stop: Path | None) -> tuple[int, Path] | None:
     return None
 
 
-def _accelerate_step(d: Path, root: Path | None, warnings: DataWarnings) -> tuple[int | None, str]:
+def _accelerate_step(d: Path, root: Path | None) -> tuple[int | None, str]:
     for n in sorted(os.listdir(d)):
         if re.match(r"^scheduler(_\d+)?\.bin$", n):
             try:
                 obj = load_torch_object(d / n, root=root)
-            except TrainauditError as e:
-                warnings.add(d / n, f"{e.problem}; scheduler step not read")
-                continue
+            except TrainauditError:
+                continue  # no step from it: the file-order fallback warns
             s = _int(obj.get("last_epoch")) if isinstance(obj, dict) else None
             if s is not None:
                 return s, f"{n} last_epoch"
@@ -124,12 +126,11 @@ def _accelerate_step(d: Path, root: Path | None, warnings: DataWarnings) -> tupl
     return None, ""
 
 
-def _file_step(f: Path, root: Path | None, warnings: DataWarnings) -> tuple[int | None, str]:
+def _file_step(f: Path, root: Path | None) -> tuple[int | None, str]:
     if f.suffix == ".safetensors":
-        try:
+        try:  # a bad header is reported when the analysis reads the file
             meta = check_safetensors_header(f, root).get("__metadata__") or {}
-        except TrainauditError as e:
-            warnings.add(f, e.problem)
+        except TrainauditError:
             meta = {}
         s = _int(meta.get("step"))
         if s is not None:
@@ -148,19 +149,19 @@ def _file_step(f: Path, root: Path | None, warnings: DataWarnings) -> tuple[int 
     return None, ""
 
 
-def recorded_step(path: str | os.PathLike[str], *, root: str | os.PathLike[str] | None = None,
-                  warnings: DataWarnings | None = None) -> tuple[int | None, str]:
+def recorded_step(path: str | os.PathLike[str], *,
+                  root: str | os.PathLike[str] | None = None) -> tuple[int | None, str]:
     """The step a checkpoint (file or folder) records and where it was read; ``(None, "")`` when
-    nothing records it. The order of the sources is in the module docstring."""
+    nothing records it. The order of the sources is in the module docstring. Silent: a file that
+    cannot be read is reported when the analysis reads its tensors."""
     p = Path(path)
     r = Path(root) if root is not None else None
-    w = warnings if warnings is not None else DataWarnings()
     hf = _hf_dir(p, r)
     if hf is not None:
         return hf[0], f"folder {hf[1].name}"
     folder = p if p.is_dir() else p.parent
     if is_accelerate_dir(folder):
-        s, where = _accelerate_step(folder, r, w)
+        s, where = _accelerate_step(folder, r)
         if s is not None:
             return s, where
     if p.is_dir():
@@ -170,13 +171,13 @@ def recorded_step(path: str | os.PathLike[str], *, root: str | os.PathLike[str] 
         except TrainauditError:
             parts = []
         if parts:
-            s, where = _file_step(parts[0].path, r, w)
+            s, where = _file_step(parts[0].path, r)
             if s is not None:
                 return s, where
         if is_accelerate_dir(p):
             return None, ""  # checkpoint_N: a save counter, not a step
     else:
-        s, where = _file_step(p, r, w)
+        s, where = _file_step(p, r)
         if s is not None:
             return s, where
     s = step_from_name(p.name)
@@ -222,7 +223,7 @@ def find_checkpoints(folder: str | os.PathLike[str], *, root: str | os.PathLike[
     refs: list[CheckpointRef] = []
     unknown: list[Path] = []
     for q in found:
-        s, _ = recorded_step(q, root=r, warnings=warnings)
+        s, _ = recorded_step(q, root=r)
         if s is None:
             unknown.append(q)
         else:

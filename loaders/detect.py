@@ -269,13 +269,13 @@ def read_checkpoints(path: str | os.PathLike[str], *, warnings: DataWarnings | N
                 del obj
                 return read_nanogpt(p, warnings=warnings)
             del obj
-        step, where = recorded_step(p, warnings=warnings)
+        step, _ = recorded_step(p)
         if step is None:
             notes.append(f"{p.name} records no step: shown as step 0")
         ckpts.append(CheckpointRef(step or 0, p, checkpoint_kind(p)))
     elif has_weights(p):
         skipped.extend(not_analysed(p))
-        step, where = recorded_step(p, warnings=warnings)
+        step, _ = recorded_step(p)
         if step is None:
             notes.append(f"{p.name} records no step: shown as step 0")
         ckpts.append(CheckpointRef(step or 0, p, checkpoint_kind(p)))

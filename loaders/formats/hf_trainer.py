@@ -175,7 +175,7 @@ def read_hf(path: str | os.PathLike[str], *, warnings: DataWarnings | None = Non
     skipped: list[str] = []
     for n, d in dirs:
         if _has_weights(d):
-            step, _ = recorded_step(d, root=p, warnings=warnings)
+            step, _ = recorded_step(d, root=p)
             ckpts.append(CheckpointRef(n if step is None else step, d, "hf-dir"))
         else:
             warnings.add(d, "no weights in checkpoint folder (looked for model.safetensors, pytorch_model.bin)")
