@@ -263,10 +263,6 @@ class WideLog:
         self.cols: dict[str, tuple[array, array, array]] = {}     # name -> (rows, values, bad rows)
         self.ints: dict[str, tuple[array, array, dict[int, Any]]] = {}  # name -> (rows, ints, odd raw)
         self._slots: dict[str, tuple[array, array, array, tuple[array, array, dict[int, Any]] | None]] = {}
-        # Whole blocks (`add_block`): numpy parts per column, (rows, values) and (rows, ints).
-        # A part's rows are an int (its first row) when it covers consecutive rows.
-        self._parts: dict[str, list[tuple[np.ndarray | int, np.ndarray]]] = {}
-        self._int_parts: dict[str, list[tuple[np.ndarray | int, np.ndarray]]] = {}
 
     def _slot(self, k: str) -> tuple[array, array, array, tuple[array, array, dict[int, Any]] | None]:
         col = self.cols.setdefault(k, (array("q"), array("d"), array("q")))
@@ -318,80 +314,43 @@ class WideLog:
 
     def add_block(self, block: FlatBlock) -> None:
         """Append the records of one ``loaders.lines.parse_flat_json_block`` block: the same
-        cells ``add`` would store for each of its records, without a Python call per record.
-        A column present on every line of the block keeps its first row only (8 bytes a cell
-        less: a 10M-line log's step and loss columns)."""
+        cells ``add`` would store for each of its records (into the same arrays, so file order
+        holds across blocks and single records), without a Python call per record."""
         r0 = self.n
         self.n += block.n
         for k, (lines, at) in block.keys.items():
-            if k not in self.cols:
-                self._slot(k)
-            rows: np.ndarray | int = r0 if len(lines) == block.n else lines + r0
+            slot = self._slots.get(k) or self._slot(k)
+            rows = (lines + r0).tobytes()
             f = block.values[at]
-            self._parts.setdefault(k, []).append((rows, f))
-            if k.lower() not in self.step_like:
+            slot[0].frombytes(rows)
+            slot[1].frombytes(f.tobytes())
+            ic = slot[3]
+            if ic is None:
                 continue
             exact = (f >= 0) & (f < 2.0**53) & (np.floor(f) == f)  # coerce_step gives int(f), as for an int
             ints = np.where(exact, f, -1).astype(np.int64)
-            odd = self.ints[k][2]
             for i in np.flatnonzero(~exact).tolist():   # the rest as add() keeps them
                 v = block.raw[int(at[i])]
                 if type(v) is int and 0 <= v <= _INT64_MAX:
                     ints[i] = v
                 else:
-                    odd[r0 + int(lines[i])] = v
-            self._int_parts.setdefault(k, []).append((rows, ints))
-
-    @staticmethod
-    def _merge(pending: tuple[array, array], parts: list[tuple[np.ndarray | int, np.ndarray]],
-               dtype: type) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, values) of one column from its per-record arrays and its block parts, in row order."""
-        chunks = [(np.arange(r, r + len(v), dtype=np.int64) if isinstance(r, int) else r, v)
-                  for r, v in parts if len(v)]
-        if len(pending[0]):
-            chunks.append((np.frombuffer(pending[0], dtype=np.int64), np.frombuffer(pending[1], dtype=dtype)))
-        if not chunks:
-            return np.empty(0, np.int64), np.empty(0, dtype)
-        if len(chunks) == 1:
-            return chunks[0]
-        rows = np.concatenate([c[0] for c in chunks])
-        vals = np.concatenate([c[1] for c in chunks])
-        if (np.diff(rows) < 0).any():  # per-record rows and blocks interleaved
-            order = np.argsort(rows, kind="stable")
-            rows, vals = rows[order], vals[order]
-        return rows, vals
-
-    def _numeric(self, col: str) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, values) of the numeric cells of ``col``; its parts are merged into one (kept as
-        a first row when the rows are consecutive)."""
-        parts = self._parts.get(col)
-        c = self.cols[col]
-        if parts is None:
-            return self._merge((c[0], c[1]), [], np.float64)
-        if len(parts) != 1 or len(c[0]):
-            rows, vals = self._merge((c[0], c[1]), parts, np.float64)
-            dense = len(rows) > 0 and int(rows[-1]) - int(rows[0]) + 1 == len(rows)
-            parts[:] = [(int(rows[0]) if dense else rows, vals)]
-            c[0][:] = array("q")
-            c[1][:] = array("d")
-        rows_or_first, vals = parts[0]
-        if isinstance(rows_or_first, int):
-            return np.arange(rows_or_first, rows_or_first + len(vals), dtype=np.int64), vals
-        return rows_or_first, vals
+                    ic[2][r0 + int(lines[i])] = v
+            ic[0].frombytes(rows)
+            ic[1].frombytes(ints.tobytes())
 
     def columns(self) -> list[str]:
         return list(self.cols)
 
     def release(self) -> None:
         """Drop the stored cells (their copies live on in the Run's tables): peak memory."""
-        self.cols, self.ints, self._slots, self._parts, self._int_parts = {}, {}, {}, {}, {}
+        self.cols, self.ints, self._slots = {}, {}, {}
 
     def rows(self, col: str) -> np.ndarray:
         """Rows with a numeric cell in ``col``."""
-        return self._numeric(col)[0]
+        return np.frombuffer(self.cols[col][0], dtype=np.int64) if len(self.cols[col][0]) else np.empty(0, np.int64)
 
     def values(self, col: str) -> np.ndarray:
-        return self._numeric(col)[1]
+        return np.frombuffer(self.cols[col][1], dtype=np.float64) if len(self.cols[col][1]) else np.empty(0)
 
     def present(self, col: str) -> np.ndarray:
         """Rows with any non-empty cell in ``col`` (numeric or not), sorted."""
@@ -422,7 +381,8 @@ class WideLog:
         reasons: Counter[str] = Counter()
         if col in self.ints:
             rows_a, ints_a, odd = self.ints[col]
-            rows, ints = self._merge((rows_a, ints_a), self._int_parts.get(col, []), np.int64)
+            rows = np.frombuffer(rows_a, dtype=np.int64) if len(rows_a) else np.empty(0, np.int64)
+            ints = np.frombuffer(ints_a, dtype=np.int64) if len(ints_a) else np.empty(0, np.int64)
             ok = ints >= 0
             steps[rows[ok]] = ints[ok]
             valid[rows[ok]] = True
