@@ -150,7 +150,7 @@ def test_synthetic_run_tables_match_numpy(tmp_path: Path) -> None:
 
     # no model named: the model panels say why instead of vanishing
     for p in ("activations", "dead_neurons", "attention"):
-        assert "--model" in res.panels[p]
+        assert "--model" in res.panels[p] or "--eval-data" in res.panels[p]
     assert res.tables["activations"].empty
 
 
@@ -284,6 +284,15 @@ def test_demo_run_end_to_end_and_panels_match_direct_computation(demo_result, ti
     dn = res.tables["dead_neurons"]
     drow = dn[(dn["step"] == step) & (dn["layer"] == "blocks.1.mlp.act")].iloc[0]
     assert (drow["dead_count"], drow["d_ff"], drow["n_tokens"]) == (dead, 256, int(real.sum()))
+    # §5 f_j per unit: share of real tokens with |H| >= eps, by hand; its table agrees with the counts
+    f_ref = ((h >= 1e-3) & real[..., None]).sum(dim=(0, 1)).double().numpy() / int(real.sum())
+    af = res.tables["activation_frequency"]
+    arows = af[(af["step"] == step) & (af["layer"] == "blocks.1.mlp.act")].sort_values("unit")
+    assert list(arows["unit"]) == list(range(256))
+    np.testing.assert_allclose(arows["f_j"].astype(float), f_ref, rtol=0, atol=1e-12)
+    assert int((arows["f_j"] < 1e-3).sum()) == drow["near_dead_count"]
+    assert 1.0 - arows["f_j"].mean() == pytest.approx(drow["activation_sparsity"], abs=1e-12)
+    assert len(af) == len(dn) * 256  # every checkpoint x FFN layer x unit
 
     # §6 attention entropy of layer 0 head 0: mean over queries with >= 2 visible real keys
     alpha = torch.cat(rec["probs0"])[:, 0].double()  # (N, L, L)
@@ -343,3 +352,45 @@ def test_workers_give_the_same_tables(tiny_demo_run: Path, demo_result) -> None:
         pd.testing.assert_frame_equal(res.tables[name].reset_index(drop=True),
                                       par.tables[name].reset_index(drop=True), check_dtype=False,
                                       rtol=1e-5, obj=name)
+
+
+def test_summary_outputs_against_the_tables_and_the_config_reaches_the_report(tmp_path: Path) -> None:
+    """spike_score, heights in both units, checkpoint_to_keep and finding counts recomputed from the
+    result's own tables; a non-default config travels on the result into the report's text."""
+    run, truth = make_run(tmp_path)
+    cfg = AnalysisConfig(exact_svd=True, class_window=50, rho_low=2.5e-5, rho_high=0.25, spike_k=5.0)
+    res = analyze_run(run, cfg)
+    assert res.config is cfg
+    assert validate_summary(res.summary) == []
+    # §9 spike score: flagged logged points over all logged points, per series
+    tr = res.tables["train"]
+    for series in ("loss", "grad_norm"):
+        flags = tr.loc[tr["series"] == series, "spike"].astype(bool)
+        assert res.summary["spike_score"][series] == pytest.approx(flags.mean(), abs=0)
+    assert res.summary["spike_score"]["loss"] > 0  # the planted spike
+    sp = res.tables["spikes"]
+    spikes = sp[sp["kind"] == "spike"]
+    np.testing.assert_allclose(spikes["height_mad"].astype(float), 1.4826 * spikes["height_sigma"].astype(float),
+                               rtol=1e-12)
+    assert (spikes["height_sigma"].astype(float) > cfg.spike_k).all()
+    # checkpoint_to_keep by hand: each checkpoint's validation loss is the evaluation at its step or the
+    # latest before it; the last stable checkpoint precedes the first flagged event of either series
+    ev_steps, val = truth["ev_steps"], truth["val"]
+    ck = [r.step for r in truth["refs"]]
+    ck_val = [val[np.flatnonzero(ev_steps <= s)[-1]] for s in ck]
+    first_event = int(sp["first_step"].min())
+    keep = res.summary["checkpoint_to_keep"]
+    assert keep["best_val_step"] == ck[int(np.argmin(ck_val))]
+    assert keep["last_stable_step"] == max(s for s in ck if s < first_event)
+    assert res.headline["checkpoint_to_keep"] == keep
+    # counts: a "N more" row counts N; stdout and summary.json print the same numbers
+    by_sev = {s: sum(f.n for f in res.findings if f.severity == s) for s in ("error", "warning", "info")}
+    assert res.counts == res.summary["finding_counts"] == by_sev
+    assert res.headline["worst_finding"] is res.findings[0]
+    # the config's rho band reaches the report's text (not the defaults)
+    from reports.html import render_report
+    from reports.page import fmt_sci
+
+    html = render_report(res)
+    assert f"between {fmt_sci(2.5e-5)} and {fmt_sci(0.25)}" in html
+    assert f"between {fmt_sci(1e-4)} and {fmt_sci(0.1)}" not in html
