@@ -353,7 +353,7 @@ def plot_class_losses(table: pd.DataFrame, ax: Axes) -> None:
                   label=label(f"{name} (logged eval)"))
     if (table["source"] == "train").any():
         ax.fill_between([], [], [], color="#999999", alpha=0.3, lw=0,
-                        label="+-1 sigma of per-example loss in the window (clipped at 0)")
+                        label="+-1 sigma in the window (clipped at 0)")
     else:
         for i, (name, g) in enumerate(table.groupby("cls", sort=True)):
             g = g.sort_values("step")

@@ -110,7 +110,7 @@ def _spikes(p: Panel, result: Any, cache: FigureCache) -> None:
     p.lines.append(result.headlines.get("spikes", ""))
     score = (result.summary or {}).get("spike_score")
     if isinstance(score, dict):
-        parts = [f"{name} {fmt_num(100 * v, 3)}%" if v is not None else f"{name} not logged"
+        parts = [f"{name} {100 * v:.3g}%" if v is not None else f"{name} not logged"
                  for name, v in (("loss", score.get("loss")), ("grad norm", score.get("grad_norm")))]
         p.lines.append("Spike score (§9: share of logged points flagged): " + ", ".join(parts) + ".")
     add_figure(p, cache, "loss and grad-norm spikes", "plot_spikes", result.tables["train"], nrows=2, height=2.6,
