@@ -210,9 +210,9 @@ def wide_to_run(p: Path, log: WideLog, warnings: DataWarnings, *, source_format:
             seen.add(int(steps[r]))
     for c, s in val_cols.items():
         put(evals, c, s, keep_rows=accepted)
-    if late:
-        warnings.add(p, f"{late} validation row{'s' if late > 1 else ''} logged after training "
-                        f"(a later validate/test call) ignored")
+    if late:  # an ordinary fit-then-validate/test workflow, not a problem in the file: a note
+        notes.append(f"{late} validation row{'s' if late > 1 else ''} logged after training "
+                     f"(a later validate/test call) not used as validation history")
     for c in cols:
         if c in (step_col, loss_col, epoch_col) or c in other_train or c in val_cols or c in test_cols:
             continue
