@@ -358,13 +358,12 @@ def checkpoint_to_keep(tables: dict[str, pd.DataFrame], checkpoints: list[int],
     ck = pd.DataFrame({"step": np.asarray(steps, dtype=np.int64)})
     ev = tables["evals"]
     ev = ev[ev["series"].astype(str) == val_series] if val_series is not None and len(ev) else ev.iloc[0:0]
-    if len(ev):
-        val = pd.DataFrame({"step": ev["step"].astype(np.int64), "loss": ev["loss"].astype(float)})
-    else:
-        es = tables["eval_set"]
-        val = pd.DataFrame({"step": es["step"].astype(np.int64), "loss": es["loss"].astype(float)}) if len(es) \
-            else pd.DataFrame({"step": pd.Series(dtype=np.int64), "loss": pd.Series(dtype=float)})
-    val = val[np.isfinite(val["loss"])].sort_values("step", kind="stable").drop_duplicates("step", keep="last")
+    src = ev if len(ev) else tables["eval_set"]
+    step = pd.to_numeric(src["step"], errors="coerce").astype(float)
+    loss = pd.to_numeric(src["loss"], errors="coerce").astype(float)
+    keep_rows = np.isfinite(step) & np.isfinite(loss)
+    val = pd.DataFrame({"step": step[keep_rows].astype(np.int64), "loss": loss[keep_rows]})
+    val = val.sort_values("step", kind="stable").drop_duplicates("step", keep="last")
     if len(val):
         at = pd.merge_asof(ck, val, on="step", direction="backward")
         at = at[np.isfinite(at["loss"])]
