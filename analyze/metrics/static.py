@@ -124,12 +124,24 @@ def outlier_side(ratio: float, k: float) -> int:
     return 1 if ratio > k else -1 if ratio < 1.0 / k else 0
 
 
+CHANGE_BLOCK = 1 << 20   # elements per block of `change_norms` (its temporaries: a few MB, not a tensor's size)
+
+
 def change_norms(w: Tensor, w0: Tensor) -> tuple[float, float]:
-    """``(||w - w0||_F, ||w0||_F)`` in float64 accumulation (half types upcast first)."""
-    a = w.detach().to(torch.float32) if w.dtype not in (torch.float32, torch.float64) else w.detach()
-    b = w0.detach().to(a.dtype)
-    return float(torch.linalg.vector_norm(a - b, dtype=torch.float64)), float(torch.linalg.vector_norm(
-        b, dtype=torch.float64))
+    """``(||w - w0||_F, ||w0||_F)``, sums of squares accumulated in float64 over blocks of
+    ``CHANGE_BLOCK`` elements: the difference and the float64 copy exist one block at a time
+    (whole, they were 3x a 154 MB embedding)."""
+    a, b = w.detach().reshape(-1), w0.detach().reshape(-1)
+    if a.numel() != b.numel():
+        raise ValueError(f"shapes differ: {tuple(w.shape)} and {tuple(w0.shape)}")
+    sq_diff = sq_base = 0.0
+    for i in range(0, a.numel(), CHANGE_BLOCK):
+        x = a[i:i + CHANGE_BLOCK].to(torch.float64)
+        y = b[i:i + CHANGE_BLOCK].to(torch.float64)
+        sq_base += float(torch.dot(y, y))
+        x -= y
+        sq_diff += float(torch.dot(x, x))
+    return math.sqrt(sq_diff), math.sqrt(sq_base)
 
 
 def ratio_of_norms(diff: float, base: float) -> float:
