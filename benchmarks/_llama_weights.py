@@ -64,7 +64,7 @@ class LlamaLayout:
 
 LLAMA_SIZES = {"1.1b": LlamaLayout(22, 2048, 5632, 32, 4, 32000),     # 1,100,048,384 parameters
                "124m": LlamaLayout(12, 768, 2048, 12, 4, 32000),      # ~124M
-               "10m": LlamaLayout(4, 256, 688, 8, 2, 8000)}           # ~7.3M
+               "10m": LlamaLayout(5, 320, 864, 8, 2, 8000)}           # ~10.6M
 
 
 def _ratio(name: str) -> float:
