@@ -127,21 +127,23 @@ def outlier_side(ratio: float, k: float) -> int:
 CHANGE_BLOCK = 1 << 20   # elements per block of `change_norms` (its temporaries: a few MB, not a tensor's size)
 
 
-def change_norms(w: Tensor, w0: Tensor) -> tuple[float, float]:
-    """``(||w - w0||_F, ||w0||_F)``, sums of squares accumulated in float64 over blocks of
-    ``CHANGE_BLOCK`` elements: the difference and the float64 copy exist one block at a time
-    (whole, they were 3x a 154 MB embedding)."""
+def change_norms(w: Tensor, w0: Tensor) -> tuple[float, float, float]:
+    """``(||w - w0||_F, ||w0||_F, ||w||_F)`` over blocks of ``CHANGE_BLOCK`` elements: a block's
+    sum of squares in the tensors' precision (float32 for half types), the blocks' sums added in
+    float64. The difference exists one block at a time (whole, it and a float64 copy were 3x a
+    154 MB embedding). A non-finite norm means a non-finite entry (or an overflow)."""
     a, b = w.detach().reshape(-1), w0.detach().reshape(-1)
     if a.numel() != b.numel():
         raise ValueError(f"shapes differ: {tuple(w.shape)} and {tuple(w0.shape)}")
-    sq_diff = sq_base = 0.0
+    dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    sq_diff = sq_base = sq_new = 0.0
     for i in range(0, a.numel(), CHANGE_BLOCK):
-        x = a[i:i + CHANGE_BLOCK].to(torch.float64)
-        y = b[i:i + CHANGE_BLOCK].to(torch.float64)
+        x, y = a[i:i + CHANGE_BLOCK].to(dtype), b[i:i + CHANGE_BLOCK].to(dtype)
         sq_base += float(torch.dot(y, y))
-        x -= y
-        sq_diff += float(torch.dot(x, x))
-    return math.sqrt(sq_diff), math.sqrt(sq_base)
+        sq_new += float(torch.dot(x, x))
+        d = x - y
+        sq_diff += float(torch.dot(d, d))
+    return math.sqrt(sq_diff), math.sqrt(sq_base), math.sqrt(sq_new)
 
 
 def ratio_of_norms(diff: float, base: float) -> float:
@@ -156,7 +158,7 @@ def ratio_of_norms(diff: float, base: float) -> float:
 def relative_change(w: Tensor, w0: Tensor) -> float:
     """``||w - w0||_F / ||w0||_F``; 0 when both are equal, inf when only ``w0`` is all zero, NaN
     when either has a non-finite value."""
-    return ratio_of_norms(*change_norms(w, w0))
+    return ratio_of_norms(*change_norms(w, w0)[:2])
 
 
 def group_change(diff: np.ndarray, base: np.ndarray, groups: Sequence[str]) -> dict[str, float]:

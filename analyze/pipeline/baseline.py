@@ -72,11 +72,12 @@ def match_names(names: Sequence[str], base_names: Sequence[str]) -> tuple[dict[s
     return best, note
 
 
-def _sigma(t: torch.Tensor) -> float:
+def _sigma(t: torch.Tensor, finite: bool) -> float:
+    """sigma_1 (§4) of a tensor known to be finite (its norm is), NaN for non-matrices."""
     m = as_matrix(t)
-    if m is None or not bool(torch.isfinite(m).all()):
+    if m is None or not finite:
         return math.nan
-    return estimate_spectral_norm(m).sigma
+    return estimate_spectral_norm(m, check_finite=False).sigma
 
 
 def _compare(name: str, base_name: str, t: torch.Tensor, t0: torch.Tensor, sigma_after: float | None) -> TensorChange:
@@ -85,9 +86,10 @@ def _compare(name: str, base_name: str, t: torch.Tensor, t0: torch.Tensor, sigma
         return TensorChange(name, base_name, "reshaped", shape, base_shape)
     if not (t.is_floating_point() and t0.is_floating_point()):
         return TensorChange(name, base_name, "buffer", shape, base_shape, equal=bool(torch.equal(t, t0)))
-    diff, norm0 = change_norms(t, t0)
+    diff, norm0, norm = change_norms(t, t0)
+    after = _sigma(t, math.isfinite(norm)) if sigma_after is None else sigma_after
     return TensorChange(name, base_name, "changed", shape, base_shape, ratio_of_norms(diff, norm0),
-                        _sigma(t0), _sigma(t) if sigma_after is None else sigma_after, equal=bool(torch.equal(t, t0)), diff_norm=diff, base_norm=norm0)
+                        _sigma(t0, math.isfinite(norm0)), after, equal=bool(torch.equal(t, t0)), diff_norm=diff, base_norm=norm0)
 
 
 def _paired(path: Path, base: Path, mapping: dict[str, str],

@@ -133,6 +133,13 @@ def test_relative_change_against_numpy() -> None:
     assert relative_change(w0, w0) == 0.0
     assert relative_change(torch.ones(3), torch.zeros(3)) == math.inf
     assert relative_change(w0.to(torch.bfloat16), w0.to(torch.bfloat16)) == 0.0
+    bad = w0.clone()
+    bad[3, 4] = float("nan")
+    assert math.isnan(relative_change(bad, w0)) and math.isnan(relative_change(w0, bad))
+    big = torch.randn(3 * (1 << 20) + 7, generator=g)          # several blocks, against float64 numpy
+    big0 = big + 1e-3 * torch.randn(big.shape, generator=g)
+    ref = np.linalg.norm(big.double().numpy() - big0.double().numpy()) / np.linalg.norm(big0.double().numpy())
+    assert relative_change(big, big0) == pytest.approx(ref, rel=1e-5)
 
 
 # --- constant rows and columns ---------------------------------------------------------------
