@@ -185,9 +185,13 @@ def test_comparison_page_in_chromium(compared, tmp_path: Path) -> None:
 
     out, _, _ = compared
     url = (out / "comparison.html").as_uri()
-    events, png, metrics = harness.visit(url, tmp_path / "profile")
+    events, png, metrics, boxes = harness.visit(url, tmp_path / "profile")
     assert harness.problems(events, url) == []
     img = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float64)[:1300]  # the page proper
     assert metrics["cssContentSize"]["height"] > 1000 and img.shape[1] >= 1000
     assert img.std() > 20 and (img < 128).mean() > 0.005  # not blank: tables, text and the figure
+    # the loss figure shows drawn curves (coloured pixels; text, axes and grid are grey), not only its labels
+    (x0, y0, x1, y1), = boxes
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)[y0:y1, x0:x1]
+    assert ((rgb.max(axis=2) - rgb.min(axis=2)) > 30).mean() > 5e-4
     (out / "screenshot.png").write_bytes(png)

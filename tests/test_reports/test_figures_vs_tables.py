@@ -11,8 +11,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.collections import LineCollection, PathCollection, PolyCollection
-from matplotlib.lines import Line2D
+from matplotlib.collections import PathCollection, PolyCollection
 from matplotlib.patches import Rectangle
 
 from reports import figures as F
