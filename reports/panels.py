@@ -65,7 +65,9 @@ def _spectral_tables(t: pd.DataFrame) -> tuple[list[Table], list[str]]:
             ("power_iterations", "power: iters", "num"), ("sigma_ratio", "sigma2/ sigma1", "num"),
             ("stable_rank", "stable rank", "num")]
     last_step = int(t["step"].max())
-    last = t[t["step"] == last_step].sort_values("tensor")
+    # model order: numbers in names compared as numbers (blocks.2 before blocks.10)
+    last = t[t["step"] == last_step].sort_values(
+        "tensor", key=lambda c: c.astype(str).str.replace(r"\d+", lambda m: m.group().zfill(10), regex=True))
     n_show = 60
     tables = [Table(f"Validation at the last checkpoint (step {last_step}), by tensor name: the default estimator "
                     f"({t['method'].iloc[0] if len(t) else '-'}) and the sheet's power iteration against exact SVD",

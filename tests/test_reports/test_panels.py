@@ -137,3 +137,18 @@ def test_update_ratio_band_text_and_shading_agree(drawn) -> None:
     assert (span.get_y(), span.get_y() + span.get_height()) == pytest.approx((3e-6, 4e-3))
     assert span.get_label() == "typical range 3e-6 to 4e-3 per step"
     assert "inside the shaded 3e-6 to 4e-3" in p.healthy
+
+
+def test_validation_table_in_model_order_and_slowest_cases_by_iterations() -> None:
+    from reports.panels import _spectral_tables
+
+    names = ["blocks.10.w", "blocks.2.w", "blocks.1.w", "tok.weight"]
+    its = [7, 40, 12, 3]
+    errs = [5e-3, 1e-5, 2e-2, 0.0]  # the largest error is not the slowest case
+    t = pd.DataFrame({c: 0.0 for c in TABLE_COLUMNS["spectral"]}, index=range(4)).assign(
+        step=9, tensor=names, shape="4x4", method="lanczos", power_iterations=its, power_rel_err=errs,
+        rel_err=1e-9, finite=True, warm_start=False, power_warm_start=False)
+    (valid, slow), _ = _spectral_tables(t)
+    assert [r["tensor"] for r in valid.rows] == ["blocks.1.w", "blocks.2.w", "blocks.10.w", "tok.weight"]
+    assert [r["tensor"] for r in slow.rows] == [n for _, n in sorted(zip(its, names), reverse=True)]
+    assert len(valid.columns) <= 12  # fits the page (headers wrap)
