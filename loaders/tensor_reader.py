@@ -12,7 +12,7 @@ plain pread of one tensor's bytes, never an mmap, so the resident set stays near
 
 Why recycled buffers: a fresh 46 MB tensor costs ~11,000 page faults, each with the kernel
 zeroing a page; measured on a 5632 x 2048 bf16 matrix, ``.to(torch.float32)`` takes 84 ms and a
-``copy_`` into a buffer the process already touched 3 ms (benchmarks/weights_sharded.py).
+``copy_`` into a buffer the process already touched 3 ms (one thread, torch 2.13).
 Other kinds (torch pickles, DCP folders) go through ``loaders.checkpoints.iter_tensors``, one
 tensor at a time, and are upcast into the same buffers.
 """
