@@ -170,6 +170,8 @@ def test_a_late_loss_spike_stands_out_on_the_spike_panel() -> None:
     F.plot_spikes(t, [a_loss, a_gn])
     fig.canvas.draw()
     x, y = by_series(t, "loss")
+    assert [x[280], y[280]] in scatter_of(a_loss).tolist()  # the ring is drawn at the spike
+    same(lines_of(a_loss)["loss"][1], y)
     to_px = a_loss.transData.transform
     spike = to_px([[x[280], y[280]]])[0, 1]
     before = to_px([[x[279], y[279]]])[0, 1]
