@@ -4,6 +4,9 @@ Every foreign reader collects ``(step, series, value)`` triples in file order an
 ``build_run``; the rewind policy, dtypes and sort order are decided here once, and so is the
 validation series the overfitting verdict uses (`preferred_val_series`, also the analysis's
 choice for every run format).
+
+Over 400 lines on purpose: ``Triples`` and ``WideLog`` are the two column stores every foreign
+reader fills, kept beside the one place (``build_run``) that turns them into tables.
 """
 from __future__ import annotations
 
