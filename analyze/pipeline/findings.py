@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analyze.config import AnalysisConfig
-from analyze.metrics.gradients import classify_rho
+from analyze.metrics.rho import classify_rho  # numpy only: a cached report imports no torch
 from analyze.metrics.growth import spectral_growth
 from analyze.metrics.overfitting import memorisation
 from analyze.pipeline.tables import SEVERITY_ORDER, Finding, Severity, finite_or_none
