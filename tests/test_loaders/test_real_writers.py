@@ -288,7 +288,7 @@ def acc_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         opt.step()
         sched.step()
         opt.zero_grad()
-        train[step] = float(loss)
+        train[step] = float(loss.detach())
         acc.log({"train_loss": train[step]}, step=step)
         if step % 2 == 0:
             acc.save_state()
