@@ -133,7 +133,7 @@ def test_table_digest_follows_every_value() -> None:
         "series": lambda d: d.__setitem__("series", d["series"].where(d.index != 999_999, "grad_norm")),
         "spike": lambda d: d.__setitem__("spike", d["spike"] ^ (d.index == 12)),
         "dtype": lambda d: d.__setitem__("step", d["step"].astype(np.float64)),
-        "name": lambda d: d.rename(columns={"value": "loss"}, inplace=True),
+        "name": lambda d: setattr(d, "columns", ["step", "series", "loss", "spike"]),
     }
     for what, change in changes.items():
         other = df.copy()
