@@ -16,6 +16,9 @@ Thin orchestration over the metric modules (no formula lives here):
 Per-checkpoint results are cached in the output folder (`analyze.pipeline.cache`), so a second run on an
 unchanged run recomputes nothing - and imports no torch: the per-class tables (computed with
 torch) are cached too, and the task modules are imported only when a checkpoint needs work.
+
+One module over 400 lines because `analyze_run` is one ordered recipe (logs, checkpoints, tables,
+findings, summary) whose steps share its locals; the formulas and rules live elsewhere.
 """
 from __future__ import annotations
 
