@@ -1,13 +1,17 @@
 """Logger overhead on the demo model (§13): median CPU step time with and
-without RunLogger, and with TensorBoard's SummaryWriter.add_scalar logging the same values
-every step, measured side by side in one process in interleaved blocks.
+without RunLogger (without and with per-tensor gradient norms recorded every step), and with
+TensorBoard's SummaryWriter.add_scalar logging the same values every step, measured side by
+side in one process in interleaved blocks.
 
     python benchmarks/logger_overhead.py [--steps-per-mode 400] [--block 20]
 
 Each "step" is a full training step (forward, backward, AdamW) of MiniGPT on a batch of 32
 verb-corpus sentences. The logged variant calls log_step (global grad norm from the model's
 grads) and log_class_losses every step, log_eval never (it is rare) and flushes every 50
-steps with fsync, as in the demo.
+steps with fsync, as in the demo. "trainaudit+norms" is the same with
+RunLogger(grad_norms_every=1): the per-tensor norms of the global norm's reduction (§11) are
+kept and written every step, the most a user can ask for (the default keeps them at checkpoint
+steps only).
 """
 from __future__ import annotations
 
@@ -40,12 +44,14 @@ def main() -> None:
     batches = corpus.batches(data, 32, 0)
     tmp = Path(tempfile.mkdtemp(prefix="trainaudit-bench-"))
     log = RunLogger(tmp / "run", class_names=corpus.CLASS_NAMES, flush_every=50)
+    log_norms = RunLogger(tmp / "run_norms", class_names=corpus.CLASS_NAMES, flush_every=50, grad_norms_every=1)
+    loggers = {"trainaudit": log, "trainaudit+norms": log_norms}
     try:
         from torch.utils.tensorboard import SummaryWriter
         tb = SummaryWriter(str(tmp / "tb"))
     except ImportError:
         tb = None
-    modes = ["none", "trainaudit"] + (["tensorboard"] if tb is not None else [])
+    modes = ["none", "trainaudit", "trainaudit+norms"] + (["tensorboard"] if tb is not None else [])
     times: dict[str, list[float]] = {m: [] for m in modes}
     step = 0
 
@@ -56,9 +62,9 @@ def main() -> None:
         loss, per_example = masked_losses(model(idx), targets, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if mode == "trainaudit":
-            log.log_step(step, loss=loss, model=model, lr=1e-3)
-            log.log_class_losses(step, per_example, cls)
+        if mode in loggers:
+            loggers[mode].log_step(step, loss=loss, model=model, lr=1e-3)
+            loggers[mode].log_class_losses(step, per_example, cls)
         elif mode == "tensorboard":
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             gn = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
@@ -82,6 +88,7 @@ def main() -> None:
         for m in order:
             times[m].extend(one_step(m) for _ in range(args.block))
     log.close()
+    log_norms.close()
     if tb is not None:
         tb.close()
 
@@ -95,17 +102,20 @@ def main() -> None:
               f"{(med - base) / base * 100:>8.2f}%")
     # The logger's own cost, timed alone (no training noise): per-step calls plus amortised flush.
     reps = 2000
-    g = RunLogger(tmp / "run2", class_names=corpus.CLASS_NAMES, flush_every=50)
     loss, per_example = torch.tensor(1.0), torch.rand(32)
     cls = torch.randint(0, 2, (32,))
-    t0 = time.perf_counter()
-    for s in range(reps):
-        g.log_step(s, loss=loss, model=model, lr=1e-3)
-        g.log_class_losses(s, per_example, cls)
-    g.close()
-    per_call = (time.perf_counter() - t0) / reps
-    print(f"logger calls alone: {per_call * 1e6:.1f} us per step (incl. amortised flush+fsync) "
-          f"= {per_call / base * 100:.2f}% of the median step")
+    n_tensors = sum(1 for p in model.parameters() if p.grad is not None)
+    for what, every in (("without per-tensor grad norms", None),
+                        (f"with per-tensor grad norms every step ({n_tensors} tensors)", 1)):
+        g = RunLogger(tmp / f"alone{every}", class_names=corpus.CLASS_NAMES, flush_every=50, grad_norms_every=every)
+        t0 = time.perf_counter()
+        for s in range(reps):
+            g.log_step(s, loss=loss, model=model, lr=1e-3)
+            g.log_class_losses(s, per_example, cls)
+        g.close()
+        per_call = (time.perf_counter() - t0) / reps
+        print(f"logger calls alone, {what}: {per_call * 1e6:.1f} us per step (incl. amortised flush+fsync) "
+              f"= {per_call / base * 100:.2f}% of the median step")
 
 
 if __name__ == "__main__":
