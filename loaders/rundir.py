@@ -256,6 +256,10 @@ def _read_eval_log(run_dir: Path, warnings: DataWarnings) -> tuple[pd.DataFrame,
             warnings.add(path, f"record without a valid step skipped (step={rec.get('step')!r}: {why})", line=line)
             continue
         split = str(rec.get("split", "val"))
+        skipped = _num(rec.get("n_nonfinite"))
+        if math.isfinite(skipped) and skipped > 0:  # left out of the evaluation's class states (§8)
+            warnings.add(path, f"evaluation at step {step} ({split}): {int(skipped)} example loss(es) were NaN or "
+                               "infinite and left out of the per-class losses", line=line)
         evals.append({"step": step, "series": split, "loss": _num(rec.get("loss"))})
         cls = rec.get("classes") or {}
         if isinstance(cls, dict):
@@ -311,9 +315,19 @@ def read_run_dir(path: str | os.PathLike[str]) -> Run:
     if len(train) and train["loss"].dtype == np.float32:
         notes.append(f"{fmt.TRAIN_FILE}: {len(train):,} rows held as float32 to bound memory (large log); "
                      "wall_time not loaded")
+    n_nonfinite, nonfinite_steps = 0, []
     for _, ev in _read_jsonl(run_dir / fmt.EVENTS_FILE, run_dir, warnings):
         if ev.get("event") == "resume":
             notes.append(f"the run was resumed at step {ev.get('step')}")
+        elif ev.get("event") == "nonfinite_class_losses":  # the logger left these out of the states (§8)
+            n = _num(ev.get("n"))
+            n_nonfinite += int(n) if math.isfinite(n) else 0
+            steps = ev.get("steps")
+            nonfinite_steps += list(steps) if isinstance(steps, dict) else []
+    if n_nonfinite:
+        first = ", ".join(map(str, nonfinite_steps[:5])) + (" ..." if len(nonfinite_steps) > 5 else "")
+        warnings.add(run_dir / fmt.EVENTS_FILE, f"{n_nonfinite} training example loss(es) were NaN or infinite "
+                                                f"and left out of the per-class losses (steps {first})")
     model_meta = meta.get("model")
     model = None
     if isinstance(model_meta, dict) and isinstance(model_meta.get("name"), str):

@@ -188,3 +188,15 @@ def test_sigkill_mid_run_leaves_a_loadable_run(tmp_path: Path, delay: float) -> 
     # a restart cleans temp files left by the kill
     RunLogger(run_dir).close()
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_nonfinite_example_losses_surface_as_data_warnings(tmp_path: Path) -> None:
+    with RunLogger(tmp_path / "r", class_names=["a", "b"], flush_every=2) as log:
+        for s in range(4):
+            log.log_step(s, loss=1.0, grad_norm=1.0)
+            log.log_class_losses(s, torch.tensor([1.0, float("nan"), 2.0]), torch.tensor([0, 1, 1]))
+        log.log_eval(4, loss=1.0, per_example_loss=torch.tensor([float("inf"), 1.0, 3.0]),
+                     class_ids=torch.tensor([0, 1, 0]))
+    w = load_run(tmp_path / "r").warnings
+    assert any("events.jsonl" in x and "4 training example loss(es)" in x for x in w), w
+    assert any("eval.jsonl:1" in x and "1 example loss(es)" in x and "step 4" in x for x in w), w
