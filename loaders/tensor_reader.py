@@ -167,7 +167,8 @@ def safetensors_locations(ref_or_path: CheckpointRef | str | os.PathLike[str], *
     """Every tensor of a safetensors-only checkpoint (one file, an HF folder or a sharded index)
     in storage order: shards in index order, each by offset. None for other kinds. Shards that are
     missing or unreadable are left out and recorded on the returned source (``missing``,
-    ``unreadable``); with `partial` an unreadable shard is a warning, else it raises."""
+    ``unreadable``; with `partial` an unreadable one is also a warning); a single file that
+    cannot be read raises."""
     from loaders.checkpoint_files import resolve, shard_header
     from loaders.checkpoints import _strip
     from loaders.safetensors_file import safetensors_entries
@@ -183,7 +184,9 @@ def safetensors_locations(ref_or_path: CheckpointRef | str | os.PathLike[str], *
     rename = _strip(src.index_names, src.path, warnings)[0] if src.index_names is not None else None
     locs: list[_Loc] = []
     for k, part in enumerate(src.parts):
-        header = shard_header(src, part, warnings, skip=partial)
+        # an unreadable shard of a sharded checkpoint is left out and recorded on `src`: the caller
+        # reads the others first and then raises (or, with `partial`, warns: bad-inputs.md B13)
+        header = shard_header(src, part, warnings if partial else None, skip=True)
         if header is None:
             continue
         rows = safetensors_entries(header)
