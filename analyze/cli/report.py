@@ -24,7 +24,7 @@ __all__ = ["report"]
               help="Output folder [default: RUN/report/ for one run folder, <file>-report/ beside a single "
                    "file; ./trainaudit-compare/ for several runs or a folder of runs].")
 @click.option("--exact-svd/--no-exact-svd", "exact_svd", default=None,
-              help="Exact SVD beside the spectral estimators [default: on up to ~10M parameters].")
+              help="Exact SVD beside the spectral estimators, for the validation table [default: on up to ~10M parameters]. Matrices with min dimension <= 128 always get it: there it costs less than the estimator.")
 @click.option("--strict", is_flag=True, help="Exit 2 when the run's files had any data warning (after writing).")
 @click.option("--format", "fmt", default=None, metavar="NAME",
               help="Read RUN as this format instead of detecting it.")

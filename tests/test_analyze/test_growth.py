@@ -128,7 +128,7 @@ def test_finding_thresholds_come_from_the_config() -> None:
     tables["dead_neurons"] = pd.DataFrame([{"step": 9, "layer": "blocks.0", "d_ff": 100, "dead_count": 5,
                                             "dead_fraction": 0.05, "n_tokens": 10, "eps": 1e-3, "activation": "gelu"}])
     tables["attention_logits"] = pd.DataFrame({"step": [0, 9], "layer": [0, 0], "max_logit": [6.0, 12.5]})
-    tables["tau"] = pd.DataFrame({"source": ["train"], "step": [2000], "tau": [0.6]})
+    tables["tau"] = pd.DataFrame({"source": ["train"], "step": [2000], "tau": [0.6], "se": [0.05]})
 
     def found(cfg: AnalysisConfig) -> dict[str, object]:
         ctx = Context(cfg, "t", True, None, None, 0, last_step=2000)
