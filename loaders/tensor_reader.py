@@ -15,6 +15,9 @@ zeroing a page; measured on a 5632 x 2048 bf16 matrix, ``.to(torch.float32)`` ta
 ``copy_`` into a buffer the process already touched 3 ms (one thread, torch 2.13).
 Other kinds (torch pickles, DCP folders) go through ``loaders.checkpoints.iter_tensors``, one
 tensor at a time, and are upcast into the same buffers.
+
+Over 400 lines on purpose: both readers share the buffer pool and the block-wise upcast, whose
+correctness depends on the two staying in step.
 """
 from __future__ import annotations
 
