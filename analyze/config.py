@@ -19,9 +19,13 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["AnalysisConfig", "EXACT_SVD_AUTO_MAX_PARAMS", "CACHE_VERSION", "default_workers"]
+__all__ = ["AnalysisConfig", "EXACT_SVD_AUTO_MAX_PARAMS", "POWER_ITERATION_MAX_PARAMS", "CACHE_VERSION",
+           "default_workers"]
 
 EXACT_SVD_AUTO_MAX_PARAMS = 10_000_000  # exact SVD beside the estimators up to ~10M parameters
+# the sheet's power iteration beside the default estimator up to 200M parameters: every matrix of
+# the demo and of GPT-2-small (124M) gets it; at 1.1B it would cost 1.5x the estimator (docs/scaling.md)
+POWER_ITERATION_MAX_PARAMS = 200_000_000
 CACHE_VERSION = 7  # bump when the per-checkpoint rows change shape or meaning
 
 
@@ -42,6 +46,8 @@ class AnalysisConfig:
     power_tol: float = 1e-4              # the sheet's power-iteration stop (§4)
     power_max_iter: int = 100            # the sheet's iteration cap (§4)
     power_iteration: bool = True         # run the sheet's method beside the default estimator (validation table)
+    power_iteration_max_params: int | None = POWER_ITERATION_MAX_PARAMS  # ... on checkpoints up to this many
+                                         # parameters (None: any size); above it sigma_power is NaN (§4)
     estimator_rel_tol: float = 1e-3      # default estimator must be this close to exact (§4)
     dead_eps: float = 1e-3               # dead FFN unit threshold on |H| (§5)
     spike_window: int = 50               # logged points in the median/MAD window (§9)
@@ -97,6 +103,7 @@ class AnalysisConfig:
     def __post_init__(self) -> None:
         checks = {
             "power_tol": self.power_tol > 0, "power_max_iter": self.power_max_iter >= 1,
+            "power_iteration_max_params": self.power_iteration_max_params is None or self.power_iteration_max_params >= 0,
             "dead_eps": self.dead_eps > 0, "spike_window": self.spike_window >= 2,
             "spike_k": self.spike_k > 0, "gl_alpha": self.gl_alpha > 0,
             "divergence_delta": self.divergence_delta >= 0, "class_window": self.class_window >= 1,
@@ -127,6 +134,11 @@ class AnalysisConfig:
     def use_exact_svd(self, n_params: int) -> bool:
         """Exact SVD on or off for a checkpoint of `n_params` parameters."""
         return self.exact_svd if self.exact_svd is not None else n_params <= EXACT_SVD_AUTO_MAX_PARAMS
+
+    def use_power_iteration(self, n_params: int) -> bool:
+        """The sheet's power iteration on or off for a checkpoint of `n_params` parameters."""
+        limit = self.power_iteration_max_params
+        return self.power_iteration and (limit is None or n_params <= limit)
 
     def cache_key(self) -> str:
         """Hash of the fields that change per-checkpoint results (not where they run, not log-only knobs)."""

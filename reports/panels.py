@@ -33,9 +33,14 @@ def _of_facts(result: Any) -> Table | None:
     return Table("Overfitting (§10)", [("what", "", "text"), ("value", "", "name")], rows)
 
 
-def _spectral_tables(t: pd.DataFrame) -> tuple[list[Table], list[str]]:
+def _spectral_tables(t: pd.DataFrame, power_limit: int | None = None) -> tuple[list[Table], list[str]]:
     lines = []
     ok = t[t["finite"].astype(bool)]
+    if len(ok) and not (ok["power_iterations"].astype(float) > 0).any():
+        limit = f"{power_limit:,}" if power_limit is not None else "no"
+        lines.append(f"The sheet's power iteration did not run (AnalysisConfig.power_iteration_max_params: it runs "
+                     f"on checkpoints up to {limit} parameters, unless power_iteration is off): its columns "
+                     "(power: sigma, rel err, iters) are empty; the default estimator and its bound are on every row.")
     if len(ok):
         rel, prel = ok["rel_err"].astype(float), ok["power_rel_err"].astype(float)
         n = len(ok)
@@ -44,9 +49,10 @@ def _spectral_tables(t: pd.DataFrame) -> tuple[list[Table], list[str]]:
         if np.isfinite(rel).any():
             lines.append(f"Over all {n} estimates: default estimator ({ok['method'].iloc[0]}) max relative error "
                          f"{fmt_num(np.nanmax(rel), 2)} (target 1e-3), largest own error bound "
-                         f"{fmt_num(ok['err_bound'].astype(float).max(), 2)}; the sheet's power iteration max relative "
-                         f"error {fmt_num(np.nanmax(prel), 2)}, above 1e-3 on {int((prel > 1e-3).sum())} of {n}. "
-                         f"Warm-started from the previous checkpoint's vector: {warm} of {n} default estimates, "
+                         f"{fmt_num(ok['err_bound'].astype(float).max(), 2)}"
+                         + (f"; the sheet's power iteration max relative error {fmt_num(np.nanmax(prel), 2)}, above "
+                            f"1e-3 on {int((prel > 1e-3).sum())} of {n}. " if np.isfinite(prel).any() else ". ")
+                         + f"Warm-started from the previous checkpoint's vector: {warm} of {n} default estimates, "
                          f"{pwarm} of {n} "
                          "power iterations.")
         else:
@@ -142,7 +148,7 @@ def _activations(p: Panel, result: Any, cache: FigureCache) -> None:
 
 def _spectral(p: Panel, result: Any, cache: FigureCache) -> None:
     add_figure(p, cache, "spectral norm per weight matrix", "plot_spectral", result.tables["spectral"], height=3.6)
-    tables, lines = _spectral_tables(result.tables["spectral"])
+    tables, lines = _spectral_tables(result.tables["spectral"], _config(result).power_iteration_max_params)
     p.lines += lines
     p.tables += tables
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -149,10 +149,15 @@ def _checkpoints(run: Run, cfg: AnalysisConfig, cache: CheckpointCache, progress
     if cfg.exact_svd is None:
         notes.append(f"exact SVD {'on' if exact else 'off'} (auto: {n_params:,} parameters by {how}; "
                      f"on up to 10,000,000)" if n_params is not None else "exact SVD on (auto: size unknown)")
+    power = cfg.use_power_iteration(n_params if n_params is not None else 0)
+    if cfg.power_iteration and not power:
+        notes.append(f"the sheet's power iteration off ({n_params:,} parameters by {how}; on up to "
+                     f"{cfg.power_iteration_max_params:,}, AnalysisConfig.power_iteration_max_params): "
+                     "sigma_power and power_rel_err are empty")
     # What else changes a checkpoint's rows: the model the run names, its classes and the eval set.
     from analyze.pipeline.cache import checkpoint_fingerprint
 
-    cfg_key = "|".join((cfg.cache_key(), "exact" if exact else "noexact",
+    cfg_key = "|".join((cfg.cache_key(), "exact" if exact else "noexact", "power" if power else "nopower",
                         repr(None if run.model is None else (run.model.name, sorted(run.model.config.items()))),
                         repr(list(run.class_names)),
                         checkpoint_fingerprint(Path(run.eval_set_path)) if run.eval_set_path else "-",
@@ -225,7 +230,8 @@ def _checkpoints(run: Run, cfg: AnalysisConfig, cache: CheckpointCache, progress
                            f"({runner.workers} worker thread(s))")
         elif runner.workers > 1:
             _say(progress, f"running {len(todo)} checkpoint(s) on {runner.workers} worker processes")
-        run_checkpoints(plans, cfg=cfg, exact=exact, init_vectors=as_tensors(vectors), init_prev=prev_ok,
+        task_cfg = cfg if power == cfg.power_iteration else replace(cfg, power_iteration=power)
+        run_checkpoints(plans, cfg=task_cfg, exact=exact, init_vectors=as_tensors(vectors), init_prev=prev_ok,
                         probe_spec=None if reason else spec, runner=runner, on_done=on_done)
     finally:
         runner.close()
