@@ -8,9 +8,6 @@ import torch
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-REAL_RUNS = SHARED / "real-runs"
-
 
 @pytest.fixture(scope="session")
 def tiny_demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:

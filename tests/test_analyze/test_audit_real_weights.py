@@ -1,10 +1,12 @@
 """No false alarms on real weights: `audit --fail-on warning` exits 0 on all-MiniLM-L6-v2 (when its
-package is installed) and on the real checkpoints of ../shared/real-runs (when present), with a
+package is installed) and on the real checkpoints of the real-runs corpus ($TRAINAUDIT_REAL_RUNS) (when present), with a
 margin: every family's ratio to its median stays well inside the outlier rule's bounds.
 
 Both skip cleanly without their data; the planted-defect tests (test_audit_static.py) are the
 evidence that the same rules do fire."""
 from __future__ import annotations
+
+from realruns import REAL_RUNS
 
 import importlib.util
 import json
@@ -18,7 +20,7 @@ from analyze.config import AnalysisConfig
 from analyze.metrics.static import family_key, family_medians
 from analyze.pipeline.audit import audit_checkpoint
 
-REAL = Path(__file__).resolve().parents[3] / "shared" / "real-runs"
+REAL = REAL_RUNS
 
 
 def _minilm() -> Path | None:

@@ -1,9 +1,11 @@
-"""Every real third-party run in ../shared/real-runs loads through open_run with sensible contents.
+"""Every real third-party run in the real-runs corpus ($TRAINAUDIT_REAL_RUNS) loads through open_run with sensible contents.
 
 The expected counts come from that folder's README (written from the files by hand), not from
 this code. Skips when the folder is absent (it is reference data, never copied here).
 """
 from __future__ import annotations
+
+from realruns import REAL_RUNS
 
 from pathlib import Path
 
@@ -12,11 +14,11 @@ import pytest
 
 from loaders.detect import open_run
 
-REAL = Path(__file__).resolve().parents[3] / "shared" / "real-runs"
+REAL = REAL_RUNS
 FILES = (sorted(p.name for p in REAL.iterdir() if p.name not in ("README.md", "_provenance.json"))
          if REAL.is_dir() else [])
 
-pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason="../shared/real-runs is absent")
+pytestmark = pytest.mark.skipif(not REAL.is_dir(), reason="the real-runs corpus ($TRAINAUDIT_REAL_RUNS) is absent")
 
 # file -> (format, train points of `loss`, {eval series: points}, window of the loss or None)
 EXPECTED = {
