@@ -8,19 +8,18 @@ at most the final record is torn, and the last completed checkpoint loads.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
+from sigkill_harness import run_server
+
 SERVER = textwrap.dedent(r"""
-    import json, os, random, select, signal, sys, time
+    import json, os, random, sys
     import torch
     torch.set_num_threads(1)            # no OpenMP pool before fork
     from safetensors.torch import load_file
     from loaders import RunLogger, load_run
+    from sigkill_harness import fork_log_and_kill
 
     root, trials, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     rng = random.Random(seed)
@@ -28,10 +27,7 @@ SERVER = textwrap.dedent(r"""
     results = {"trials": 0, "acked_steps": 0, "torn_tails": 0, "killed_in_save": 0, "failures": []}
     for trial in range(trials):
         run_dir = os.path.join(root, f"r{trial}")
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:                                   # child: log until killed
-            os.close(r)
+        def child(ack):
             with RunLogger(run_dir, class_names=["a", "b"], flush_every=3) as log:
                 step = 0
                 while True:
@@ -41,27 +37,9 @@ SERVER = textwrap.dedent(r"""
                         weights["w"].fill_(float(step))
                         log.save_checkpoint(step, weights)
                     if (step + 1) % 3 == 0:             # flush (with fsync) just returned
-                        os.write(w, f"{step}\n".encode())
+                        ack(step)
                     step += 1
-        os.close(w)
-        deadline = time.monotonic() + rng.uniform(0.0, 0.08)
-        buf = b""
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            ready, _, _ = select.select([r], [], [], left)
-            if ready:
-                chunk = os.read(r, 65536)
-                if not chunk:
-                    break
-                buf += chunk
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        buf += os.read(r, 1 << 20) if select.select([r], [], [], 0)[0] else b""
-        os.close(r)
-        acked = [int(x) for x in buf.decode().split()]
-        last_ack = acked[-1] if acked else -1
+        last_ack = fork_log_and_kill(child, 0.08, rng, min_delay=0.0)
         results["trials"] += 1
         results["acked_steps"] += last_ack + 1
         if not os.path.exists(os.path.join(run_dir, "run.json")):
@@ -97,11 +75,7 @@ SERVER = textwrap.dedent(r"""
 
 
 def test_logger_survives_200_random_sigkills(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    out = subprocess.run([sys.executable, "-c", SERVER, str(tmp_path), "200", "12345"],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    results = json.loads(out.stdout.strip().splitlines()[-1])
+    results = run_server(SERVER, tmp_path, 200, 12345)
     print(results)
     assert results["trials"] == 200
     assert results["failures"] == []

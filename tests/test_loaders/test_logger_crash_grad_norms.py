@@ -1,23 +1,22 @@
 """SIGKILL a process that logs per-tensor gradient norms every step (grad_norms.csv, §11).
 
-Same harness as test_logger_crash.py (one torch import, a fork per trial, flushes acknowledged
+The SIGKILL harness of tests/sigkill_harness.py (one torch import, a fork per trial, flushes acknowledged
 over a pipe after they returned): after the kill, every acknowledged step has one complete row
 per tensor with the value the child computed, and nothing but a torn final line is lost.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
+from sigkill_harness import run_server
+
 SERVER = textwrap.dedent(r"""
-    import json, os, random, select, signal, sys, time
+    import json, os, random, sys
     import torch
     torch.set_num_threads(1)
     from loaders import RunLogger, load_run
+    from sigkill_harness import fork_log_and_kill
 
     root, trials, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     rng = random.Random(seed)
@@ -31,37 +30,16 @@ SERVER = textwrap.dedent(r"""
     results = {"trials": 0, "acked_steps": 0, "failures": []}
     for trial in range(trials):
         run_dir = os.path.join(root, f"r{trial}")
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
+        def child(ack):
             with RunLogger(run_dir, flush_every=2, grad_norms_every=1) as log:
                 step = 0
                 while True:
                     set_grads(step)
                     log.log_step(step, loss=float(step), model=model)
                     if (step + 1) % 2 == 0:
-                        os.write(w, f"{step}\n".encode())
+                        ack(step)
                     step += 1
-        os.close(w)
-        deadline = time.monotonic() + rng.uniform(0.01, 0.15)
-        buf = b""
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            ready, _, _ = select.select([r], [], [], left)
-            if ready:
-                chunk = os.read(r, 65536)
-                if not chunk:
-                    break
-                buf += chunk
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        buf += os.read(r, 1 << 20) if select.select([r], [], [], 0)[0] else b""
-        os.close(r)
-        acked = [int(x) for x in buf.decode().split()]
-        last_ack = acked[-1] if acked else -1
+        last_ack = fork_log_and_kill(child, 0.15, rng, min_delay=0.01)
         results["trials"] += 1
         results["acked_steps"] += last_ack + 1
         if not os.path.exists(os.path.join(run_dir, "run.json")):
@@ -90,11 +68,7 @@ SERVER = textwrap.dedent(r"""
 
 
 def test_grad_norm_rows_survive_random_sigkills(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    out = subprocess.run([sys.executable, "-c", SERVER, str(tmp_path), "30", "2024"],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    results = json.loads(out.stdout.strip().splitlines()[-1])
+    results = run_server(SERVER, tmp_path, 30, 2024)
     print(results)
     assert results["trials"] == 30
     assert results["failures"] == []
