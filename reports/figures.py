@@ -156,11 +156,18 @@ def _lines(ax: Axes, df: pd.DataFrame, key: str, value: str, *, log: bool = Fals
 # --------------------------------------------------------------------------- panel 1-3: loss, spikes, grad norm
 
 
+def _series_rows(train: pd.DataFrame, series: str) -> pd.DataFrame:
+    """The rows of one series of the long training table, by step (sorted only when they are not:
+    the analysis writes each series sorted, and a 10M-row sort costs a second)."""
+    g = train[train["series"] == series]
+    return g if g["step"].is_monotonic_increasing else g.sort_values("step", kind="stable")
+
+
 def plot_loss(train: pd.DataFrame, evals: pd.DataFrame, ax: Axes, *, divergence_step: float | None = None,
               val_min_step: float | None = None, gl_step: float | None = None, val_series: str | None = None) -> None:
     """Panel 1: training loss (raw and a 1%-of-run rolling mean), every validation series, and
     the divergence, validation-minimum and GL5 steps as vertical lines."""
-    loss = train[train["series"] == "loss"].sort_values("step")
+    loss = _series_rows(train, "loss")
     if len(loss):
         y = loss["value"].to_numpy(float)
         _plot(ax, loss["step"], y, lw=0.6, alpha=0.35, color=PALETTE[0], label="train (raw)")
@@ -202,7 +209,7 @@ def plot_spikes(train: pd.DataFrame, axes: Sequence[Axes]) -> None:
     NaN/inf), on a log axis when the series is positive: a loss falling from 4 to 0.01 hides a late
     spike from 0.01 to 0.05 on a linear axis, and the detector measures against the recent median."""
     for ax, series, ylabel in zip(axes, ("loss", "grad_norm"), ("training loss", "grad norm")):
-        g = train[train["series"] == series].sort_values("step")
+        g = _series_rows(train, series)
         if g.empty:
             ax.text(0.5, 0.5, f"no {series} series", ha="center", va="center", transform=ax.transAxes)
             continue
@@ -221,7 +228,7 @@ def plot_spikes(train: pd.DataFrame, axes: Sequence[Axes]) -> None:
 
 def plot_grad_norm(train: pd.DataFrame, ax: Axes) -> None:
     """Panel 3: the raw global gradient norm per step (log scale) and its rolling median."""
-    g = train[train["series"] == "grad_norm"].sort_values("step")
+    g = _series_rows(train, "grad_norm")
     y = g["value"].to_numpy(float)
     _plot(ax, g["step"], y, lw=0.7, color=PALETTE[0], alpha=0.6, label="grad norm (raw)")
     w = max(5, len(g) // 50)

@@ -217,6 +217,9 @@ def _hash_column(h: Any, col: pd.Series) -> None:
     h.update(str(col.dtype).encode())
     if isinstance(col.dtype, np.dtype) and col.dtype.kind in "biufcmM":
         h.update(np.ascontiguousarray(col.to_numpy()).view(np.uint8).data)
+    elif isinstance(col.dtype, pd.CategoricalDtype):  # its categories, then one small code a row
+        _hash_column(h, pd.Series(col.cat.categories))
+        h.update(np.ascontiguousarray(col.cat.codes.to_numpy()).view(np.uint8).data)
     else:
         h.update(pd.util.hash_pandas_object(col, index=False, categorize=True).to_numpy().tobytes())
 

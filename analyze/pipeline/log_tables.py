@@ -16,6 +16,8 @@ from loaders.run import Run
 
 __all__ = ["frame", "train_table", "val_series", "overfitting_table"]
 
+_SPIKE_KINDS = np.array(["", "non-finite", "spike"])  # sorted: searchsorted maps a kind to its code
+
 
 def frame(name: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Table `name` (TABLE_COLUMNS) from row dicts; typed-empty when there are none."""
@@ -26,23 +28,44 @@ def frame(name: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def train_table(run: Run, cfg: AnalysisConfig) -> tuple[pd.DataFrame, dict[str, SpikeReport]]:
-    """The long training table with spike flags on loss and grad_norm (§9), and their reports."""
-    s = run.scalars[run.scalars["series"] != "wall_time"]
-    parts, reports = [], {}
-    for series, g in s.groupby("series", sort=True):
-        g = g.sort_values("step", kind="stable")
+    """The long training table with spike flags on loss and grad_norm (§9), and their reports.
+
+    One block of rows per series, in name order, each sorted by step. `series` and `spike_kind`
+    are categorical columns (1 byte a row instead of a pointer to a string): a 10M-row log's table
+    stays a few bytes a row beyond its numbers, and comparing a column with "loss" is a compare
+    of small integers."""
+    names = set(run.series_names()) - {"wall_time"}
+    if run.train is not None and "loss" in run.train.columns:
+        names.add("loss")  # an all-NaN loss is still a series: every point is flagged non-finite
+    names = sorted(names)
+    steps_parts, value_parts, spike_parts, kind_parts, reports = [], [], [], [], {}
+    for code, series in enumerate(names):
+        g = run.series(series)
         steps = g["step"].to_numpy()
         values = g["value"].to_numpy(dtype=np.float64)
         spike = np.zeros(len(g), bool)
-        kind = np.full(len(g), "", dtype=object)
+        kind = np.zeros(len(g), np.int8)
         if series in ("loss", "grad_norm") and len(g):
             rep = detect_spikes(steps, values, window=cfg.spike_window, k=cfg.spike_k,
                                 window_averaged=int(run.window_averaged.get(series, 1)))
             reports[series] = rep  # steps are already sorted, so rep's arrays line up with g's rows
-            spike, kind = rep.flags, rep.kind.astype(object)
-        parts.append(pd.DataFrame({"step": steps, "series": series, "value": values, "spike": spike,
-                                   "spike_kind": kind}))
-    df = pd.concat(parts, ignore_index=True) if parts else frame("train", [])
+            spike = rep.flags
+            kind = np.searchsorted(_SPIKE_KINDS, rep.kind).astype(np.int8) if rep.flags.any() else kind
+        steps_parts.append(steps)
+        value_parts.append(values)
+        spike_parts.append(spike)
+        kind_parts.append(kind)
+    if not names:
+        return frame("train", []), reports
+    lengths = [len(v) for v in value_parts]
+    series_codes = np.repeat(np.arange(len(names), dtype=np.int16 if len(names) > 127 else np.int8), lengths)
+    df = pd.DataFrame({
+        "step": np.concatenate(steps_parts),
+        "series": pd.Categorical.from_codes(series_codes, categories=names),
+        "value": np.concatenate(value_parts),
+        "spike": np.concatenate(spike_parts),
+        "spike_kind": pd.Categorical.from_codes(np.concatenate(kind_parts), categories=list(_SPIKE_KINDS)),
+    }, copy=False)
     return df[list(TABLE_COLUMNS["train"])], reports
 
 

@@ -121,6 +121,7 @@ def write_full_report(run_path: str | os.PathLike[str], out_dir: str | os.PathLi
     from analyze.config import AnalysisConfig, default_workers
     from analyze.pipeline.analysis import analyze_run
     from loaders.rundir import load_run
+    from loaders.runcache import cached_loader
 
     run_path = Path(run_path)
     if not run_path.exists():
@@ -129,8 +130,8 @@ def write_full_report(run_path: str | os.PathLike[str], out_dir: str | os.PathLi
     if config is None:
         config = AnalysisConfig(exact_svd=exact_svd, model_factory=model, scheduler=scheduler,
                                 workers=default_workers() if workers is None else workers)
-    try:
-        run = load_run(run_path, format=fmt)
+    try:  # a big log parsed by an earlier report on this folder is read back, not parsed again
+        run = cached_loader(lambda: load_run(run_path, format=fmt), run_path, fmt, out / "cache", skip=out)
     except ImportError as exc:  # the foreign-format readers are another module
         raise TrainauditError(run_path, f"not a trainaudit run directory, and the foreign-format readers are "
                                         f"unavailable ({exc})") from None
