@@ -219,7 +219,8 @@ class Triples:
         return self._series(self.names[series])[0]
 
     def frame(self, value_col: str, path: str | os.PathLike[str], warnings: DataWarnings) -> pd.DataFrame:
-        """Long table with int64 steps after the rewind policy (per series), sorted by series, step.
+        """Long table with int64 steps after the rewind policy (per series), sorted by series, step;
+        `series` is categorical (a small code a row, not a pointer to a string).
 
         Built one series at a time into preallocated columns: peak memory is the output plus one
         series (a 10M-value log must not hold several concatenated copies)."""
@@ -235,20 +236,23 @@ class Triples:
         keeps = rewind_groups([s for s, _ in series], path, warnings)
         out_steps = np.empty(total, dtype=np.int64)
         out_values = np.empty(total, dtype=np.float64)
-        out_names = np.empty(total, dtype=object)
+        out_codes = np.empty(total, dtype=np.int32)
         n = 0
+        names: list[str] = []  # categories in `order`; a series with no row left still gets one
         for name, (steps, values), keep in zip(order, series, keeps, strict=True):
             if keep is not None:  # kept rows of a rewound series are increasing: no sort needed
                 steps, values = steps[keep], values[keep]
             k = len(steps)
             out_steps[n:n + k] = steps
             out_values[n:n + k] = values
-            out_names[n:n + k] = name
+            out_codes[n:n + k] = len(names)
+            names.append(name)
             n += k
         del series
         # Series first, then one frame without copies (a dict of arrays would be copied).
         return pd.DataFrame({"step": pd.Series(out_steps[:n], copy=False),
-                             "series": pd.Series(out_names[:n], dtype=object, copy=False),
+                             "series": pd.Series(pd.Categorical.from_codes(out_codes[:n], categories=names),
+                                                 copy=False),
                              value_col: pd.Series(out_values[:n], copy=False)}, copy=False)
 
 
@@ -343,6 +347,11 @@ class WideLog:
 
     def columns(self) -> list[str]:
         return list(self.cols)
+
+    def drop(self, col: str) -> None:
+        """Free one column's cells once they are copied out (a 10M-line log holds 16 bytes a cell)."""
+        for store in (self.cols, self.ints, self._slots):
+            store.pop(col, None)
 
     def release(self) -> None:
         """Drop the stored cells (their copies live on in the Run's tables): peak memory."""

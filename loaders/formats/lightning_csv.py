@@ -173,6 +173,8 @@ def wide_to_run(p: Path, log: WideLog, warnings: DataWarnings, *, source_format:
     last_train = max((int(r[-1]) for c in train_like if len(r := log.present(c))), default=-1)
     epochs = log.dense(epoch_col) if epoch_col is not None else None
     last_epoch = float(epochs[last_train]) if epochs is not None and last_train >= 0 else math.nan
+    if step_col is not None:
+        log.drop(step_col)  # now in `steps`; its float and exact-int copies are 32 bytes a row
 
     train, evals, extra = Triples(), Triples(), Triples()
 
@@ -184,6 +186,7 @@ def wide_to_run(p: Path, log: WideLog, warnings: DataWarnings, *, source_format:
         t.extend(steps[rows[ok]], series, vals[ok])
         if log.n_bad(col):
             t.bad[series] += log.n_bad(col)
+        log.drop(col)  # each column is copied out once: free it before the next one is
 
     if loss_col is not None:
         put(train, loss_col, "loss")
