@@ -348,9 +348,10 @@ class WideLog:
     def columns(self) -> list[str]:
         return list(self.cols)
 
-    def drop(self, col: str) -> None:
-        """Free one column's cells once they are copied out (a 10M-line log holds 16 bytes a cell)."""
-        for store in (self.cols, self.ints, self._slots):
+    def drop(self, col: str, *, keep_ints: bool = False) -> None:
+        """Free one column's cells once they are copied out (a 10M-line log holds 16 bytes a cell);
+        `keep_ints`: only its float cells (a step column's exact integers are still to be read)."""
+        for store in (self.cols, self._slots) if keep_ints else (self.cols, self.ints, self._slots):
             store.pop(col, None)
 
     def release(self) -> None:
@@ -396,8 +397,12 @@ class WideLog:
             rows = np.frombuffer(rows_a, dtype=np.int64) if len(rows_a) else np.empty(0, np.int64)
             ints = np.frombuffer(ints_a, dtype=np.int64) if len(ints_a) else np.empty(0, np.int64)
             ok = ints >= 0
-            steps[rows[ok]] = ints[ok]
-            valid[rows[ok]] = True
+            if ok.all():  # the usual case: no masked copies of two 8-byte-a-row arrays
+                steps[rows] = ints
+                valid[rows] = True
+            else:
+                steps[rows[ok]] = ints[ok]
+                valid[rows[ok]] = True
             for r, v in odd.items():
                 s, why = coerce_step(v)
                 if why is None:

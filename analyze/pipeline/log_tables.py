@@ -38,14 +38,19 @@ def train_table(run: Run, cfg: AnalysisConfig) -> tuple[pd.DataFrame, dict[str, 
     if run.train is not None and "loss" in run.train.columns:
         names.add("loss")  # an all-NaN loss is still a series: every point is flagged non-finite
     names = sorted(names)
+    shared = _sorted_long_columns(run, names)
     steps_parts, value_parts, spike_parts, kind_parts, reports = [], [], [], [], {}
     for code, series in enumerate(names):
-        g = run.series(series)
-        steps = g["step"].to_numpy()
-        values = g["value"].to_numpy(dtype=np.float64)
-        spike = np.zeros(len(g), bool)
-        kind = np.zeros(len(g), np.int8)
-        if series in ("loss", "grad_norm") and len(g):
+        if shared is not None:
+            a, b = shared[2][code], shared[2][code + 1]
+            steps, values = shared[0][a:b], shared[1][a:b]
+        else:
+            g = run.series(series)
+            steps = g["step"].to_numpy()
+            values = g["value"].to_numpy(dtype=np.float64)
+        spike = np.zeros(len(values), bool)
+        kind = np.zeros(len(values), np.int8)
+        if series in ("loss", "grad_norm") and len(values):
             rep = detect_spikes(steps, values, window=cfg.spike_window, k=cfg.spike_k,
                                 window_averaged=int(run.window_averaged.get(series, 1)))
             reports[series] = rep  # steps are already sorted, so rep's arrays line up with g's rows
@@ -57,16 +62,42 @@ def train_table(run: Run, cfg: AnalysisConfig) -> tuple[pd.DataFrame, dict[str, 
         kind_parts.append(kind)
     if not names:
         return frame("train", []), reports
-    lengths = [len(v) for v in value_parts]
-    series_codes = np.repeat(np.arange(len(names), dtype=np.int16 if len(names) > 127 else np.int8), lengths)
+    if shared is not None:  # the run's own columns, not copies
+        step_col, value_col, series_col = shared[0], shared[1], run.scalars["series"]
+    else:
+        lengths = [len(v) for v in value_parts]
+        series_codes = np.repeat(np.arange(len(names), dtype=np.int16 if len(names) > 127 else np.int8), lengths)
+        step_col, value_col = np.concatenate(steps_parts), np.concatenate(value_parts)
+        series_col = pd.Categorical.from_codes(series_codes, categories=names)
     df = pd.DataFrame({
-        "step": np.concatenate(steps_parts),
-        "series": pd.Categorical.from_codes(series_codes, categories=names),
-        "value": np.concatenate(value_parts),
+        "step": step_col,
+        "series": series_col,
+        "value": value_col,
         "spike": np.concatenate(spike_parts),
         "spike_kind": pd.Categorical.from_codes(np.concatenate(kind_parts), categories=list(_SPIKE_KINDS)),
     }, copy=False)
     return df[list(TABLE_COLUMNS["train"])], reports
+
+
+def _sorted_long_columns(run: Run, names: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
+    """(steps, values, block bounds) of the run's long table when it already is the training
+    table's layout - categorical series exactly `names`, in that order, each block sorted by step -
+    so the table can share the run's arrays: a 10M-row log is not held twice. None otherwise."""
+    if object.__getattribute__(run, "train") is not None:
+        return None
+    sc = run.scalars
+    series = sc["series"]
+    if not isinstance(series.dtype, pd.CategoricalDtype) or list(series.cat.categories) != names:
+        return None
+    codes = series.cat.codes.to_numpy()
+    if codes.size and (codes[0] < 0 or np.any(codes[1:] < codes[:-1])):
+        return None
+    bounds = np.searchsorted(codes, np.arange(len(names) + 1), side="left").tolist()
+    steps = sc["step"].to_numpy()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b - a > 1 and np.any(steps[a + 1:b] < steps[a:b - 1]):
+            return None
+    return steps, sc["value"].to_numpy(dtype=np.float64), bounds
 
 
 def val_series(run: Run) -> str | None:

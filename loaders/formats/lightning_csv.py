@@ -167,14 +167,16 @@ def wide_to_run(p: Path, log: WideLog, warnings: DataWarnings, *, source_format:
     if step_col is None:
         notes.append("no step column: the epoch number is used as the step" if epoch_col is not None
                      else "no step column: the row number is used as the step")
-    steps, valid = log.row_steps(step_col if step_col is not None else epoch_col, p, warnings)
     train_names = [c for c in [loss_col, *other_train] if c is not None]
     train_like = [c for c in cols if c.lower().startswith("train") or c in train_names]
     last_train = max((int(r[-1]) for c in train_like if len(r := log.present(c))), default=-1)
     epochs = log.dense(epoch_col) if epoch_col is not None else None
     last_epoch = float(epochs[last_train]) if epochs is not None and last_train >= 0 else math.nan
-    if step_col is not None:
-        log.drop(step_col)  # now in `steps`; its float and exact-int copies are 32 bytes a row
+    if step_col is not None and step_col not in (epoch_col, *train_like):
+        log.drop(step_col, keep_ints=True)  # steps are read from the exact integers alone
+    steps, valid = log.row_steps(step_col if step_col is not None else epoch_col, p, warnings)
+    if step_col is not None and step_col not in (epoch_col, *train_like):
+        log.drop(step_col)  # now in `steps`
 
     train, evals, extra = Triples(), Triples(), Triples()
 
@@ -183,7 +185,10 @@ def wide_to_run(p: Path, log: WideLog, warnings: DataWarnings, *, source_format:
         ok = valid[rows]
         if keep_rows is not None:
             ok &= keep_rows[rows]
-        t.extend(steps[rows[ok]], series, vals[ok])
+        if ok.all():  # no masked copies; `vals` is a view that keeps the column's buffer alive
+            t.extend(steps[rows], series, vals)
+        else:
+            t.extend(steps[rows[ok]], series, vals[ok])
         if log.n_bad(col):
             t.bad[series] += log.n_bad(col)
         log.drop(col)  # each column is copied out once: free it before the next one is
