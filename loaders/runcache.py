@@ -119,8 +119,11 @@ def _frame_doc(df: pd.DataFrame, stem: Path, name: str) -> dict[str, Any]:
             np.save(stem.parent / file, s.to_numpy(), allow_pickle=False)
             cols.append({"name": col, "kind": "array", "file": file})
             continue
-        codes, uniques = pd.factorize(s, use_na_sentinel=True)
-        values = list(uniques.astype(object)) if not isinstance(s.dtype, pd.CategoricalDtype) else list(uniques)
+        if isinstance(s.dtype, pd.CategoricalDtype):  # its own categories, in their order
+            codes, values = s.cat.codes.to_numpy(), list(s.cat.categories)
+        else:
+            codes, uniques = pd.factorize(s, use_na_sentinel=True)
+            values = list(uniques.astype(object))
         if not all(isinstance(v, str) for v in values):
             raise _NotCacheable(f"column {col}")
         np.save(stem.parent / file, codes.astype(np.int32), allow_pickle=False)
