@@ -4,7 +4,10 @@ import statistics
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import analyze.metrics.spikes as spikes_mod
 from analyze.metrics.spikes import detect_spikes, rolling_median_mad
 
 
@@ -70,8 +73,10 @@ def test_rolling_median_mad_matches_loop(window):
     np.testing.assert_allclose(mad, rmad, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("k", [3.0, 6.0])
-def test_detector_matches_loop(k):
+@pytest.mark.parametrize("k, slice_points", [(3.0, None), (6.0, None), (6.0, 37)])
+def test_detector_matches_loop(k, slice_points, monkeypatch):
+    if slice_points:  # the series in slices of 37 points: the carried windows must join up
+        monkeypatch.setattr(spikes_mod, "_CHUNK_ELEMENTS", slice_points * 50)
     x = _noisy_series_with_trouble()
     steps = np.arange(x.size) * 20  # logged every 20 steps: the window counts points, not steps
     r = detect_spikes(steps, x, window=50, k=k)
@@ -158,3 +163,64 @@ def test_notes_sorting_and_shapes():
         detect_spikes(np.arange(3), np.ones(4))
     with pytest.raises(ValueError):
         rolling_median_mad(np.ones(4), 0)
+
+
+def _brute_median_mad(x, window):
+    """np.median per index t over the W most recent finite values before t, and of |w - m|."""
+    med, mad = np.full(x.size, np.nan), np.full(x.size, np.nan)
+    finite = np.flatnonzero(np.isfinite(x))
+    for t in range(x.size):
+        prev = finite[finite < t]
+        if prev.size >= window:
+            w = x[prev[-window:]]
+            med[t] = np.median(w)
+            mad[t] = np.median(np.abs(w - med[t]))
+    return med, mad
+
+
+_values = st.one_of(  # few distinct values (ties), rounded reals, and the non-finite ones
+    st.sampled_from([0.0, 1.0, 1.0, 2.0, -3.0, 2.5]),
+    st.floats(-1e3, 1e3, allow_nan=False).map(lambda v: round(v, 1)),
+    st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False),
+    st.sampled_from([np.nan, np.inf, -np.inf]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(_values, max_size=120), window=st.integers(1, 12), chunk=st.sampled_from([1, 7, 40, 1 << 19]))
+def test_rolling_median_mad_equals_brute_force(values, window, chunk):
+    """Random series with NaN/inf and ties, even and odd W (1 and 2 included), series shorter than
+    W, and slices from one point to the whole series: bit-equal to np.median per window."""
+    x = np.array(values, dtype=np.float64)
+    old = spikes_mod._CHUNK_ELEMENTS
+    spikes_mod._CHUNK_ELEMENTS = chunk * window  # slices of `chunk` points
+    try:
+        med, mad = rolling_median_mad(x, window)
+    finally:
+        spikes_mod._CHUNK_ELEMENTS = old
+    rmed, rmad = _brute_median_mad(x, window)
+    np.testing.assert_array_equal(med, rmed)  # NaN at the same places, equal bits elsewhere
+    np.testing.assert_array_equal(mad, rmad)
+
+
+@pytest.mark.parametrize("window", [1, 2, 49, 50, 64])
+def test_rolling_median_mad_long_series_with_ties_matches_brute_force(window):
+    rng = np.random.default_rng(window)
+    x = np.round(rng.standard_normal(3000), 1)  # many exact ties in every window
+    x[rng.random(x.size) < 0.02] = np.nan
+    x[rng.choice(x.size, 5)] = np.inf
+    x[:200] = np.round(x[:200], 0)  # coarser still: long runs of equal deviations
+    med, mad = rolling_median_mad(x, window)
+    rmed, rmad = _brute_median_mad(x, window)
+    np.testing.assert_array_equal(med, rmed)
+    np.testing.assert_array_equal(mad, rmad)
+
+
+def test_kind_values_and_an_unflagged_series():
+    x = 1.0 + 1e-3 * np.sin(np.arange(300))
+    r = detect_spikes(np.arange(300), x)
+    assert r.kind.shape == (300,) and set(r.kind.tolist()) == {""} and not r.flags.any()
+    x[[100, 200]] = [5.0, np.nan]
+    r = detect_spikes(np.arange(300), x)
+    assert r.kind[100] == "spike" and r.kind[200] == "non-finite"
+    assert set(r.kind[r.flags].tolist()) == {"spike", "non-finite"} and set(r.kind[~r.flags].tolist()) == {""}
