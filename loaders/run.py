@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from loaders.errors import DataWarnings
@@ -98,7 +99,13 @@ class Run:
         if self.train is not None:
             names = [c for c in self.train.columns if c != "step" and self.train[c].notna().any()]
         else:
-            names = list(dict.fromkeys(self.scalars["series"].astype(str)))
+            col = self.scalars["series"]
+            if isinstance(col.dtype, pd.CategoricalDtype):  # categories with a row, not 10M strings
+                codes = col.cat.codes.to_numpy()
+                used = np.bincount(codes[codes >= 0], minlength=len(col.cat.categories)) > 0
+                names = [str(c) for c, u in zip(col.cat.categories, used) if u]
+            else:
+                names = [str(x) for x in pd.unique(col.astype(str))]
         return sorted(names, key=lambda n: (n != "loss", n))
 
     def series(self, name: str) -> pd.DataFrame:

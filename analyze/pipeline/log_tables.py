@@ -16,7 +16,7 @@ from loaders.run import Run
 
 __all__ = ["frame", "train_table", "val_series", "overfitting_table"]
 
-_SPIKE_KINDS = np.array(["", "non-finite", "spike"])  # sorted: searchsorted maps a kind to its code
+_SPIKE_KINDS = ("", "non-finite", "spike")  # spike_kind's categories: codes 0, 1, 2
 
 
 def frame(name: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -55,7 +55,8 @@ def train_table(run: Run, cfg: AnalysisConfig) -> tuple[pd.DataFrame, dict[str, 
                                 window_averaged=int(run.window_averaged.get(series, 1)))
             reports[series] = rep  # steps are already sorted, so rep's arrays line up with g's rows
             spike = rep.flags
-            kind = np.searchsorted(_SPIKE_KINDS, rep.kind).astype(np.int8) if rep.flags.any() else kind
+            if spike.any():  # flagged: non-finite when the value is, else a spike (codes of _SPIKE_KINDS)
+                kind = np.where(spike, np.where(np.isfinite(values), 2, 1), 0).astype(np.int8)
         steps_parts.append(steps)
         value_parts.append(values)
         spike_parts.append(spike)
