@@ -1,8 +1,9 @@
 """A GPT-2-small-shaped ``torch.distributed.checkpoint`` folder (written by ``dcp.save``, no
 process group): `audit` and `spectral` as whole processes, their peak RSS against the largest
-tensor, time as ratios to T0 and to reading the bytes.
+tensor, time as ratios to T0 and to reading the bytes. Then `audit` on the same weights saved as
+FSDP ranks save them: every tensor split by rows over 8 ranks, one stored item per rank's rows.
 
-    python benchmarks/dcp.py [--dir /tmp/ta-bench]
+    python benchmarks/dcp.py [--dir /tmp/ta-bench] [--ranks 8]
 
 Target: peak RSS under 2x the largest tensor (wte, 50257 x 768 float32 = 154 MB) on top of what
 the same process holds before it reads any tensor (the imports: torch, the analysis,
@@ -43,12 +44,75 @@ def write_dcp(folder: Path) -> tuple[Path, int]:
     return out, largest
 
 
+class _RowShards:
+    """A tensor saved as `ranks` row blocks, each its own storage item (FSDP's dim-0 shards)."""
+
+    def __init__(self, full: object, ranks: int) -> None:
+        import torch
+
+        assert isinstance(full, torch.Tensor)
+        self.full = full
+        n = full.shape[0] if full.dim() else 1
+        step = -(-n // ranks)
+        self.rows = [(a, min(a + step, n)) for a in range(0, n, step)] if full.dim() else [(0, 1)]
+
+    def __create_write_items__(self, fqn: str, obj: object) -> list:
+        import torch
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+        props, rest = TensorProperties.create_from_tensor(self.full), tuple(self.full.shape[1:])
+        items = []
+        for a, b in self.rows:
+            off = torch.Size((a,) + (0,) * len(rest)) if self.full.dim() else torch.Size()
+            size = torch.Size((b - a,) + rest) if self.full.dim() else torch.Size()
+            items.append(WriteItem(index=MetadataIndex(fqn, off), type=WriteItemType.SHARD,
+                                   tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(off, size),
+                                                               properties=props, size=self.full.size())))
+        return items
+
+    def block(self, offsets: object) -> object:
+        if not self.full.dim():
+            return self.full
+        a = offsets[0]  # type: ignore[index]
+        b = next(e for s, e in self.rows if s == a)
+        return self.full[a:b].clone()
+
+
+def write_dcp_sharded(folder: Path, ranks: int) -> Path:
+    """The same weights with every tensor stored as `ranks` row blocks, one file per writer
+    thread (torch's planner asks each tensor for its blocks, no process group)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    from _gpt2_weights import GPT2_SMALL, _tensor
+
+    class Planner(DefaultSavePlanner):
+        def lookup_object(self, index):  # type: ignore[no-untyped-def]
+            obj = self.state_dict[index.fqn]
+            return obj.block(index.offset) if isinstance(obj, _RowShards) else super().lookup_object(index)
+
+    out = folder / f"gpt2-dcp-{ranks}ranks"
+    if not (out / ".metadata").is_file():
+        g = torch.Generator().manual_seed(0)
+        sd = {name: _RowShards(_tensor(name, shape, GPT2_SMALL, "trained", g).contiguous(), ranks)
+              for name, shape in GPT2_SMALL.shapes()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save(sd, storage_writer=FileSystemWriter(str(out), thread_count=2), planner=Planner())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "ta-bench")
+    ap.add_argument("--ranks", type=int, default=8, help="row blocks per tensor in the FSDP-style folder")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     folder, largest = write_dcp(args.dir)
+    sharded = write_dcp_sharded(args.dir, args.ranks)
     files = files_of(folder)
     read = read_seconds(files)
     base = t0()
@@ -58,7 +122,8 @@ def main() -> None:
           f"largest tensor {largest / 2**20:.0f} MiB; reading the bytes {read:.2f} s")
     print(f"baseline: a process importing what audit imports peaks at {imports.peak_mb:.0f} MiB")
     for label, r in (("audit DIR --json", trainaudit("audit", str(folder), "--json")),
-                     ("spectral DIR --json", trainaudit("spectral", str(folder), "--json"))):
+                     ("spectral DIR --json", trainaudit("spectral", str(folder), "--json")),
+                     (f"audit DIR --json ({args.ranks} row chunks)", trainaudit("audit", str(sharded), "--json"))):
         print(row(label, r, base, read))
         extra = r.peak_mb - imports.peak_mb
         print(f"    peak above the import baseline: {extra:.0f} MiB = {extra * 2**20 / largest:.2f} x "
