@@ -306,6 +306,9 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
                                "height_sigma": e.height_sigma, "length": e.length})
         if rep.note:
             notes.append(f"spike detector on {series}: {rep.note}")
+    # §9 spike score: flagged logged points over logged points; None when the run logs no such series
+    spike_score = {s: float(spike_reports[s].score) if s in spike_reports else None for s in ("loss", "grad_norm")}
+    del spike_reports  # their per-point arrays (flags are in `train`) are 17 bytes a logged point
     has_loss = bool((train["series"] == "loss").any())
     if not has_loss and of is None:
         panels["loss"] = "the run logs neither training nor validation loss"
@@ -375,8 +378,6 @@ def analyze_run(run_or_path: Run | str | os.PathLike[str], config: AnalysisConfi
     found = findings_mod.derive(tables, ctx)
     ck_steps = [r.step for r in sorted(run.checkpoints, key=lambda r: r.step)]
     keep = findings_mod.checkpoint_to_keep(tables, ck_steps, val_series)
-    # §9 spike score: flagged logged points over logged points; None when the run logs no such series
-    spike_score = {s: float(spike_reports[s].score) if s in spike_reports else None for s in ("loss", "grad_norm")}
     tau_sum = None
     tau_t = tables["tau"]
     for source in ("train", *(f"eval:{s}" for s in sorted(set(evals["series"].astype(str)))), "checkpoint"):
