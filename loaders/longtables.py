@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from loaders.errors import DataWarnings
+from loaders.errors import DataWarnings, TrainauditError
 from loaders.lines import FlatBlock
 from loaders.run import CLASS_LOSS_COLUMNS, EVAL_CLASS_LOSS_COLUMNS, CheckpointRef, Run
 from loaders.steps import STEP_REASONS, coerce_step, rewind_groups
@@ -259,12 +259,16 @@ class Triples:
 class WideLog:
     """Sparse wide records (CSV rows, JSON objects) stored column-wise in file order.
 
-    Per column: the rows with a numeric cell and their values (``array``s, 16 bytes a cell),
-    the rows with a non-numeric cell; step-like columns keep exact integers too (a float would
-    round steps above 2^53). Memory grows with the numeric cells, not with the text.
+    Per column: the rows with a numeric cell and their values (``array``s, 12 bytes a cell: row
+    numbers are int32, so a log holds at most ``MAX_RECORDS`` records), the rows with a
+    non-numeric cell; step-like columns keep exact integers too (a float would round steps
+    above 2^53). Memory grows with the numeric cells, not with the text.
     """
 
-    def __init__(self, step_like: tuple[str, ...]) -> None:
+    MAX_RECORDS = 2**31 - 1
+
+    def __init__(self, step_like: tuple[str, ...], path: str | os.PathLike[str] = "log") -> None:
+        self.path = path  # named by the one error this class raises
         self.n = 0
         self.step_like = frozenset(x.lower() for x in step_like)
         self.cols: dict[str, tuple[array, array, array]] = {}     # name -> (rows, values, bad rows)
@@ -272,14 +276,16 @@ class WideLog:
         self._slots: dict[str, tuple[array, array, array, tuple[array, array, dict[int, Any]] | None]] = {}
 
     def _slot(self, k: str) -> tuple[array, array, array, tuple[array, array, dict[int, Any]] | None]:
-        col = self.cols.setdefault(k, (array("q"), array("d"), array("q")))
-        ic = self.ints.setdefault(k, (array("q"), array("q"), {})) if k.lower() in self.step_like else None
+        col = self.cols.setdefault(k, (array("i"), array("d"), array("q")))
+        ic = self.ints.setdefault(k, (array("i"), array("q"), {})) if k.lower() in self.step_like else None
         slot = self._slots[k] = (*col, ic)
         return slot
 
     def add(self, rec: dict[str, Any]) -> None:
         """Append one record ({column: raw value}); empty cells (None, "") are absent."""
         r = self.n
+        if r >= self.MAX_RECORDS:
+            raise TrainauditError(self.path, f"more than {self.MAX_RECORDS:,} records")
         self.n += 1
         slots = self._slots
         for k, v in rec.items():
@@ -324,10 +330,12 @@ class WideLog:
         cells ``add`` would store for each of its records (into the same arrays, so file order
         holds across blocks and single records), without a Python call per record."""
         r0 = self.n
+        if r0 + block.n > self.MAX_RECORDS:
+            raise TrainauditError(self.path, f"more than {self.MAX_RECORDS:,} records")
         self.n += block.n
         for k, (lines, at) in block.keys.items():
             slot = self._slots.get(k) or self._slot(k)
-            rows = (lines + r0).tobytes()
+            rows = (lines + r0).astype(np.int32).tobytes()
             f = block.values[at]
             slot[0].frombytes(rows)
             slot[1].frombytes(f.tobytes())
@@ -360,7 +368,7 @@ class WideLog:
 
     def rows(self, col: str) -> np.ndarray:
         """Rows with a numeric cell in ``col``."""
-        return np.frombuffer(self.cols[col][0], dtype=np.int64) if len(self.cols[col][0]) else np.empty(0, np.int64)
+        return np.frombuffer(self.cols[col][0], dtype=np.int32) if len(self.cols[col][0]) else np.empty(0, np.int32)
 
     def values(self, col: str) -> np.ndarray:
         return np.frombuffer(self.cols[col][1], dtype=np.float64) if len(self.cols[col][1]) else np.empty(0)
@@ -394,7 +402,7 @@ class WideLog:
         reasons: Counter[str] = Counter()
         if col in self.ints:
             rows_a, ints_a, odd = self.ints[col]
-            rows = np.frombuffer(rows_a, dtype=np.int64) if len(rows_a) else np.empty(0, np.int64)
+            rows = np.frombuffer(rows_a, dtype=np.int32) if len(rows_a) else np.empty(0, np.int32)
             ints = np.frombuffer(ints_a, dtype=np.int64) if len(ints_a) else np.empty(0, np.int64)
             ok = ints >= 0
             if ok.all():  # the usual case: no masked copies of two 8-byte-a-row arrays

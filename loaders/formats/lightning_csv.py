@@ -104,7 +104,7 @@ def read_metrics_csv(path: str | os.PathLike[str], warnings: DataWarnings, *,
                      meta: dict[str, Any] | None = None, checkpoints: list[CheckpointRef] | None = None) -> Run:
     """A wide CSV log (Lightning ``metrics.csv`` or a plain ``step,loss,...`` CSV) -> ``Run``."""
     p = Path(path)
-    log = WideLog(STEP_KEYS)
+    log = WideLog(STEP_KEYS, p)
     header: list[str] | None = None
     repeated = 0
     ragged = 0
@@ -140,7 +140,7 @@ def read_metrics_csv(path: str | os.PathLike[str], warnings: DataWarnings, *,
     if ragged > _MAX_RAGGED_WARNINGS:
         warnings.add(p, f"{ragged - _MAX_RAGGED_WARNINGS} more ragged rows skipped")
     for h in header:
-        log.cols.setdefault(h, (array("q"), array("d"), array("q")))  # columns with no value yet
+        log.cols.setdefault(h, (array("i"), array("d"), array("q")))  # columns with no value yet
     return wide_to_run(p, log, warnings, source_format=source_format, run_path=run_path, meta=meta,
                        checkpoints=checkpoints)
 
@@ -228,6 +228,7 @@ def wide_to_run(p: Path, log: WideLog, warnings: DataWarnings, *, source_format:
     if loss_col is None:
         notes.append("no training-loss column found (looked for: " + ", ".join(_TRAIN_LOSS_ORDER[:6]) + ", ...)")
     log.release()  # every cell was copied into the triples: free the columns before the tables are built
+    del steps, valid, accepted, test_rows  # per-row arrays (9 bytes a row and more): not needed past here
     meta["extra_scalars"] = extra.frame("value", p, DataWarnings())
     meta["train_loss_column"] = loss_col
     meta["metrics_file"] = str(p)

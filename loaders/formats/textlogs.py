@@ -147,7 +147,7 @@ def read_jsonl(path: str | os.PathLike[str], *, warnings: DataWarnings | None = 
     """
     p = Path(path)
     warnings = warnings if warnings is not None else DataWarnings()
-    log = WideLog(STEP_KEYS)
+    log = WideLog(STEP_KEYS, p)
     logs: dict[int, WideLog] = {0: log}
     decode = BlockDecoder(p, warnings)
     for start, block in iter_line_blocks(p, warnings, root=root):
@@ -165,7 +165,7 @@ def read_jsonl(path: str | os.PathLike[str], *, warnings: DataWarnings | None = 
                 if type(rank) is int and 0 <= rank < MAX_RANKS:
                     del rec["rank"]
                     if rank not in logs:
-                        logs[rank] = WideLog(STEP_KEYS)
+                        logs[rank] = WideLog(STEP_KEYS, p)
                     target = logs[rank]
             target.add(_flatten(rec))
     used = {r: lg for r, lg in logs.items() if lg.n}
@@ -278,7 +278,7 @@ def read_json_log(path: str | os.PathLike[str], *, warnings: DataWarnings | None
     obj = read_json(p, root, max_bytes=MAX_JSON_BYTES)
     notes: list[str] = []
     if isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
-        log = WideLog(STEP_KEYS)
+        log = WideLog(STEP_KEYS, p)
         for r in obj:
             log.add(_flatten(r))
         return wide_to_run(p, log, warnings, source_format="json", run_path=p)

@@ -261,3 +261,19 @@ def test_jsonl_blocks_and_odd_lines_keep_file_order(tmp_path: Path, monkeypatch:
     assert run.series("loss")["step"].tolist() == list(range(8))
     assert run.series("loss")["value"].tolist() == [0.5, 1, 2, 3, 4, 5, 6.5, 7]
     assert not any("resume" in w for w in run.warnings)
+
+
+def test_more_records_than_the_row_numbers_hold_is_one_clear_error(tmp_path, monkeypatch):
+    """WideLog keeps row numbers as int32: past its limit the log is refused, naming the file."""
+    from loaders.errors import TrainauditError
+    from loaders.longtables import WideLog
+    from loaders.rundir import load_run
+
+    monkeypatch.setattr(WideLog, "MAX_RECORDS", 50)
+    log = tmp_path / "big.jsonl"
+    log.write_text("".join(f'{{"step": {i}, "loss": 1.5}}\n' for i in range(80)))
+    with pytest.raises(TrainauditError, match="big.jsonl.*more than 50 records"):
+        load_run(log)
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text("".join(f'{{"step": {i}, "loss": 1.5}}\n' for i in range(50)))
+    assert load_run(ok).steps_logged == 50
