@@ -199,6 +199,7 @@ def write_tables(tables: Mapping[str, Any], folder: Path, cache_dir: Path | None
     from the same table (same digest of the table's native data - `reports.page.table_digest` -
     and the file's size and mtime_ns unchanged): a 2M-row log table costs seconds to format,
     milliseconds to hash. The stamps live in `<cache_dir>/tables.json`. Returns the names written."""
+    from loaders.csvtable import write_csv_table
     from reports.page import table_digest
 
     stamps: dict[str, Any] = {}
@@ -219,7 +220,7 @@ def write_tables(tables: Mapping[str, Any], folder: Path, cache_dir: Path | None
         except OSError:
             same = False
         if not same:
-            write_atomic(target, df.to_csv(index=False), what="report")
+            write_csv_table(target, df, what="report")  # df.to_csv(index=False), formatted by column
             written.append(name)
             try:
                 st = target.stat()
