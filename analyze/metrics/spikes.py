@@ -142,8 +142,9 @@ class SpikeEvent:
 class SpikeReport:
     """Per-point flags and the events they form (§9).
 
-    ``kind`` is "" / "spike" / "non-finite" per point: an object array (8 bytes a point), or a
-    read-only view of a single "" when nothing is flagged. ``height_mad`` is (L - m) in MAD units
+    ``kind`` is "" / "spike" / "non-finite" per point, derived on request from ``flags`` and
+    ``height_mad`` (a flagged point is a spike where its height is a number: non-finite values have
+    none), so a 10M-point report holds no per-point strings. ``height_mad`` is (L - m) in MAD units
     (divided by max(MAD, floor)) for every finite point past warm-up (NaN elsewhere). ``score`` is
     the §9 spike score, flagged points / all logged points (NaN for an empty series);
     ``n_checked`` counts the points that could be judged (past warm-up, plus every non-finite one).
@@ -151,7 +152,6 @@ class SpikeReport:
 
     steps: np.ndarray
     flags: np.ndarray  # bool
-    kind: np.ndarray  # str objects
     height_mad: np.ndarray  # float64, MAD units
     events: tuple[SpikeEvent, ...]
     score: float
@@ -159,6 +159,17 @@ class SpikeReport:
     window: int
     k: float
     note: str
+
+    @property
+    def kind(self) -> np.ndarray:
+        """"" / "spike" / "non-finite" per point (an object array; a read-only view of one "" when
+        nothing is flagged)."""
+        member = np.flatnonzero(self.flags)
+        if not member.size:
+            return np.broadcast_to(_KINDS[:1], self.flags.shape)
+        kind = np.full(self.flags.shape, "", dtype=object)
+        kind[member] = np.where(np.isnan(self.height_mad[member]), _KINDS[2], _KINDS[1])
+        return kind
 
 
 def _step_value(s: np.generic) -> int | float:
@@ -234,11 +245,6 @@ def detect_spikes(steps: np.ndarray, values: np.ndarray, *, window: int = 50, k:
     n_nonfinite = x.size - n_finite
     member = np.flatnonzero(flags)
     code = np.where(np.isfinite(x[member]), 1, 2).astype(np.int8)  # 1 spike, 2 non-finite
-    if member.size:
-        kind = np.full(x.size, "", dtype=object)
-        kind[member] = _KINDS[code]
-    else:  # nothing flagged: one shared "" for every point, no per-point memory
-        kind = np.broadcast_to(_KINDS[:1], x.shape)
     n_checked = n_ready + n_nonfinite
     score = float(np.count_nonzero(flags) / x.size) if x.size else float("nan")
     if n_finite <= window:
@@ -247,6 +253,6 @@ def detect_spikes(steps: np.ndarray, values: np.ndarray, *, window: int = 50, k:
     if window_averaged > 1:
         notes.append(f"each value is a mean over {window_averaged} steps: a one-step spike is diluted "
                      f"{window_averaged}x, so the detector's sensitivity is reduced by that factor")
-    return SpikeReport(steps=steps, flags=flags, kind=kind, height_mad=height,
+    return SpikeReport(steps=steps, flags=flags, height_mad=height,
                        events=_events(steps, member, code, height), score=score, n_checked=n_checked,
                        window=window, k=float(k), note="; ".join(notes))
