@@ -55,8 +55,8 @@ def train_table(run: Run, cfg: AnalysisConfig) -> tuple[pd.DataFrame, dict[str, 
                                 window_averaged=int(run.window_averaged.get(series, 1)))
             reports[series] = rep  # steps are already sorted, so rep's arrays line up with g's rows
             spike = rep.flags
-            if spike.any():  # flagged: non-finite when the value is, else a spike (codes of _SPIKE_KINDS)
-                kind = np.where(spike, np.where(np.isfinite(values), 2, 1), 0).astype(np.int8)
+            flagged = np.flatnonzero(spike)  # non-finite when the value is, else a spike (codes of _SPIKE_KINDS)
+            kind[flagged] = np.where(np.isfinite(values[flagged]), 2, 1)
         steps_parts.append(steps)
         value_parts.append(values)
         spike_parts.append(spike)
