@@ -116,10 +116,25 @@ class Run:
             if name != "loss" and s["value"].isna().any():
                 s = s[s["value"].notna()]
         else:
-            s = self.scalars[self.scalars["series"] == name][["step", "value"]]
+            s = self._block(name)
         if not s["step"].is_monotonic_increasing:
             s = s.sort_values("step", kind="stable")
         return s.reset_index(drop=True)
+
+    def _block(self, name: str) -> pd.DataFrame:
+        """(step, value) rows of one series of the long table: a slice (no copy) when the rows are
+        grouped by a categorical series column, as the loaders write them; else a selection."""
+        sc = self.scalars
+        col = sc["series"]
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            codes = col.cat.codes.to_numpy()
+            if name not in col.cat.categories:
+                return sc.iloc[0:0][["step", "value"]]
+            if codes.size < 2 or bool((codes[1:] >= codes[:-1]).all()):
+                code = col.cat.categories.get_loc(name)
+                a, b = np.searchsorted(codes, [code, code + 1])
+                return pd.DataFrame({"step": sc["step"].iloc[a:b], "value": sc["value"].iloc[a:b]}, copy=False)
+        return sc[col == name][["step", "value"]]
 
     @property
     def steps_logged(self) -> int:

@@ -95,11 +95,21 @@ def decimate(y: np.ndarray, max_points: int = MAX_POINTS, keep: np.ndarray | Non
         return np.arange(n)
     buckets = max(1, max_points // 2)
     size = -(-n // buckets)  # ceil: buckets of `size` points, the last one shorter
-    pad = buckets * size - n
-    lo = np.concatenate([np.where(np.isnan(y), np.inf, y), np.full(pad, np.inf)]).reshape(buckets, size)
-    hi = np.concatenate([np.where(np.isnan(y), -np.inf, y), np.full(pad, -np.inf)]).reshape(buckets, size)
-    base = np.arange(buckets) * size
-    idx = [base + lo.argmin(axis=1), base + hi.argmax(axis=1), np.array([0, n - 1])]
+    idx = [np.array([0, n - 1])]
+    rows = max(1, (1 << 20) // size)  # buckets per pass: ~8 MB of temporaries at any length
+    for b0 in range(0, buckets, rows):
+        lo_at, hi_end = b0 * size, min(n, (b0 + rows) * size)
+        if lo_at >= n:
+            break
+        part = y[lo_at:hi_end]
+        pad = -part.size % size
+        nan = np.isnan(part)
+        low = np.concatenate([np.where(nan, np.inf, part), np.full(pad, np.inf)]).reshape(-1, size)
+        base = lo_at + np.arange(low.shape[0]) * size
+        idx.append(base + low.argmin(axis=1))
+        del low
+        high = np.concatenate([np.where(nan, -np.inf, part), np.full(pad, -np.inf)]).reshape(-1, size)
+        idx.append(base + high.argmax(axis=1))
     if keep is not None:
         idx.append(np.flatnonzero(np.asarray(keep, dtype=bool)))
     out = np.unique(np.concatenate(idx))
@@ -156,10 +166,43 @@ def _lines(ax: Axes, df: pd.DataFrame, key: str, value: str, *, log: bool = Fals
 # --------------------------------------------------------------------------- panel 1-3: loss, spikes, grad norm
 
 
+def _rolling(y: np.ndarray, w: int, stat: str) -> np.ndarray:
+    """pandas' `rolling(w, min_periods=1).<stat>()` of y, computed over blocks of ~1M points that
+    overlap by w - 1 (each point sees its full window): pandas' window bounds cost 16 bytes a
+    point at once, so a 10M-point series would need 160 MB of them."""
+    out = np.empty(y.size)
+    block = max(1 << 20, 4 * w)
+    for a in range(0, y.size, block):
+        lo = max(0, a - w + 1)
+        r = getattr(pd.Series(y[lo:a + block]).rolling(w, min_periods=1), stat)().to_numpy()
+        out[a:a + block] = r[a - lo:]
+    return out
+
+
+def _finite_range(*arrays: np.ndarray) -> tuple[float, float]:
+    """(min, max) over the finite values of the arrays, (inf, -inf) when there are none; no
+    filtered copy of a 10M-point series."""
+    lo, hi = np.inf, -np.inf
+    for a in arrays:
+        if a.size:
+            fin = np.isfinite(a)
+            lo = min(lo, float(np.min(a, where=fin, initial=np.inf)))
+            hi = max(hi, float(np.max(a, where=fin, initial=-np.inf)))
+    return lo, hi
+
+
 def _series_rows(train: pd.DataFrame, series: str) -> pd.DataFrame:
     """The rows of one series of the long training table, by step (sorted only when they are not:
     the analysis writes each series sorted, and a 10M-row sort costs a second)."""
-    g = train[train["series"] == series]
+    col = train["series"]
+    if isinstance(col.dtype, pd.CategoricalDtype) and series in col.cat.categories:
+        codes = col.cat.codes.to_numpy()
+        if codes.size < 2 or bool((codes[1:] >= codes[:-1]).all()):  # blocks by series: a slice, no copy
+            code = col.cat.categories.get_loc(series)
+            a, b = np.searchsorted(codes, [code, code + 1])
+            g = train.iloc[a:b]
+            return g if g["step"].is_monotonic_increasing else g.sort_values("step", kind="stable")
+    g = train[col == series]
     return g if g["step"].is_monotonic_increasing else g.sort_values("step", kind="stable")
 
 
@@ -173,7 +216,7 @@ def plot_loss(train: pd.DataFrame, evals: pd.DataFrame, ax: Axes, *, divergence_
         _plot(ax, loss["step"], y, lw=0.6, alpha=0.35, color=PALETTE[0], label="train (raw)")
         w = max(1, len(loss) // 100)
         if w > 1:
-            _plot(ax, loss["step"], pd.Series(y).rolling(w, min_periods=1).mean(), lw=1.4, color=PALETTE[0],
+            _plot(ax, loss["step"], _rolling(y, w, "mean"), lw=1.4, color=PALETTE[0],
                   label=f"train (mean of {w})")
     for i, (name, g) in enumerate(evals.groupby("series", sort=True)):
         g = g.sort_values("step")
@@ -185,9 +228,8 @@ def plot_loss(train: pd.DataFrame, evals: pd.DataFrame, ax: Axes, *, divergence_
                                      (gl_step, "GL5", "#d62728", "-.")):
         if step is not None:
             ax.axvline(step, color=color, ls=style, lw=1.2, label=f"{text} (step {step})")
-    ys = np.concatenate([loss["value"].to_numpy(float), evals["loss"].to_numpy(float)])
-    ys = ys[np.isfinite(ys)]
-    if ys.size and ys.min() > 0 and ys.max() / ys.min() > 100:
+    lo, hi = _finite_range(loss["value"].to_numpy(float), evals["loss"].to_numpy(float))
+    if lo > 0 and hi / lo > 100:
         ax.set_yscale("log")  # a train loss near 0 next to a val loss of 0.2: only a log axis shows the gap
     ax.set_xlabel("step")
     ax.set_ylabel("loss per token (nats)")
@@ -216,10 +258,10 @@ def plot_spikes(train: pd.DataFrame, axes: Sequence[Axes]) -> None:
         y = g["value"].to_numpy(float)
         _plot(ax, g["step"], y, lw=0.8, color=PALETTE[0], label=series, keep=(g["spike_kind"] == "spike").to_numpy())
         _flag_marks(ax, g)
-        fin = y[np.isfinite(y)]
-        if fin.size and fin.min() > 0:
+        lo, hi = _finite_range(y)
+        if lo > 0 and lo <= hi:
             ax.set_yscale("log")
-        elif fin.size and (fin > 0).any() and series == "grad_norm":
+        elif hi > 0 and series == "grad_norm":
             ax.set_yscale("log")
         ax.set_ylabel(ylabel)
         _legend(ax)
@@ -232,7 +274,7 @@ def plot_grad_norm(train: pd.DataFrame, ax: Axes) -> None:
     y = g["value"].to_numpy(float)
     _plot(ax, g["step"], y, lw=0.7, color=PALETTE[0], alpha=0.6, label="grad norm (raw)")
     w = max(5, len(g) // 50)
-    _plot(ax, g["step"], pd.Series(y).rolling(w, min_periods=1).median(), lw=1.5, color=PALETTE[1],
+    _plot(ax, g["step"], _rolling(y, w, "median"), lw=1.5, color=PALETTE[1],
           label=f"rolling median ({w} logged points)")
     if np.nanmin(np.where(y > 0, y, np.nan), initial=np.inf) < np.inf:
         ax.set_yscale("log")

@@ -81,3 +81,38 @@ def test_ratio_panels_shade_the_band_they_are_given(draw: str, column: str, band
     drawn = sorted(len(line.get_xdata()) for line in ax.get_lines() if line.get_label() in ("a", "b"))
     assert drawn == [1, 2]  # the zero update ratio of b cannot sit on a log axis and is left out
     F.fig_to_data_uri(fig)
+
+
+def test_decimate_in_passes_picks_every_bucket_extreme_of_a_long_series():
+    """A series long enough for several bounded passes: the chosen indices are exactly each
+    bucket's first minimum and maximum (NaN never chosen), the ends and the kept points."""
+    from reports.figures import decimate
+
+    rng = np.random.default_rng(5)
+    n, max_points = 3_100_003, 4000
+    y = rng.normal(size=n)
+    y[rng.integers(0, n, 5000)] = np.nan
+    y[1_234_567] = 50.0
+    keep = np.zeros(n, bool)
+    keep[[17, 2_999_999]] = True
+    got = decimate(y, max_points, keep=keep)
+    buckets = max_points // 2
+    size = -(-n // buckets)
+    padded_lo = np.concatenate([np.where(np.isnan(y), np.inf, y), np.full(buckets * size - n, np.inf)])
+    padded_hi = np.concatenate([np.where(np.isnan(y), -np.inf, y), np.full(buckets * size - n, -np.inf)])
+    base = np.arange(buckets) * size
+    want = np.unique(np.concatenate([base + padded_lo.reshape(buckets, size).argmin(axis=1),
+                                     base + padded_hi.reshape(buckets, size).argmax(axis=1), [0, n - 1, 17, 2_999_999]]))
+    np.testing.assert_array_equal(got, want[want < n])
+    assert 1_234_567 in got and not np.isnan(y[got[(got != 0) & (got != n - 1)]]).any()
+
+
+def test_blockwise_rolling_statistics_equal_pandas_over_the_whole_series():
+    from reports.figures import _rolling
+
+    rng = np.random.default_rng(2)
+    y = rng.normal(size=2_500_000)
+    y[[5, 1_048_576, 1_048_577, 2_097_151]] = np.nan
+    for w, stat in ((25_000, "mean"), (7, "median"), (1, "mean")):
+        want = getattr(pd.Series(y).rolling(w, min_periods=1), stat)().to_numpy()
+        np.testing.assert_allclose(_rolling(y, w, stat), want, rtol=1e-9, atol=1e-12, equal_nan=True)
