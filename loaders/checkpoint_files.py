@@ -7,15 +7,17 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loaders.errors import DataWarnings, TrainauditError
-from loaders.run import CheckpointRef
 from loaders.safeio import read_bounded
 from loaders.safetensors_file import check_safetensors_header
 
+if TYPE_CHECKING:  # loaders.run imports pandas: the checkpoint commands never need it
+    from loaders.run import CheckpointRef
+
 __all__ = ["HF_SIDE_FILES", "Part", "Source", "checkpoint_kind", "missing_error", "resolve", "shard_header",
-           "skipped_side_files", "step_from_name"]
+           "ref_path", "skipped_side_files", "step_from_name"]
 
 MAX_INDEX = 64 << 20                # a sharded index JSON larger than this is refused
 # Hugging Face Trainer pickles in checkpoint-N/ that hold no weights: never unpickled.
@@ -123,8 +125,13 @@ def _hub_root(folder: Path) -> Path:
     return folder
 
 
+def ref_path(ref_or_path: CheckpointRef | str | os.PathLike[str]) -> Path:
+    """The path of a ``CheckpointRef`` (anything with a ``path``) or of a path."""
+    return Path(getattr(ref_or_path, "path", ref_or_path))
+
+
 def resolve(ref_or_path: CheckpointRef | str | os.PathLike[str], root: str | os.PathLike[str] | None) -> Source:
-    p = Path(ref_or_path.path if isinstance(ref_or_path, CheckpointRef) else ref_or_path)
+    p = ref_path(ref_or_path)
     r = Path(root) if root is not None else None
     if p.is_dir():
         for name in _HF_WEIGHT_FILES:

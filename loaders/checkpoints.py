@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loaders.checkpoint_files import (  # noqa: F401 - re-exported: the checkpoint API in one place
     HF_SIDE_FILES,
@@ -26,7 +26,6 @@ from loaders.checkpoint_files import (  # noqa: F401 - re-exported: the checkpoi
     step_from_name,
 )
 from loaders.errors import DataWarnings
-from loaders.run import CheckpointRef
 from loaders.safetensors_file import (  # noqa: F401 - re-exported
     check_safetensors_header,
     is_lfs_pointer,
@@ -41,6 +40,9 @@ from loaders.torch_files import (  # noqa: F401 - re-exported
     find_state_dict,
     load_torch_object,
 )
+
+if TYPE_CHECKING:  # loaders.run imports pandas: reading a checkpoint never needs it
+    from loaders.run import CheckpointRef
 
 __all__ = [
     "CONTAINER_KEYS",

@@ -29,12 +29,15 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from loaders.checkpoint_files import ref_path
 from loaders.errors import DataWarnings, TrainauditError
-from loaders.run import CheckpointRef
+
+if TYPE_CHECKING:  # loaders.run imports pandas: reading a checkpoint never needs it
+    from loaders.run import CheckpointRef
 
 __all__ = ["ReadBuffers", "TensorReader", "TensorStream", "StreamItem", "BlockReducer", "ROW_BLOCK_ELEMENTS",
            "RECYCLE_MIN", "UPCAST_DTYPES", "safetensors_locations"]
@@ -199,7 +202,7 @@ def safetensors_locations(ref_or_path: CheckpointRef | str | os.PathLike[str], *
 
 
 def _is_dcp(ref_or_path: CheckpointRef | str | os.PathLike[str]) -> bool:
-    p = Path(ref_or_path.path if isinstance(ref_or_path, CheckpointRef) else ref_or_path)
+    p = ref_path(ref_or_path)
     return p.is_dir() and (p / ".metadata").is_file()
 
 

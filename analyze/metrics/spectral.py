@@ -80,6 +80,7 @@ __all__ = [
     "bound_held",
     "estimate_spectral_norm",
     "estimate_spectral_norm_batched",
+    "estimate_with_power_iteration",
     "exact_top_singular_values",
     "is_finite_tensor",
     "matrix_skip_reason",
@@ -320,8 +321,14 @@ def power_iteration(w: Tensor, v0: Tensor | None = None, *, tol: float = 1e-4, m
     s_prev = float(torch.linalg.vector_norm(p))
     if s_prev == 0.0 or not math.isfinite(s_prev):
         return PowerResult(s_prev, v, 0, s_prev == 0.0, warm)
-    s, k, converged = s_prev, 0, False
-    for k in range(1, max_iter + 1):
+    return _power_steps(a, v, p, s_prev, 0, tol, max_iter, warm)
+
+
+def _power_steps(a: Tensor, v: Tensor, p: Tensor, s_prev: float, k0: int, tol: float, max_iter: int,
+                 warm: bool) -> PowerResult:
+    """Steps k0 + 1 .. max_iter of `power_iteration` from v = v_k0, p = W v_k0, s_prev = s_k0."""
+    s, k, converged = s_prev, k0, False
+    for k in range(k0 + 1, max_iter + 1):
         u = p / torch.linalg.vector_norm(p)
         q = u @ a                               # (n,)  W^T u_k
         v = q / torch.linalg.vector_norm(q)
@@ -418,6 +425,10 @@ class _GKLResult:
     u: Tensor              # (b, m) Ritz vector in the other space
     v2: Tensor             # (b, n) second Ritz vectors (zero rows where only one step ran)
     u2: Tensor             # (b, m)
+    alpha: np.ndarray      # (b, kmax) diagonal of B (first `iterations` entries valid)
+    beta: np.ndarray       # (b, kmax) superdiagonal of B, then the trailing beta_j
+    V: Tensor              # (b, >= j, n) Lanczos basis of the start space: W V_j = U_j B_j
+    U: Tensor              # (b, >= j, m)
 
 
 def _grow(t: Tensor, rows: int) -> Tensor:
@@ -482,7 +493,7 @@ def _gkl(a: Tensor, v: Tensor, *, rtol: float, max_iter: int, generator: torch.G
     tiny = torch.finfo(a.dtype).tiny
     v_r = v_r / torch.linalg.vector_norm(v_r, dim=-1, keepdim=True).clamp_min(tiny)
     u_r = u_r / torch.linalg.vector_norm(u_r, dim=-1, keepdim=True).clamp_min(tiny)
-    return _GKLResult(sigma, bound, iters, v_r[:, 0], u_r[:, 0], v_r[:, 1], u_r[:, 1])
+    return _GKLResult(sigma, bound, iters, v_r[:, 0], u_r[:, 0], v_r[:, 1], u_r[:, 1], alphas, betas, V, U)
 
 
 def _exact_small(a: Tensor) -> tuple[np.ndarray, np.ndarray, Tensor, Tensor | None]:
@@ -596,3 +607,92 @@ def estimate_spectral_norm_batched(ws: Tensor, v0: Tensor | None = None, *, rtol
     return [SpectralEstimate(float(r.sigma[i]), float(r.bound[i]), right[i], int(r.iterations[i]), "lanczos",
                              warm, bool(r.bound[i] <= rtol), right2[i] if r.iterations[i] > 1 else None)
             for i in range(k)]
+
+
+def estimate_with_power_iteration(w: Tensor, *, rtol: float = DEFAULT_RTOL, max_iter: int = DEFAULT_MAX_ITER,
+                                  method: str = "auto", tol: float = 1e-4, power_max_iter: int = 100,
+                                  check_finite: bool = True) -> tuple[SpectralEstimate, PowerResult]:
+    """Cold `estimate_spectral_norm` and cold `power_iteration` of one matrix (the §4 validation
+    pair), sharing their matrix-vector products.
+
+    The power iterates from the seeded start v_0 lie in the Krylov space that Golub-Kahan builds
+    from the same start (for a wide W the estimator starts from u_1 = W v_0 / ||W v_0||, the
+    power iteration's first left vector). With W V_j = U_j B_j and W^T U_j = V_j B_j^T +
+    beta_j v_{j+1} e_j^T, a power step on a vector V_j c with c_j = 0 is B_j^T B_j c and
+    s_k = ||W v_k|| a norm of j-vectors: the first j - 1 power steps cost no product. They are
+    the same steps and the same stopping rule as `power_iteration`, evaluated exactly on the
+    basis (values agree to float rounding, ~1e-7 relative in float32); the steps after them run
+    as in `power_iteration`. Falls back to the two separate calls where nothing is shared (small
+    matrices solved exactly, a zero start product).
+    """
+    a = _require_matrix(w)
+    if check_finite and not is_finite_tensor(a):
+        raise ValueError("non-finite entries: no spectral norm (check is_finite_tensor first)")
+    if method not in ("auto", "lanczos", "exact"):
+        raise ValueError(f"method must be one of auto, lanczos, exact; got {method!r}")
+    m, n = a.shape
+    if method == "exact" or (method == "auto" and min(m, n) <= EXACT_MAX_DIM):
+        return (estimate_spectral_norm(a, rtol=rtol, max_iter=max_iter, method=method, check_finite=False),
+                power_iteration(a, tol=tol, max_iter=power_max_iter))
+    wide = m < n
+    generator = torch.Generator(device=a.device).manual_seed(0)
+    v0 = _cold_vector(n, a, None)                     # power_iteration's cold start
+    if wide:  # the estimator starts in the smaller (left) space, from the power iteration's u_1
+        p0 = a @ v0
+        s0 = float(torch.linalg.vector_norm(p0))
+        if not (s0 > 0 and math.isfinite(s0)):
+            return (estimate_spectral_norm(a, rtol=rtol, max_iter=max_iter, method=method, check_finite=False),
+                    power_iteration(a, tol=tol, max_iter=power_max_iter))
+        op, start = a.T.unsqueeze(0), (p0 / s0).unsqueeze(0)
+    else:     # the same seeded vector as `estimate_spectral_norm`'s cold start
+        op, start = a.unsqueeze(0), _cold_vector(n, a, generator, batch=(1,))
+    r = _gkl(op, start, rtol=rtol, max_iter=max_iter, generator=generator)
+    j = int(r.iterations[0])
+    est = SpectralEstimate(float(r.sigma[0]), float(r.bound[0]), (r.u if wide else r.v)[0], j, "lanczos", False,
+                           bool(r.bound[0] <= rtol), (r.u2 if wide else r.v2)[0] if j > 1 else None)
+    return est, _power_from_basis(a, r, j, wide, s0 if wide else None, tol, power_max_iter)
+
+
+def _power_from_basis(a: Tensor, r: _GKLResult, j: int, wide: bool, s0: float | None, tol: float,
+                      max_iter: int) -> PowerResult:
+    """Cold `power_iteration` whose first j - 1 steps are read off the Golub-Kahan basis of `r`
+    (`estimate_with_power_iteration`; coordinates in float64 on the host)."""
+    B = np.zeros((j, j))
+    B[np.arange(j), np.arange(j)] = r.alpha[0, :j]
+    B[np.arange(j - 1), np.arange(1, j)] = r.beta[0, : j - 1]
+    V, U = r.V[0, :j], r.U[0, :j]                       # start space, other space
+    single = a.dtype == torch.float32
+
+    def rounded(x: float) -> float:  # s_k at the precision of the products it stands for
+        return float(np.float32(x)) if single else float(x)
+
+    c = np.zeros(j)
+    c[0] = 1.0                                          # tall: v_0 = V e_1; wide: u_1 = V e_1
+    s_prev = s0 if wide else rounded(float(np.linalg.norm(B @ c)))
+    y = np.zeros(j)
+    k, s, converged = 0, s_prev, False
+    for k in range(1, min(j - 1, max_iter) + 1):        # c has support k (wide) / k + 1 <= j (tall)
+        y = B @ c                                       # tall: W v_{k-1} = U y;  wide: W^T u_k = U y
+        z = B.T @ y                                     # (W^T W v_{k-1}) / (W W^T u_k) on V
+        zn, yn = float(np.linalg.norm(z)), float(np.linalg.norm(y))
+        if not (zn > 0 and yn > 0):
+            return power_iteration(a, tol=tol, max_iter=max_iter)  # the same cold start
+        c = z / zn
+        s = rounded(float(np.linalg.norm(B @ c)) if not wide else zn / yn)
+        if abs(s - s_prev) <= tol * s:
+            converged = True
+            break
+        s_prev = s
+    if k == 0:                                          # nothing shared (one step, or max_iter 0)
+        return power_iteration(a, tol=tol, max_iter=max_iter)  # the same cold start
+
+    def vec(coef: np.ndarray, basis: Tensor) -> Tensor:
+        return torch.from_numpy(coef).to(device=a.device, dtype=a.dtype) @ basis
+
+    if wide:  # v_k = W^T u_k / ||.|| = U y / ||y||;  W v_k = V z / ||y||
+        v, p = vec(y / yn, U), vec(z / yn, V)
+    else:     # v_k = V c;  W v_k = U B c
+        v, p = vec(c, V), vec(B @ c, U)
+    if converged or k == max_iter:
+        return PowerResult(s, v, k, converged, False)
+    return _power_steps(a, v, p, s, k, tol, max_iter, False)

@@ -33,15 +33,16 @@ from analyze.metrics.spectral import (
     as_matrix,
     estimate_spectral_norm,
     estimate_spectral_norm_batched,
+    estimate_with_power_iteration,
     exact_top_singular_values,
     matrix_skip_reason,
-    power_iteration,
     spectral_validation,
     stable_rank,
 )
 from analyze.pipeline.audit_static import family_findings, layouts, line_findings
+from analyze.pipeline.runners import one_thread
 from analyze.pipeline.tables import SEVERITY_ORDER, Finding, Severity
-from analyze.pipeline.tensor_norms import BlockNorms, FusedNorms
+from analyze.pipeline.tensor_norms import BlockNorms, FiniteCheck, FusedNorms
 from loaders.checkpoint_files import skipped_side_files, step_from_name
 from loaders.checkpoints import checkpoint_info, iter_tensors, step_metadata
 from loaders.errors import DataWarnings, TrainauditError
@@ -375,21 +376,27 @@ def spectral_rows(path: str | os.PathLike[str], *, exact: bool = False, method: 
     warnings = DataWarnings()
     rows: list[SpectralRow] = []
     est_kw: dict[str, Any] = {"method": method}
-    pow_kw: dict[str, Any] = {}
     if tol is not None:
         est_kw["rtol"] = tol
-        pow_kw["tol"] = tol
-    for item in TensorStream(path, warnings=warnings, reducer=FusedNorms):
-        name, t = item.name, item.tensor
-        m = as_matrix(t)
-        if m is None:
-            continue
-        shape = tuple(t.shape)
-        if not (item.reduced.finite if item.reduced is not None else bool(torch.isfinite(m).all())):
-            rows.append(SpectralRow(name, shape, "non-finite", None, None, None, None, None, None, None, None))
-            continue
-        est = estimate_spectral_norm(m, check_finite=False, **est_kw)
-        v = spectral_validation(est, power_iteration(m, **pow_kw), exact_top_singular_values(m) if exact else None)
-        rows.append(SpectralRow(name, shape, v.method, v.sigma_est, v.err_bound, v.sigma_power, _num(v.sigma_exact),
-                                _num(v.rel_err), _num(v.power_rel_err), v.iterations, _num(v.sigma_ratio)))
+        est_kw["tol"] = tol
+    # One intra-op thread, as every report task (same bits as the report's table): the products
+    # are matrix-vector, and a second thread only adds its wake-ups and spinning to the CPU time.
+    with one_thread():
+        # the table needs no norms: the read checks finiteness alone, block by block
+        for item in TensorStream(path, warnings=warnings, reducer=FiniteCheck):
+            name, t = item.name, item.tensor
+            m = as_matrix(t)
+            if m is None:
+                continue
+            shape = tuple(t.shape)
+            if not (item.reduced.finite if item.reduced is not None else bool(torch.isfinite(m).all())):
+                rows.append(SpectralRow(name, shape, "non-finite", None, None, None, None, None, None, None, None))
+                continue
+            # both cold from the same seeded start, sharing their products (the power steps that
+            # lie in the estimator's Krylov space cost none)
+            est, power = estimate_with_power_iteration(m, check_finite=False, **est_kw)
+            v = spectral_validation(est, power, exact_top_singular_values(m) if exact else None)
+            rows.append(SpectralRow(name, shape, v.method, v.sigma_est, v.err_bound, v.sigma_power,
+                                    _num(v.sigma_exact), _num(v.rel_err), _num(v.power_rel_err), v.iterations,
+                                    _num(v.sigma_ratio)))
     return rows, list(warnings)

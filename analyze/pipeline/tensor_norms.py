@@ -11,7 +11,7 @@ import torch
 
 from analyze.metrics.gradients import sum_of_squares
 
-__all__ = ["BlockNorms", "FusedNorms"]
+__all__ = ["BlockNorms", "FiniteCheck", "FusedNorms"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,3 +50,20 @@ class FusedNorms:
         if not bool(torch.isfinite(ext).all()):
             return BlockNorms(math.nan, math.nan, self._ss)  # a NaN block: the caller counts them
         return BlockNorms(float(ext[:, 0].min()), float(ext[:, 1].max()), self._ss)
+
+
+class FiniteCheck:
+    """`loaders.tensor_reader.BlockReducer` of finiteness alone, for readers that need no norms
+    (the spectral table): one sum per block (NaN and inf propagate); only a block whose sum is not
+    finite (a NaN, an inf or a float32 overflow) pays for the elementwise check. ``result()`` is
+    the reducer itself, with ``finite``."""
+
+    def __init__(self) -> None:
+        self.finite = True
+
+    def add(self, block: torch.Tensor) -> None:
+        if self.finite and not bool(torch.isfinite(block.sum())):
+            self.finite = bool(torch.isfinite(block).all())
+
+    def result(self) -> FiniteCheck:
+        return self

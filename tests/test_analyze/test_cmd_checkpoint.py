@@ -204,3 +204,18 @@ def test_registered_on_the_trainaudit_group(healthy: tuple[Path, dict[str, torch
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(cli.main, ["spectral", str(healthy[0]), "--json"])
     assert res.exit_code == 0 and len(json.loads(res.stdout)) == 4
+
+
+def test_spectral_command_imports_no_pandas(healthy: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    """The checkpoint commands read weights only: pandas (loaders.run's tables) costs a third of a
+    second of start-up and is not imported on their path."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom analyze.cli import main\n"
+            f"try:\n    main(['spectral', {str(healthy[0])!r}, '--json'])\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', sorted(m for m in ('pandas', 'matplotlib', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "LOADED []"

@@ -20,6 +20,7 @@ from analyze.metrics.spectral import (
     as_matrix,
     estimate_spectral_norm,
     estimate_spectral_norm_batched,
+    estimate_with_power_iteration,
     exact_top_singular_values,
     is_finite_tensor,
     matrix_skip_reason,
@@ -136,6 +137,45 @@ def test_power_iteration_is_the_sheet_method_and_misses_on_slow_spectra() -> Non
     # max_iter reached: not converged.
     short = power_iteration(w, v0, tol=1e-12, max_iter=3)
     assert short.iterations == 3 and not short.converged
+
+
+@pytest.mark.parametrize("kind", ["fast0.5", "slow_0.9", "slow_0.99", "pair_0.995"])
+@pytest.mark.parametrize("shape", [(260, 200), (200, 200), (180, 300)], ids=["tall", "square", "wide"])
+def test_shared_products_give_the_sheet_power_iteration_and_the_default_estimate(kind: str, shape: tuple[int, int],
+                                                                                 ) -> None:
+    """`estimate_with_power_iteration` reads the first power steps off the estimator's basis: the
+    power result must be the sheet's cold iteration (numpy twin, same seeded start, same k), the
+    estimate within its bound of exact (and, tall or square, the very cold estimate)."""
+    w = make(*shape, spectrum(kind, min(shape)), seed=5, dtype=torch.float64)
+    v0 = torch.randn(shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # the cold start
+    sigma1 = ref_sigma(w)
+    for tol, k_max in ((1e-4, 100), (1e-9, 100), (1e-12, 3)):
+        est, power = estimate_with_power_iteration(w, method="lanczos", tol=tol, power_max_iter=k_max)
+        ref_s, ref_k = _sheet_power_iteration(w.numpy(), v0.numpy(), tol, k_max)
+        assert power.iterations == ref_k and (power.converged or ref_k == k_max)
+        assert power.sigma == pytest.approx(ref_s, rel=1e-12) and not power.warm_start
+        assert float(torch.linalg.vector_norm(w @ power.v)) == pytest.approx(power.sigma, rel=1e-12)
+        assert est.method == "lanczos" and not est.warm_start and est.converged
+        assert abs(sigma1 - est.sigma) <= est.err_bound * est.sigma and est.sigma <= sigma1 * (1 + ROUNDING)
+        if shape[0] >= shape[1]:  # the estimator's own cold start is the power iteration's v_0
+            alone = estimate_spectral_norm(w, method="lanczos")
+            assert (est.sigma, est.err_bound, est.iterations) == (alone.sigma, alone.err_bound, alone.iterations)
+    # float32: the same steps to float rounding
+    w32 = w.float()
+    est, power = estimate_with_power_iteration(w32)
+    plain = power_iteration(w32)
+    assert power.iterations == plain.iterations and power.sigma == pytest.approx(plain.sigma, rel=1e-6)
+    assert abs(sigma1 - est.sigma) <= est.err_bound * est.sigma + 1e-6
+
+
+def test_shared_products_fall_back_on_small_zero_and_rank_one_matrices() -> None:
+    g = torch.Generator().manual_seed(4)
+    for w in (torch.randn(40, 30, generator=g), torch.zeros(300, 200), torch.zeros(150, 400),
+              torch.outer(torch.randn(300, generator=g), torch.randn(200, generator=g))):
+        est, power = estimate_with_power_iteration(w)
+        ref = power_iteration(w)
+        assert power.iterations == ref.iterations and power.sigma == pytest.approx(ref.sigma, rel=1e-6, abs=0)
+        assert est.sigma == pytest.approx(float(torch.linalg.matrix_norm(w.double(), ord=2)), rel=1e-5, abs=1e-30)
 
 
 @pytest.mark.parametrize("shape", [(300, 240), (240, 300)], ids=["tall", "wide"])
