@@ -167,11 +167,11 @@ def _lines(ax: Axes, df: pd.DataFrame, key: str, value: str, *, log: bool = Fals
 
 
 def _rolling(y: np.ndarray, w: int, stat: str) -> np.ndarray:
-    """pandas' `rolling(w, min_periods=1).<stat>()` of y, computed over blocks of ~1M points that
+    """pandas' `rolling(w, min_periods=1).<stat>()` of y, computed over blocks of 256k+ points that
     overlap by w - 1 (each point sees its full window): pandas' window bounds cost 16 bytes a
     point at once, so a 10M-point series would need 160 MB of them."""
     out = np.empty(y.size)
-    block = max(1 << 20, 4 * w)
+    block = max(1 << 18, 4 * w)
     for a in range(0, y.size, block):
         lo = max(0, a - w + 1)
         r = getattr(pd.Series(y[lo:a + block]).rolling(w, min_periods=1), stat)().to_numpy()

@@ -95,6 +95,9 @@ def _sorted(steps: np.ndarray, values: np.ndarray, what: str) -> tuple[np.ndarra
     return s, v
 
 
+_BLOCK = 1 << 20  # training points per pass of align_train_to_evals
+
+
 def align_train_to_evals(train_steps: np.ndarray, train_loss: np.ndarray,
                          eval_steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """T_j for sorted evaluation steps by the §10 rule, from sorted finite training losses.
@@ -103,9 +106,15 @@ def align_train_to_evals(train_steps: np.ndarray, train_loss: np.ndarray,
     """
     m = eval_steps.size
     # Training point i lies in (t_{j-1}, t_j] for j = the first evaluation with t_j >= its step.
-    seg = np.searchsorted(eval_steps, train_steps, side="left")  # m: after the last evaluation
-    n = np.bincount(seg, minlength=m + 1)[:m]
-    total = np.bincount(seg, weights=train_loss, minlength=m + 1)[:m]  # per-segment sums, no prefix-sum cancellation
+    # Per-segment counts and sums (no prefix-sum cancellation), over blocks of 1M training points
+    # so that a 10M-point log needs no 80 MB segment index at once.
+    n = np.zeros(m + 1, dtype=np.int64)
+    total = np.zeros(m + 1)
+    for a in range(0, max(train_steps.size, 1), _BLOCK):
+        seg = np.searchsorted(eval_steps, train_steps[a:a + _BLOCK], side="left")  # m: after the last evaluation
+        n += np.bincount(seg, minlength=m + 1)
+        total += np.bincount(seg, weights=train_loss[a:a + _BLOCK], minlength=m + 1)
+    n, total = n[:m], total[:m]
     hi = np.searchsorted(train_steps, eval_steps, side="right")  # one past the latest training loss <= t_j
     has_mean = n > 0
     has_latest = ~has_mean & (hi > 0)

@@ -248,3 +248,26 @@ def test_sustained_rise_versus_recovered_bump_at_the_trend_rule():
 ])
 def test_memorisation_rule_both_sides(t, v, expected):
     assert memorisation(t, v, ratio=0.25, min_gap=0.1 - 1e-12) is expected
+
+
+def test_alignment_over_blocks_of_training_points_equals_one_pass(monkeypatch):
+    """The §10 per-segment means computed over blocks of training points (bounded memory) equal
+    a plain per-evaluation mean of the training losses in (t_{j-1}, t_j]."""
+    import analyze.metrics.overfitting as ov
+
+    rng = np.random.default_rng(4)
+    ts = np.sort(rng.integers(0, 100_000, 20_000))
+    tl = rng.normal(3.0, 1.0, ts.size)
+    es = np.sort(rng.choice(120_000, 70, replace=False))
+    monkeypatch.setattr(ov, "_BLOCK", 997)
+    got, rule = ov.align_train_to_evals(ts, tl, es)
+    prev = -np.inf
+    for j, t in enumerate(es):
+        inside = (ts > prev) & (ts <= t)
+        if inside.any():
+            assert rule[j] == "mean" and got[j] == pytest.approx(tl[inside].mean(), rel=1e-12)
+        elif (ts <= t).any():
+            assert rule[j] == "latest" and got[j] == tl[ts <= t][-1]
+        else:
+            assert rule[j] == "" and np.isnan(got[j])
+        prev = t
