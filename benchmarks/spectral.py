@@ -25,6 +25,7 @@ from analyze.metrics.spectral import (
     as_matrix,
     estimate_spectral_norm,
     estimate_spectral_norm_batched,
+    estimate_with_power_iteration,
     exact_top_singular_values,
     power_iteration,
 )
@@ -186,6 +187,9 @@ def gpt2_checkpoint(g: torch.Generator) -> None:
     t_cold, cold = _timed(lambda: {k: estimate_spectral_norm(w) for k, w in new.items()})
     t_warm, warm = _timed(lambda: {k: estimate_spectral_norm(w, prev[k].v) for k, w in new.items()})
     t_pw, pw = _timed(lambda: {k: power_iteration(w, prev_p[k].v) for k, w in new.items()})
+    # the single-checkpoint validation pair (`trainaudit spectral`): both cold, apart or sharing products
+    t_pair, pair = _timed(lambda: {k: (estimate_spectral_norm(w), power_iteration(w)) for k, w in new.items()})
+    t_shared, shared = _timed(lambda: {k: estimate_with_power_iteration(w) for k, w in new.items()})
 
     def worst(res: dict) -> float:
         return max(abs(res[k].sigma - exact[k].sigma1) / exact[k].sigma1 for k in new)
@@ -200,6 +204,12 @@ def gpt2_checkpoint(g: torch.Generator) -> None:
           f"iterations {sum(r.iterations for r in warm.values())}, "
           f"max err_bound {max(r.err_bound for r in warm.values()):.1e}")
     print(f"  sheet power iteration warm       {t_pw:7.2f} s   max rel err {worst(pw):.1e}")
+    print(f"  cold default + cold power        {t_pair:7.2f} s   apart; power iterations "
+          f"{sum(p.iterations for _, p in pair.values())}")
+    print(f"  the same pair, shared products   {t_shared:7.2f} s   (estimate_with_power_iteration) power iterations "
+          f"{sum(p.iterations for _, p in shared.values())}, max |power - apart| / power "
+          f"{max(abs(shared[k][1].sigma - pair[k][1].sigma) / pair[k][1].sigma for k in new):.1e}, "
+          f"max rel err of the default {max(abs(shared[k][0].sigma - exact[k].sigma1) / exact[k].sigma1 for k in new):.1e}")
     print(f"  speedup of warm default: {t_svd / t_warm:.1f}x vs svdvals, {t_ex / t_warm:.1f}x vs "
           f"exact_top_singular_values (target >= 20x); max rel err {worst(warm):.1e} (target <= 1e-3)")
 

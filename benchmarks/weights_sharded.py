@@ -11,7 +11,9 @@ them, as ratios to T0 (``python -c "import torch"``, same run) and to reading th
   Targets (1.1B): audit <= 16 T0 with peak RSS <= 1 GiB; report within 1.5x of audit.
 * GPT-2-small float32 file (``_gpt2_weights.py``): ``spectral FILE --json`` <= 1.6 T0.
 
-Generated files are kept in --dir and reused. Prints figures; not a test.
+Generated files are kept in --dir and reused. ``--sizes ""`` runs the GPT-2 case alone;
+``--repeat N`` runs every command N times and prints the run of median CPU time (T0: the median
+of 2N + 1 runs). Prints figures; not a test.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _proc import files_of, read_seconds, row, t0, trainaudit  # noqa: E402
+from _proc import Timed, files_of, read_seconds, row, t0, trainaudit  # noqa: E402
 
 
 def llama(folder: Path, size: str) -> tuple[Path, int]:
@@ -43,25 +45,32 @@ def gpt2(folder: Path) -> Path:
     return existing[0] if existing else write_pair(folder).new
 
 
+def median_run(repeat: int, *args: str) -> Timed:
+    """The run of median CPU time among `repeat` runs of ``trainaudit *args``."""
+    runs = sorted((trainaudit(*args) for _ in range(repeat)), key=lambda r: r.cpu)
+    return runs[(len(runs) - 1) // 2] if len(runs) > 1 else runs[0]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "ta-bench")
     ap.add_argument("--sizes", default="10m,124m,1.1b")
     ap.add_argument("--no-report", action="store_true")
     ap.add_argument("--no-gpt2", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
-    base = t0()
+    base = t0(2 * args.repeat + 1)
     print(f"T0 = python -c 'import torch': {base.wall:.2f} s wall, {base.cpu:.2f} s cpu, {base.peak_mb:.0f} MB")
     growth = []
-    for size in args.sizes.split(","):
+    for size in filter(None, args.sizes.split(",")):
         folder, n = llama(args.dir, size)
         files = files_of(folder)
         nbytes = sum(f.stat().st_size for f in files)
         read = read_seconds(files)
         print(f"\nLlama {size}: {n:,} bf16 parameters, {len(files)} files, {nbytes / 1e9:.2f} GB; "
               f"reading the bytes (page cache): {read:.2f} s")
-        a = trainaudit("audit", str(folder), "--json")
+        a = median_run(args.repeat, "audit", str(folder), "--json")
         print(row("audit DIR --json", a, base, read))
         r = None
         if not args.no_report:
@@ -71,7 +80,8 @@ def main() -> None:
             print(row("report DIR (weight-only)", r, base, read))
             print(f"  report / audit: {r.wall / a.wall:.2f} wall, {r.cpu / a.cpu:.2f} cpu (target <= 1.5)")
         growth.append((size, n, a, r))
-    print("\ncost per parameter above T0 (wall; cpu in brackets), ns:")
+    if growth:
+        print("\ncost per parameter above T0 (wall; cpu in brackets), ns:")
     for size, n, a, r in growth:
         line = f"  {size:>5s} {n:>14,}  audit {1e9 * (a.wall - base.wall) / n:6.1f} ({1e9 * (a.cpu - base.cpu) / n:5.1f})"
         if r is not None:
@@ -81,9 +91,9 @@ def main() -> None:
         f = gpt2(args.dir)
         read = read_seconds([f])
         print(f"\nGPT-2 small float32 {f.name} ({f.stat().st_size / 1e6:.0f} MB; read {read:.2f} s)")
-        s = trainaudit("spectral", str(f), "--json")
+        s = median_run(args.repeat, "spectral", str(f), "--json")
         print(row("spectral FILE --json", s, base, read) + "   (target <= 1.6 T0)")
-        a = trainaudit("audit", str(f), "--json")
+        a = median_run(args.repeat, "audit", str(f), "--json")
         print(row("audit FILE --json", a, base, read))
 
 
