@@ -8,6 +8,8 @@ Three ways to sigma_1, all on `as_matrix(w)` (N-d weights reshaped to (out, rest
   reorthogonalisation, warm-startable from the previous checkpoint's vector, stopping on an
   error bound that needs no SVD. Batched twin: `estimate_spectral_norm_batched`.
 - `exact_top_singular_values`: the float64 reference (sigma_1, sigma_2).
+- `estimate_with_power_iteration`: the cold default estimate and the cold power iteration of one
+  matrix (the validation pair of `trainaudit spectral`), sharing their matrix-vector products.
 
 `spectral_validation` puts the three side by side (the §4 validation row, with whether the
 estimator's own bound held against exact); `stable_rank` and `relative_error` are the §12 and
