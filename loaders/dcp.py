@@ -299,7 +299,7 @@ def _load_chunk(f: Any, path: Path, name: str, c: DcpChunk, dtype: Any) -> Any:
     try:
         obj = torch.load(_Window(f, c.start, c.length), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt item is a data error, named
-        # torch's weights-only refusal goes on to advise weights_only=False: never here
+        # torch's weights-only refusal goes on to advise turning that check off: never here
         msg = "not a tensor torch.load(weights_only=True) accepts" if isinstance(exc, pickle.UnpicklingError) \
             else str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise TrainauditError(path, f"cannot read {where} ({type(exc).__name__}{': ' + msg if msg else ''})") from None
