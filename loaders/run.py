@@ -121,20 +121,29 @@ class Run:
             s = s.sort_values("step", kind="stable")
         return s.reset_index(drop=True)
 
+    def series_blocks(self) -> dict[str, tuple[int, int]] | None:
+        """Row range [start, end) of each series in the long table when its rows are grouped by a
+        categorical series column in category order (as the loaders write it): a series is then a
+        slice of the table, not a copy. None for any other layout (or a wide run)."""
+        if object.__getattribute__(self, "train") is not None:
+            return None
+        col = self.scalars["series"]
+        if not isinstance(col.dtype, pd.CategoricalDtype):
+            return None
+        codes = col.cat.codes.to_numpy()
+        if codes.size and (codes[0] < 0 or bool((codes[1:] < codes[:-1]).any())):
+            return None
+        bounds = np.searchsorted(codes, np.arange(len(col.cat.categories) + 1)).tolist()
+        return {str(c): (bounds[i], bounds[i + 1]) for i, c in enumerate(col.cat.categories)}
+
     def _block(self, name: str) -> pd.DataFrame:
-        """(step, value) rows of one series of the long table: a slice (no copy) when the rows are
-        grouped by a categorical series column, as the loaders write them; else a selection."""
+        """(step, value) rows of one series of the long table: a slice when `series_blocks` allows."""
         sc = self.scalars
-        col = sc["series"]
-        if isinstance(col.dtype, pd.CategoricalDtype):
-            codes = col.cat.codes.to_numpy()
-            if name not in col.cat.categories:
-                return sc.iloc[0:0][["step", "value"]]
-            if codes.size < 2 or bool((codes[1:] >= codes[:-1]).all()):
-                code = col.cat.categories.get_loc(name)
-                a, b = np.searchsorted(codes, [code, code + 1])
-                return pd.DataFrame({"step": sc["step"].iloc[a:b], "value": sc["value"].iloc[a:b]}, copy=False)
-        return sc[col == name][["step", "value"]]
+        blocks = self.series_blocks()
+        if blocks is None:
+            return sc[sc["series"] == name][["step", "value"]]
+        a, b = blocks.get(name, (0, 0))
+        return pd.DataFrame({"step": sc["step"].iloc[a:b], "value": sc["value"].iloc[a:b]}, copy=False)
 
     @property
     def steps_logged(self) -> int:

@@ -53,7 +53,7 @@ def train_table(run: Run, cfg: AnalysisConfig) -> tuple[pd.DataFrame, dict[str, 
         if series in ("loss", "grad_norm") and len(values):
             rep = detect_spikes(steps, values, window=cfg.spike_window, k=cfg.spike_k,
                                 window_averaged=int(run.window_averaged.get(series, 1)))
-            reports[series] = rep  # steps are already sorted, so rep's arrays line up with g's rows
+            reports[series] = rep  # steps are already sorted, so rep's arrays line up with the rows
             spike = rep.flags
             flagged = np.flatnonzero(spike)  # non-finite when the value is, else a spike (codes of _SPIKE_KINDS)
             kind[flagged] = np.where(np.isfinite(values[flagged]), 2, 1)
@@ -82,23 +82,18 @@ def train_table(run: Run, cfg: AnalysisConfig) -> tuple[pd.DataFrame, dict[str, 
 
 def _sorted_long_columns(run: Run, names: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
     """(steps, values, block bounds) of the run's long table when it already is the training
-    table's layout - categorical series exactly `names`, in that order, each block sorted by step -
-    so the table can share the run's arrays: a 10M-row log is not held twice. None otherwise."""
-    if object.__getattribute__(run, "train") is not None:
+    table's layout - one block per series of `names`, in that order (`Run.series_blocks`), each
+    sorted by step - so the table can share the run's arrays: a 10M-row log is not held twice.
+    None otherwise."""
+    blocks = run.series_blocks()
+    if blocks is None or list(blocks) != names:
         return None
-    sc = run.scalars
-    series = sc["series"]
-    if not isinstance(series.dtype, pd.CategoricalDtype) or list(series.cat.categories) != names:
-        return None
-    codes = series.cat.codes.to_numpy()
-    if codes.size and (codes[0] < 0 or np.any(codes[1:] < codes[:-1])):
-        return None
-    bounds = np.searchsorted(codes, np.arange(len(names) + 1), side="left").tolist()
-    steps = sc["step"].to_numpy()
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    steps = run.scalars["step"].to_numpy()
+    for a, b in blocks.values():
         if b - a > 1 and np.any(steps[a + 1:b] < steps[a:b - 1]):
             return None
-    return steps, sc["value"].to_numpy(dtype=np.float64), bounds
+    bounds = [a for a, _ in blocks.values()] + [len(steps)]
+    return steps, run.scalars["value"].to_numpy(dtype=np.float64), bounds
 
 
 def val_series(run: Run) -> str | None:

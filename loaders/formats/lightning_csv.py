@@ -172,10 +172,11 @@ def wide_to_run(p: Path, log: WideLog, warnings: DataWarnings, *, source_format:
     last_train = max((int(r[-1]) for c in train_like if len(r := log.present(c))), default=-1)
     epochs = log.dense(epoch_col) if epoch_col is not None else None
     last_epoch = float(epochs[last_train]) if epochs is not None and last_train >= 0 else math.nan
-    if step_col is not None and step_col not in (epoch_col, *train_like):
+    step_only = step_col is not None and step_col not in (epoch_col, *train_like)  # read for the steps alone
+    if step_only:
         log.drop(step_col, keep_ints=True)  # steps are read from the exact integers alone
     steps, valid = log.row_steps(step_col if step_col is not None else epoch_col, p, warnings)
-    if step_col is not None and step_col not in (epoch_col, *train_like):
+    if step_only:
         log.drop(step_col)  # now in `steps`
 
     train, evals, extra = Triples(), Triples(), Triples()

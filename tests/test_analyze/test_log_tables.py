@@ -31,8 +31,12 @@ def test_shared_and_assembled_tables_agree(tmp_path: Path) -> None:
     cfg = AnalysisConfig()
     shared, reports = train_table(run, cfg)
     assert np.shares_memory(shared["value"].to_numpy(), run.scalars["value"].to_numpy())
+    blocks = run.series_blocks()
+    assert list(blocks) == ["grad_norm", "loss", "lr"] and blocks["loss"] == (3000, 6000)
+    assert np.shares_memory(run.series("loss")["value"].to_numpy(), run.scalars["value"].to_numpy())
     # The same run with its series as plain strings and its rows shuffled: the table is assembled.
     run.scalars = run.scalars.sample(frac=1.0, random_state=0).astype({"series": object}).reset_index(drop=True)
+    assert run.series_blocks() is None
     assembled, reports2 = train_table(run, cfg)
     assert not np.shares_memory(assembled["value"].to_numpy(), run.scalars["value"].to_numpy())
     pd.testing.assert_frame_equal(shared.reset_index(drop=True), assembled.reset_index(drop=True))
