@@ -10,10 +10,12 @@ a line longer than ``max_line`` is skipped, a final line without newline is igno
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -280,20 +282,23 @@ def parse_json_line(text: str, warnings: DataWarnings, path: str | os.PathLike[s
 class FlatBlock(NamedTuple):
     """Records of ``parse_flat_json_block``: ``n`` lines; per key (in order of first appearance)
     the line indices that carry it and the indices of its values in ``values`` (floats) and
-    ``raw`` (the numbers as ``json`` gives them: ints stay exact)."""
+    ``raw`` (``raw[i]``: value ``i`` as ``json`` gives it, so ints stay exact)."""
 
     n: int
     keys: dict[str, tuple[np.ndarray, np.ndarray]]
     values: np.ndarray
-    raw: list[Any]
+    raw: Sequence[Any]
 
 
 _LINE_SHAPE = b'{"":}\n'
-# One-byte stand-ins for the keys of a block: control bytes, never in valid JSON outside strings.
-_MARKS = bytes([*range(1, 9), 11, 12, *range(14, 32)])
-_KEPT = b'{}":,[]\n\x00' + _MARKS   # what the shape check keeps: structure, and bytes JSON refuses
+_KEPT = b'{}":,[]\n' + bytes([*range(0, 9), 11, 12, *range(14, 32)])   # structure, and bytes JSON refuses
 _NOT_KEPT = bytes(b for b in range(256) if b not in _KEPT)
-_TO_VALUES = bytes.maketrans(b"{}" + _MARKS, b" ," + b" " * len(_MARKS))
+_MAX_KEYS = 62                  # distinct keys of a block (one bit each in the duplicate check)
+_PAIR_ROWS = bytes.maketrans(b",", b"\n")          # '"key": value' a row, braces deleted
+_TO_ARRAY = bytes.maketrans(b":\n", b",,")         # one JSON array: key, value, key, value, ...
+_LOW_BYTES = np.array([(1 << 8 * k) - 1 for k in range(9)], dtype=np.uint64)   # masks of the k low bytes
+_DIGIT = np.zeros(256, dtype=bool)
+_DIGIT[48:58] = True
 
 
 def parse_flat_json_block(block: bytes) -> FlatBlock | None:
@@ -302,10 +307,11 @@ def parse_flat_json_block(block: bytes) -> FlatBlock | None:
     ``None`` when any line is not, or has a duplicate key or a ``rank`` field: the caller then
     parses the lines one by one (``parse_json_line``), which gives the same records.
 
-    A handful of passes over the bytes: the line shapes are checked on the structural bytes
-    alone; each distinct ``"key":`` is replaced by a one-byte mark (its position gives the key of
-    each value); the rest, braces blanked, is one JSON array of the values, parsed by ``json``
-    itself (its number grammar, NaN and Infinity included; any stray text fails it).
+    A handful of vectorised passes over the bytes: the line shapes are checked on the structural
+    bytes alone; keys are told apart by comparing their bytes eight at a time; the numbers go to
+    pandas' C reader (correctly rounded, as ``json``) once they are known to be JSON numbers, and
+    otherwise (``NaN``, ``Infinity``, what JSON's grammar refuses) to ``json`` itself, whose
+    grammar decides.
     """
     if not block or b"\\" in block:
         return None
@@ -315,50 +321,159 @@ def parse_flat_json_block(block: bytes) -> FlatBlock | None:
     n = shape.count(b"\n") + 1
     if shape != (_LINE_SHAPE * n)[:-1] or block[0] != 123 or block[-1] != 125:
         return None
-    names: list[str] = []
-    text = block
-    while (q := text.find(b'"')) >= 0:  # the next key not yet seen, in order of appearance
-        end = text.find(b'"', q + 1)
-        if end < 0 or len(names) == len(_MARKS) or text[end + 1:end + 2] != b":":
-            return None
-        token = text[q:end + 2]
-        try:
-            name = json.loads(token[:-1].decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            return None
-        if name == "rank":
-            return None
-        names.append(name)
-        text = text.replace(token, _MARKS[len(names) - 1:len(names)])
-    a = np.frombuffer(text, dtype=np.uint8)
+    a = np.frombuffer(block, dtype=np.uint8)
     nl = np.flatnonzero(a == 10)
     if n > 1 and ((a[nl + 1] != 123).any() or (a[nl - 1] != 125).any()):
         return None  # text before { or after } (JSON allows blanks there: the per-line path)
-    at = np.flatnonzero((a < 32) & (a != 10) & (a != 9) & (a != 13))   # the marks, one per value
-    ids = a[at]
-    body = text.translate(_TO_VALUES)
-    if b"true" in body or b"false" in body or b"null" in body:
-        return None  # booleans and nulls are not numbers: the per-line path counts them
-    try:
-        raw = json.loads(b"[" + body[:-1] + b"]")
-        values = np.array(raw, dtype=np.float64)
-    except (ValueError, RecursionError, OverflowError, TypeError):
+    quotes = np.flatnonzero(a == 34)
+    opens, closes = quotes[0::2], quotes[1::2]
+    if (a[closes + 1] != 58).any():
+        return None  # blanks between a key and its colon: the per-line path
+    found = _key_ids(block, opens, closes)
+    if found is None:
         return None
-    if values.ndim != 1 or len(values) != len(at):
-        return None
-    line = np.searchsorted(nl, at)
-    bits = np.left_shift(np.int64(1), (ids - 1).astype(np.int64))
+    names, ids = found
+    line = np.searchsorted(nl, opens)
     starts = np.flatnonzero(np.r_[True, line[1:] != line[:-1]])
+    bits = np.left_shift(np.int64(1), ids)
     if (np.bitwise_or.reduceat(bits, starts) != np.add.reduceat(bits, starts)).any():
         return None  # a key twice in one record: the per-line path warns about it
+    values = _numbers_by_pandas(block, a, closes)
+    raw: Sequence[Any]
+    if values is not None:
+        raw = _NumberText(block, closes)
+        minus_zero = np.flatnonzero((values == 0) & np.signbit(values))
+        if len(minus_zero):
+            values = values.copy()
+            values[minus_zero] = [raw[i] for i in minus_zero.tolist()]  # json reads the integer -0 as 0
+    else:
+        got = _numbers_by_json(block, len(opens))
+        if got is None:
+            return None
+        values, raw = got
     cols: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for k, name in enumerate(names):
-        if len(names) == 1:
-            idx = np.arange(len(at))
-        else:
-            idx = np.flatnonzero(ids == _MARKS[k])
+        idx = np.arange(len(ids)) if len(names) == 1 else np.flatnonzero(ids == k)
         cols[name] = (line[idx], idx)
     return FlatBlock(n, cols, values, raw)
+
+
+def _key_ids(block: bytes, opens: np.ndarray, closes: np.ndarray) -> tuple[list[str], np.ndarray] | None:
+    """The distinct keys (in order of first appearance) and each key's index among them: keys of
+    one length compared as 8-byte words of the block. None past ``_MAX_KEYS``, on a key that is
+    not UTF-8 or holds a tab, or on a ``rank`` key."""
+    words = np.frombuffer(block + bytes((-len(block)) % 8 + 8), dtype="<u8")
+
+    def word(at: np.ndarray, size: np.ndarray) -> np.ndarray:
+        """The ``size`` (<= 8, little-endian) bytes at each offset, from two aligned words."""
+        i, shift = at >> 3, (at & 7).astype(np.uint64) * np.uint64(8)
+        w = (words[i] >> shift) | ((words[i + 1] << np.uint64(1)) << (np.uint64(63) - shift))
+        return w & _LOW_BYTES[np.minimum(size, 8)]
+
+    lengths = closes - opens - 1
+    first_word = word(opens + 1, lengths)
+    ids = np.full(len(opens), -1, dtype=np.int64)
+    names: list[str] = []
+    first = 0
+    while first < len(opens):
+        if len(names) == _MAX_KEYS:
+            return None
+        size, at = int(lengths[first]), int(opens[first]) + 1
+        try:
+            name = block[at:at + size].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if name == "rank" or "\t" in name:
+            return None  # a rank is kept apart; JSON refuses a raw tab in a string
+        same = np.flatnonzero((first_word == first_word[first]) & (lengths == size))
+        for w in range(8, size, 8):  # longer keys: the next words of the candidates
+            rest = np.full(len(same), size - w)
+            same = same[word(opens[same] + 1 + w, rest) == word(np.array([at + w]), rest[:1])[0]]
+        ids[same] = len(names)
+        names.append(name)
+        first += int(np.argmax(ids[first:] < 0)) if (ids[first:] < 0).any() else len(opens)
+    return names, ids
+
+
+def _numbers_by_pandas(block: bytes, a: np.ndarray, closes: np.ndarray) -> np.ndarray | None:
+    """The values of a block whose shape is checked (``closes``: where each key's closing quote
+    is), when every one is a plain JSON number; None when that is not sure (``_numbers_by_json``
+    decides then).
+
+    pandas' reader accepts a superset of JSON numbers; what it accepts and JSON refuses is ruled
+    out: a ``+`` outside an exponent, a ``.`` without digits on both sides, a leading zero before a
+    digit (a rule that also trips on a key's bytes only costs speed); an infinity must be what
+    ``json`` reads (``1e400``, ``Infinity``), not pandas' ``inf``. Any other letter fails pandas.
+    """
+    if b"\r" in block:
+        return None  # pandas would end a line there
+    if b"+" in block:
+        p = np.flatnonzero(a == 43)
+        if not ((a[p - 1] == 101) | (a[p - 1] == 69)).all():
+            return None
+    p = np.flatnonzero(a == 46)
+    if len(p) and not (_DIGIT[a[p - 1]] & _DIGIT[a[p + 1]]).all():
+        return None
+    z = np.flatnonzero(a == 48)
+    z = z[_DIGIT[a[z + 1]]]
+    if len(z):
+        before = a[z - 1]
+        sign = (before == 45) & (a[z - 2] != 101) & (a[z - 2] != 69)
+        if ((before == 58) | (before == 32) | (before == 9) | sign).any():
+            return None
+    import pandas as pd
+
+    # One '"key": value' pair a row, in file order; keys are not converted (quotes left as they are).
+    pairs = io.BytesIO(block.translate(_PAIR_ROWS, b"{}"))
+    try:
+        frame = pd.read_csv(pairs, sep=":", header=None, names=[0, 1], usecols=[1], dtype=np.float64,
+                            engine="c", quoting=csv.QUOTE_NONE, keep_default_na=False, na_values=[""],
+                            skip_blank_lines=False, comment=None, escapechar=None)
+    except (ValueError, pd.errors.ParserError):
+        return None
+    if len(frame) != len(closes):
+        return None
+    values = frame[1].to_numpy(dtype=np.float64)
+    if np.isnan(values).any():
+        return None
+    for i in np.flatnonzero(np.isinf(values)).tolist():  # pandas also reads inf, +Infinity, ...
+        try:
+            if _NumberText(block, closes)[i] != float(values[i]):
+                return None
+        except (ValueError, OverflowError):  # not JSON, or an integer too big for a float
+            return None
+    return values
+
+
+def _numbers_by_json(block: bytes, count: int) -> tuple[np.ndarray, list[Any]] | None:
+    """The values of a block whose shape is checked, by ``json`` (its number grammar, NaN and
+    Infinity included); None when one is not a number."""
+    try:
+        pairs = json.loads(b"[" + block.translate(_TO_ARRAY, b"{}") + b"]")
+    except (ValueError, RecursionError):
+        return None
+    raw = pairs[1::2]
+    if len(pairs) != 2 * count or not {type(v) for v in raw} <= {int, float}:
+        return None  # booleans, nulls and strings are not numbers: the per-line path counts them
+    try:
+        return np.array(raw, dtype=np.float64), raw
+    except OverflowError:
+        return None
+
+
+class _NumberText(Sequence[Any]):
+    """Value ``i`` of a block as ``json`` reads it, parsed on request (a step too big for a float)."""
+
+    def __init__(self, block: bytes, closes: np.ndarray) -> None:
+        self.block, self.closes = block, closes
+
+    def __len__(self) -> int:
+        return len(self.closes)
+
+    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
+        start = int(self.closes[i]) + 2
+        ends = [e for e in (self.block.find(b",", start), self.block.find(b"}", start)) if e >= 0]
+        return json.loads(self.block[start:min(ends)])
 
 
 def read_json(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None, *,

@@ -8,6 +8,7 @@ code 2, never a traceback (`analyze.cli.errors`, used by every command and the g
 from __future__ import annotations
 
 import atexit
+import ctypes
 import gc
 import importlib
 import sys
@@ -19,6 +20,22 @@ from analyze.cli.errors import ErrorsExit2
 # At exit, interpreter shutdown would walk every object torch's import made (0.3-0.45 s of every
 # command here); frozen objects are skipped. Files, atexit hooks and destructors run as usual.
 atexit.register(gc.freeze)
+
+M_TOP_PAD = -2             # glibc mallopt parameter: bytes kept past the heap top
+HEAP_TOP_PAD = 64 << 20
+
+
+def keep_freed_heap() -> None:
+    """Let this process keep up to 64 MiB of freed heap instead of handing it back to the OS at
+    once. Parsing a big log allocates and frees megabytes per block; with glibc's default every
+    block faults fresh pages in again (a third of a 2M-line report's system time). Peak memory is
+    unchanged. Does nothing where the C library has no ``mallopt``."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_TOP_PAD, HEAP_TOP_PAD)
+
 
 # name -> "module:attribute" of the click command
 COMMANDS = {
@@ -69,6 +86,7 @@ def main() -> None:
       trainaudit report RUN_DIR        report on any run
       trainaudit audit model.safetensors --fail-on error
     """
+    keep_freed_heap()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from loaders.errors import TrainauditError
@@ -145,16 +146,22 @@ def test_json_variants(tmp_path: Path) -> None:
 # parse_flat_json_block parses a whole block of flat numeric records at once; anything else goes
 # line by line. The reference is the per-line path alone (the block parser switched off).
 
-_KEYS = ["step", "loss", "val_loss", "lr", "global_step", "epoch", "my loss", "ünï", "grad_norm"]
+_KEYS = ["step", "loss", "val_loss", "lr", "global_step", "epoch", "my loss", "ünï", "grad_norm",
+         # bytes the number rules look at, inside keys; keys of one length that differ past 8 bytes
+         "lr.0", "a-b", "x+y", " 01", "e-01", "0", "", "optimizer/param_group_0_lr", "optimizer/param_group_1_lr"]
 _NUMS = ["0", "7", "-3", "12", "2.5", "1e-3", "1E400", "-0", "9007199254740993", "18446744073709551617",
-         "1" + "0" * 400, "NaN", "Infinity", "-Infinity", "3.0", "0.1"]
+         "1" + "0" * 400, "NaN", "Infinity", "-Infinity", "3.0", "0.1", "1e05", "1E+2", "-0.0e-0", "1e-05",
+         "2.4703282292062328e-324", "0.30000000000000004441", " 1", "\t2", "1 ",
+         # numbers JSON refuses (pandas' reader would take most of them)
+         "+1", ".5", "5.", "01", "-01", "00", "1.e5", "-.5", "inf", "0.", "- 1", "1e5.5", "nan", "0x10", "1e", ""]
 _ODD = ["", "   ", "garbage{", '{"step": 1, "loss": true}', '{"step": 2, "loss": null}', '{"step": "3", "loss": "0.5"}',
         '{"step": 4, "loss": [1]}', '{"eval": {"loss": 2.0}, "step": 5}', '{"step": 6, "loss": 1, "loss": 2}',
         '{"step": 7, "rank": 1, "loss": 3}', ' {"step": 8, "loss": 1}', '{"step": 9, "loss": .5}',
         '{"step": 10, "loss": 01}', '{"step" : 11, "loss": 1}', '{"step": 12 "loss": 1}', '{}', "[1, 2]",
         '{"step": 13, "loss": 1} x', '{"st\\u0065p": 14, "loss": 1}', '{"step": 15, "loss": +1}',
         '{"a\tb": 1}', '{"step": 16,, "loss": 1}', '{"step": 18, "loss": 0.5, "flag": true}',
-        '{"step":17,"loss":2}']
+        # valid JSON, taken by the block parser (the last two)
+        '{"step":17,"loss":2}', '{"step": 19,\r"loss": 1}']
 
 
 def _record(draw_keys: list[str], nums: list[str], sep: str) -> str:
@@ -174,6 +181,9 @@ def _frames_equal(a, b) -> None:
 
     for t in ("scalars", "evals"):
         pd.testing.assert_frame_equal(getattr(a, t), getattr(b, t), check_exact=True)
+        for col, dtype in getattr(a, t).dtypes.items():   # -0.0 and 0.0 compare equal above
+            if dtype.kind == "f":
+                assert (np.signbit(getattr(a, t)[col]) == np.signbit(getattr(b, t)[col])).all(), col
     pd.testing.assert_frame_equal(a.meta["extra_scalars"], b.meta["extra_scalars"], check_exact=True)
     assert a.notes == b.notes and list(a.warnings) == list(b.warnings)
     assert {k: v for k, v in a.meta.items() if k != "extra_scalars"} == \
@@ -235,9 +245,30 @@ def test_jsonl_block_parser_takes_common_logs_and_refuses_odd_lines() -> None:
     assert lines.tolist() == [0, 1, 2] and fb.values[at].tolist() == [2.5, -math.inf, math.inf]
     assert fb.keys["val_loss"][0].tolist() == [0] and math.isnan(fb.values[fb.keys["val_loss"][1]][0])
     assert [fb.raw[i] for i in fb.keys["step"][1]] == [0, 1, 2]
-    for odd in _ODD[:-1]:
+    for odd in _ODD[:-2]:
         assert parse_flat_json_block(good + b"\n" + odd.encode()) is None, odd
-    assert parse_flat_json_block(good + b"\n" + _ODD[-1].encode()) is not None
+    for fine in _ODD[-2:]:
+        assert parse_flat_json_block(good + b"\n" + fine.encode()) is not None, fine
+
+
+def test_jsonl_block_parser_reads_plain_numbers_without_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of plain numbers go through the vectorised reader (json is not called) and give
+    json's values bit for bit, big integers exact."""
+    import random
+
+    import loaders.lines as lines_mod
+
+    rng = random.Random(3)
+    nums = [repr(rng.uniform(-1, 1) * 10.0 ** rng.randint(-300, 300)) for _ in range(500)]
+    nums += [format(rng.random(), ".25e") for _ in range(500)] + ["0", "-0", "1e05", "9007199254740993"]
+    block = "\n".join(f'{{"step": {i}, "loss": {v}}}' for i, v in enumerate(nums)).encode()
+    monkeypatch.setattr(lines_mod, "_numbers_by_json", lambda *a: pytest.fail("json path taken"))
+    fb = lines_mod.parse_flat_json_block(block)
+    assert fb is not None
+    lines, at = fb.keys["loss"]
+    assert lines.tolist() == list(range(len(nums)))
+    assert fb.values[at].tobytes() == np.array([json.loads(v) for v in nums], dtype=np.float64).tobytes()
+    assert fb.raw[int(at[-1])] == 9007199254740993 and type(fb.raw[int(at[-2])]) is float
 
 
 def test_jsonl_big_steps_stay_exact(tmp_path: Path) -> None:
