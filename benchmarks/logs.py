@@ -34,6 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 LOAD = r"""
 import sys, time
 t0 = time.perf_counter()
+if sys.argv[2] == "cli":
+    from analyze.cli import keep_freed_heap
+    keep_freed_heap()
 from loaders import load_run
 t_import = time.perf_counter() - t0
 t0 = time.perf_counter()
@@ -138,10 +141,13 @@ def main() -> None:
                   f"{t.cpu / t0_cpu:5.2f} T0cpu = {t.wall / max(pyread, 1e-9):5.0f}x reading; "
                   f"peak RSS {t.rss:5.0f} MB {extra}")
 
-        t = timed([sys.executable, "-c", LOAD, str(target)])
-        steps, load_s, imp, nwarn = t.out.split()
-        show("load_run", t, f"| in process {float(load_s):.2f} s = {int(steps) / float(load_s):,.0f} lines/s, "
-                            f"{float(load_s) * 1e9 / args.lines:.0f} ns/line; imports {imp} s; {nwarn} warnings")
+        # A bare process, as a library user's; then with the heap kept as the CLI keeps it
+        # (analyze.cli.keep_freed_heap), as under `trainaudit report`.
+        for label, mode in (("load_run", "bare"), ("load_run, CLI's heap", "cli")):
+            t = timed([sys.executable, "-c", LOAD, str(target), mode])
+            steps, load_s, imp, nwarn = t.out.split()
+            show(label, t, f"| in process {float(load_s):.2f} s = {int(steps) / float(load_s):,.0f} lines/s, "
+                           f"{float(load_s) * 1e9 / args.lines:.0f} ns/line; imports {imp} s; {nwarn} warnings")
         if not args.no_report:
             out_dir = root / f"report_{args.lines}"
             shutil.rmtree(out_dir, ignore_errors=True)
