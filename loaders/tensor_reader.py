@@ -4,7 +4,7 @@ Two readers over the same file layer (``loaders.safetensors_file``: header valid
 plain pread of one tensor's bytes, never an mmap, so the resident set stays near one tensor):
 
 - ``TensorStream``: every tensor of a checkpoint in storage order (shards in index order), read
-  one ahead by a background thread, half-precision tensors (bf16, fp16, fp8) converted to float32
+  ahead by a background thread, half-precision tensors (bf16, fp16, fp8) converted to float32
   block by block into a recycled buffer, and an optional per-block reducer (the caller's fused
   norms) run on each block while it is in cache. Used by ``audit`` and ``spectral``.
 - ``TensorReader``: tensors by name (the report's weights task, which reads a group of tensors and
@@ -45,6 +45,8 @@ __all__ = ["ReadBuffers", "TensorReader", "TensorStream", "StreamItem", "BlockRe
 ROW_BLOCK_ELEMENTS = 1 << 20  # elements per row block of `TensorReader.row_blocks` (~4 MB float32)
 CONVERT_BLOCK = 1 << 18       # elements converted (and reduced) at a time: 1 MB of float32 stays in cache
 RECYCLE_MIN = 1 << 16         # tensors with fewer elements get their own memory (a caller may keep them)
+READ_AHEAD_FRACTION = 4       # TensorStream reads ahead while waiting items hold < largest tensor / this
+_WIDENED = ("F16", "BF16", "F8_E5M2", "F8_E4M3")   # safetensors dtypes held as float32 once upcast
 UPCAST_DTYPES = (torch.float16, torch.bfloat16) + tuple(
     getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
     if hasattr(torch, n))
@@ -343,13 +345,15 @@ class StreamItem:
 
 
 class TensorStream:
-    """Every tensor of a checkpoint, in storage order, read one ahead (module docstring).
+    """Every tensor of a checkpoint, in storage order, read ahead (module docstring).
 
     Iterate once; ``close()`` (or leaving a ``with`` block) stops the reader thread and closes the
     files. A tensor of at least ``RECYCLE_MIN`` elements lives in a recycled buffer that is
     overwritten once the *next* item is taken: keep it with ``.clone()``. Smaller tensors are
-    the caller's. At most two items exist at once (the caller's and the one being read), so the
-    peak is about twice the largest tensor in float32 plus its stored bytes.
+    the caller's. Besides the caller's item, the reader holds one waiting item, or several while
+    they total under a quarter of the largest tensor (safetensors, whose sizes are known first:
+    a big tensor's read then overlaps the compute of the small ones before it), plus the one it
+    is reading. The peak stays about twice the largest tensor in float32 plus its stored bytes.
 
     `reducer`: a zero-argument factory of `BlockReducer`; each floating tensor's blocks are fed to
     a fresh one in the reader thread and its ``result()`` lands in ``StreamItem.reduced``.
@@ -367,6 +371,7 @@ class TensorStream:
         self.reducer = reducer
         self.names = set(names) if names is not None else None
         self._buffers = ReadBuffers(keep=3)
+        self._ahead_bytes = 0       # set once the tensors' sizes are known (safetensors)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._files: _Files | None = None
@@ -390,6 +395,10 @@ class TensorStream:
             return
         locs, src = found
         self._files = _Files(src.root)
+        held = [math.prod(loc.entry["shape"]) * 4 if self.upcast and loc.entry["dtype"] in _WIDENED
+                else loc.entry["data_offsets"][1] - loc.entry["data_offsets"][0]
+                for loc in locs if self.names is None or loc.name in self.names]
+        self._ahead_bytes = max(held, default=0) // READ_AHEAD_FRACTION
         for loc in locs:
             if self._stop.is_set():
                 return
@@ -406,20 +415,33 @@ class TensorStream:
                 self.warnings.add(src.path, str(missing_error(src).problem))
 
     def __iter__(self) -> Iterator[StreamItem]:
-        # Two slots: the caller's item and the one being prepared. The reader takes a slot before
-        # reading; the caller frees its previous item's slot when it asks for the next.
-        slots = threading.Semaphore(2)
+        # The reader starts the next read while at most one item waits for the caller, or while
+        # the waiting items hold less than `_ahead_bytes` (known for safetensors: a quarter of the
+        # largest tensor), so that a big tensor's read overlaps the compute of the small ones
+        # queued before it. The caller's item is not counted: it frees its buffer on the next ask.
+        waiting: list[int] = []     # bytes held by each item prepared and not yet taken
+        room = threading.Condition()
         ready: queue.Queue[Any] = queue.Queue()
         stop = self._stop
 
+        def may_read() -> bool:
+            return len(waiting) <= 1 or sum(waiting) < self._ahead_bytes
+
         def produce() -> None:
             try:
-                for name, t, dtype, raw in self._items():
-                    while not slots.acquire(timeout=0.1):
-                        if stop.is_set():
-                            return
+                items = self._items()
+                while True:
+                    with room:
+                        while not may_read():
+                            room.wait(timeout=0.1)
+                            if stop.is_set():
+                                return
                     if stop.is_set():
                         return
+                    nxt = next(items, None)
+                    if nxt is None:
+                        break
+                    name, t, dtype, raw = nxt
                     red = self.reducer() if self.reducer is not None and t.is_floating_point() else None
                     out, buf = _upcast(t, self._buffers, red, self.upcast, inplace=raw)
                     if buf is None:
@@ -427,6 +449,9 @@ class TensorStream:
                     elif buf is not raw:
                         self._buffers.give(raw)  # converted elsewhere: the stored bytes are no longer needed
                     del t
+                    size = buf.numel() if buf is not None else out.nbytes
+                    with room:
+                        waiting.append(size)
                     ready.put((True, StreamItem(name, out, dtype, red.result() if red is not None else None), buf))
                 ready.put((True, None, None))
             except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
@@ -435,19 +460,18 @@ class TensorStream:
         self._thread = threading.Thread(target=produce, name="trainaudit-tensor-stream", daemon=True)
         self._thread.start()
         held: torch.Tensor | None = None
-        first = True
         try:
             while True:
-                if not first:
-                    self._buffers.give(held)
-                    held = None
-                    slots.release()
-                first = False
+                self._buffers.give(held)
+                held = None
                 ok, item, buf = ready.get()
                 if not ok:
                     raise item
                 if item is None:
                     return
+                with room:
+                    waiting.pop(0)
+                    room.notify()
                 held = buf
                 yield item
         finally:

@@ -112,3 +112,52 @@ def test_missing_shard_after_the_others(tmp_path: Path) -> None:
     w = DataWarnings()
     assert [i.name for i in TensorStream(folder, warnings=w, partial=True)] == ["a.small", "b.exact"]
     assert any("missing shard" in x for x in w)
+
+
+def _reads_once_blocked(stream_iter, reads: list[str], settle: float = 0.5) -> int:
+    """Number of tensors the reader thread has read once it stops reading (it waits for room)."""
+    import time
+
+    seen, still = -1, time.monotonic()
+    while time.monotonic() - still < settle:
+        if len(reads) != seen:
+            seen, still = len(reads), time.monotonic()
+        time.sleep(0.02)
+    return len(reads)
+
+
+def test_stream_reads_ahead_while_the_waiting_tensors_are_small(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small tensors queue up to a quarter of the largest tensor's bytes (so its read overlaps their
+    compute), and no further: the memory bound holds while the caller sits on one item."""
+    import loaders.tensor_reader as tr
+
+    big = RECYCLE_MIN * 16                       # 4 MiB float32: the allowance is 1 MiB
+    small = {f"s{i:02d}": torch.full((RECYCLE_MIN // 2,), float(i)) for i in range(20)}   # 128 KiB each
+    p = tmp_path / "m.safetensors"
+    save_file({**small, "zz.big": torch.ones(big)}, str(p))
+    reads: list[str] = []
+    real = tr._read
+    monkeypatch.setattr(tr, "_read", lambda files, loc, *a, **k: (reads.append(loc.name), real(files, loc, *a, **k))[1])
+    it = iter(TensorStream(p))
+    first = next(it)                             # the caller holds s00 and does not ask again yet
+    n = _reads_once_blocked(it, reads)
+    # the caller's, then reads while the waiting ones hold < 1 MiB: 8 of 128 KiB (one ahead would be 3)
+    assert n == 1 + 8, reads
+    assert first.name == "s00" and torch.equal(first.tensor, small["s00"])
+    rest = [item.name for item in it]
+    assert rest == [f"s{i:02d}" for i in range(1, 20)] + ["zz.big"]
+
+
+def test_stream_of_same_sized_tensors_keeps_one_waiting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensors of one size never fit under a quarter of the largest: one waits, one is read."""
+    import loaders.tensor_reader as tr
+
+    p = tmp_path / "m.safetensors"
+    save_file({f"t{i}": torch.full((RECYCLE_MIN,), float(i)) for i in range(8)}, str(p))
+    reads: list[str] = []
+    real = tr._read
+    monkeypatch.setattr(tr, "_read", lambda files, loc, *a, **k: (reads.append(loc.name), real(files, loc, *a, **k))[1])
+    it = iter(TensorStream(p))
+    next(it)
+    assert _reads_once_blocked(it, reads) == 3   # the caller's, one waiting, one read ahead
+    assert [item.name for item in it] == [f"t{i}" for i in range(1, 8)]
