@@ -294,6 +294,7 @@ _LINE_SHAPE = b'{"":}\n'
 _KEPT = b'{}":,[]\n' + bytes([*range(0, 9), 11, 12, *range(14, 32)])   # structure, and bytes JSON refuses
 _NOT_KEPT = bytes(b for b in range(256) if b not in _KEPT)
 _MAX_KEYS = 62                  # distinct keys of a block (one bit each in the duplicate check)
+_MAX_BLANKS = 8                 # blanks before a number that the vectorised reader steps over
 _PAIR_ROWS = bytes.maketrans(b",", b"\n")          # '"key": value' a row, braces deleted
 _TO_ARRAY = bytes.maketrans(b":\n", b",,")         # one JSON array: key, value, key, value, ...
 _LOW_BYTES = np.array([(1 << 8 * k) - 1 for k in range(9)], dtype=np.uint64)   # masks of the k low bytes
@@ -333,10 +334,10 @@ def parse_flat_json_block(block: bytes) -> FlatBlock | None:
     if found is None:
         return None
     names, ids = found
-    line = np.searchsorted(nl, opens)
-    starts = np.flatnonzero(np.r_[True, line[1:] != line[:-1]])
-    bits = np.left_shift(np.int64(1), ids)
-    if (np.bitwise_or.reduceat(bits, starts) != np.add.reduceat(bits, starts)).any():
+    per_line = np.diff(np.r_[0, np.searchsorted(opens, nl), len(opens)])   # keys a line (>= 1: shape)
+    line = np.repeat(np.arange(n), per_line)
+    distinct = np.bitwise_count(np.bitwise_or.reduceat(np.left_shift(np.int64(1), ids), np.cumsum(per_line) - per_line))
+    if (distinct != per_line).any():
         return None  # a key twice in one record: the per-line path warns about it
     values = _numbers_by_pandas(block, a, closes)
     raw: Sequence[Any]
@@ -401,8 +402,8 @@ def _numbers_by_pandas(block: bytes, a: np.ndarray, closes: np.ndarray) -> np.nd
     decides then).
 
     pandas' reader accepts a superset of JSON numbers; what it accepts and JSON refuses is ruled
-    out: a ``+`` outside an exponent, a ``.`` without digits on both sides, a leading zero before a
-    digit (a rule that also trips on a key's bytes only costs speed); an infinity must be what
+    out: a ``+`` outside an exponent, a ``.`` without digits on both sides (a rule that also trips
+    on a key's bytes only costs speed), a leading zero before a digit; an infinity must be what
     ``json`` reads (``1e400``, ``Infinity``), not pandas' ``inf``. Any other letter fails pandas.
     """
     if b"\r" in block:
@@ -414,13 +415,17 @@ def _numbers_by_pandas(block: bytes, a: np.ndarray, closes: np.ndarray) -> np.nd
     p = np.flatnonzero(a == 46)
     if len(p) and not (_DIGIT[a[p - 1]] & _DIGIT[a[p + 1]]).all():
         return None
-    z = np.flatnonzero(a == 48)
-    z = z[_DIGIT[a[z + 1]]]
-    if len(z):
-        before = a[z - 1]
-        sign = (before == 45) & (a[z - 2] != 101) & (a[z - 2] != 69)
-        if ((before == 58) | (before == 32) | (before == 9) | sign).any():
-            return None
+    start = closes + 2                           # each number's first byte, past blanks and a minus
+    for _ in range(_MAX_BLANKS):
+        blank = (a[start] == 32) | (a[start] == 9)
+        if not blank.any():
+            break
+        start = start + blank
+    else:
+        return None
+    start = start + (a[start] == 45)
+    if ((a[start] == 48) & _DIGIT[a[np.minimum(start + 1, len(a) - 1)]]).any():
+        return None  # a leading zero
     import pandas as pd
 
     # One '"key": value' pair a row, in file order; keys are not converted (quotes left as they are).
