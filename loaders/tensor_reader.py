@@ -353,8 +353,7 @@ class TensorStream:
     the caller's. Besides the caller's item, the reader holds one waiting item, or several while
     they total under a quarter of the largest tensor (safetensors, whose sizes are known first:
     a big tensor's read then overlaps the compute of the small ones before it), plus the one it
-    is reading: at most 2.25 times the largest tensor in float32 (was 2x, plus its stored bytes,
-    with one item ahead).
+    is reading: at most 2.25 times the largest tensor in float32.
 
     `reducer`: a zero-argument factory of `BlockReducer`; each floating tensor's blocks are fed to
     a fresh one in the reader thread and its ``result()`` lands in ``StreamItem.reduced``.
