@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+import matplotlib.pyplot as plt
 import pytest
 from matplotlib.patches import Rectangle
 
@@ -30,8 +31,8 @@ def result(only: tuple[str, ...], *, tables: dict | None = None, **kw) -> Simple
 
 
 @pytest.fixture
-def drawn(monkeypatch) -> dict:
-    """draw name -> the matplotlib Figure it drew (instead of a PNG)."""
+def drawn(monkeypatch):
+    """draw name -> the matplotlib Figure it drew (instead of a PNG); closed after the test."""
     figs: dict = {}
     orig = P.draw_figure
 
@@ -40,7 +41,8 @@ def drawn(monkeypatch) -> dict:
         return orig(draw, *args, **kwargs)
 
     monkeypatch.setattr(P, "draw_figure", capture)
-    return figs
+    yield figs
+    plt.close("all")
 
 
 def tau_tables(last: int) -> dict:
