@@ -339,10 +339,11 @@ def parse_flat_json_block(block: bytes) -> FlatBlock | None:
     distinct = np.bitwise_count(np.bitwise_or.reduceat(np.left_shift(np.int64(1), ids), np.cumsum(per_line) - per_line))
     if (distinct != per_line).any():
         return None  # a key twice in one record: the per-line path warns about it
-    values = _numbers_by_pandas(block, a, closes)
+    text = _NumberText(block, closes)
+    values = _numbers_by_pandas(block, a, text)
     raw: Sequence[Any]
     if values is not None:
-        raw = _NumberText(block, closes)
+        raw = text
         minus_zero = np.flatnonzero((values == 0) & np.signbit(values))
         if len(minus_zero):
             values = values.copy()
@@ -396,10 +397,9 @@ def _key_ids(block: bytes, opens: np.ndarray, closes: np.ndarray) -> tuple[list[
     return names, ids
 
 
-def _numbers_by_pandas(block: bytes, a: np.ndarray, closes: np.ndarray) -> np.ndarray | None:
-    """The values of a block whose shape is checked (``closes``: where each key's closing quote
-    is), when every one is a plain JSON number; None when that is not sure (``_numbers_by_json``
-    decides then).
+def _numbers_by_pandas(block: bytes, a: np.ndarray, text: _NumberText) -> np.ndarray | None:
+    """The values of a block whose shape is checked (``text``: each value's own text), when every
+    one is a plain JSON number; None when that is not sure (``_numbers_by_json`` decides then).
 
     pandas' reader accepts a superset of JSON numbers; what it accepts and JSON refuses is ruled
     out: a ``+`` outside an exponent, a ``.`` without digits on both sides (a rule that also trips
@@ -415,7 +415,7 @@ def _numbers_by_pandas(block: bytes, a: np.ndarray, closes: np.ndarray) -> np.nd
     p = np.flatnonzero(a == 46)
     if len(p) and not (_DIGIT[a[p - 1]] & _DIGIT[a[p + 1]]).all():
         return None
-    start = closes + 2                           # each number's first byte, past blanks and a minus
+    start = text.closes + 2                      # each number's first byte, past blanks and a minus
     for _ in range(_MAX_BLANKS):
         blank = (a[start] == 32) | (a[start] == 9)
         if not blank.any():
@@ -436,14 +436,14 @@ def _numbers_by_pandas(block: bytes, a: np.ndarray, closes: np.ndarray) -> np.nd
                             skip_blank_lines=False, comment=None, escapechar=None)
     except (ValueError, pd.errors.ParserError):
         return None
-    if len(frame) != len(closes):
+    if len(frame) != len(text):
         return None
     values = frame[1].to_numpy(dtype=np.float64)
     if np.isnan(values).any():
         return None
     for i in np.flatnonzero(np.isinf(values)).tolist():  # pandas also reads inf, +Infinity, ...
         try:
-            if _NumberText(block, closes)[i] != float(values[i]):
+            if text[i] != float(values[i]):
                 return None
         except (ValueError, OverflowError):  # not JSON, or an integer too big for a float
             return None

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-__all__ = ["SpikeEvent", "SpikeReport", "rolling_median_mad", "detect_spikes", "MAD_SCALE"]
+__all__ = ["KIND_NAMES", "SpikeEvent", "SpikeReport", "rolling_median_mad", "detect_spikes", "MAD_SCALE"]
 
 MAD_SCALE = 1.4826  # MAD -> standard deviation for Gaussian noise
-_KINDS = np.array(["", "spike", "non-finite"], dtype=object)  # by code; a kind is 8 bytes a point, not 40
+KIND_NAMES = ("", "spike", "non-finite")  # a point's kind by code 0 / 1 / 2 (`SpikeReport.kind_codes`)
+_KINDS = np.array(KIND_NAMES, dtype=object)  # a kind is 8 bytes a point, not 40
 _CHUNK_ELEMENTS = 1 << 19  # window values sorted per chunk (4 MB of float64: stays in L2/L3)
 
 
@@ -164,12 +165,21 @@ class SpikeReport:
     def kind(self) -> np.ndarray:
         """"" / "spike" / "non-finite" per point (an object array; a read-only view of one "" when
         nothing is flagged)."""
-        member = np.flatnonzero(self.flags)
-        if not member.size:
+        if not self.flags.any():
             return np.broadcast_to(_KINDS[:1], self.flags.shape)
-        kind = np.full(self.flags.shape, "", dtype=object)
-        kind[member] = np.where(np.isnan(self.height_mad[member]), _KINDS[2], _KINDS[1])
-        return kind
+        return _KINDS[self.kind_codes()]
+
+    def kind_codes(self) -> np.ndarray:
+        """int8 code of ``KIND_NAMES`` per point: 0 unflagged, 1 spike, 2 non-finite."""
+        member = np.flatnonzero(self.flags)
+        codes = np.zeros(self.flags.shape, np.int8)
+        codes[member] = _flagged_codes(np.isnan(self.height_mad[member]))
+        return codes
+
+
+def _flagged_codes(no_height: np.ndarray) -> np.ndarray:
+    """Codes of flagged points: a non-finite value has no height (2), any other flag is a spike (1)."""
+    return np.where(no_height, 2, 1).astype(np.int8)
 
 
 def _step_value(s: np.generic) -> int | float:
@@ -244,7 +254,7 @@ def detect_spikes(steps: np.ndarray, values: np.ndarray, *, window: int = 50, k:
             n_ready += int(np.count_nonzero(judged))
     n_nonfinite = x.size - n_finite
     member = np.flatnonzero(flags)
-    code = np.where(np.isfinite(x[member]), 1, 2).astype(np.int8)  # 1 spike, 2 non-finite
+    code = _flagged_codes(~np.isfinite(x[member]))
     n_checked = n_ready + n_nonfinite
     score = float(np.count_nonzero(flags) / x.size) if x.size else float("nan")
     if n_finite <= window:

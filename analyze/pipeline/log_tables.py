@@ -9,14 +9,12 @@ import pandas as pd
 
 from analyze.config import AnalysisConfig
 from analyze.metrics.overfitting import Overfitting, analyze_overfitting
-from analyze.metrics.spikes import SpikeReport, detect_spikes
+from analyze.metrics.spikes import KIND_NAMES, SpikeReport, detect_spikes
 from analyze.pipeline.tables import TABLE_COLUMNS
 from loaders.longtables import TRAIN_EVAL_SERIES, preferred_val_series
 from loaders.run import Run
 
 __all__ = ["frame", "train_table", "val_series", "overfitting_table"]
-
-_SPIKE_KINDS = ("", "non-finite", "spike")  # spike_kind's categories: codes 0, 1, 2
 
 
 def frame(name: str, rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -54,9 +52,7 @@ def train_table(run: Run, cfg: AnalysisConfig) -> tuple[pd.DataFrame, dict[str, 
             rep = detect_spikes(steps, values, window=cfg.spike_window, k=cfg.spike_k,
                                 window_averaged=int(run.window_averaged.get(series, 1)))
             reports[series] = rep  # steps are already sorted, so rep's arrays line up with the rows
-            spike = rep.flags
-            flagged = np.flatnonzero(spike)  # non-finite when the value is, else a spike (codes of _SPIKE_KINDS)
-            kind[flagged] = np.where(np.isfinite(values[flagged]), 2, 1)
+            spike, kind = rep.flags, rep.kind_codes()
         steps_parts.append(steps)
         value_parts.append(values)
         spike_parts.append(spike)
@@ -75,7 +71,7 @@ def train_table(run: Run, cfg: AnalysisConfig) -> tuple[pd.DataFrame, dict[str, 
         "series": series_col,
         "value": value_col,
         "spike": np.concatenate(spike_parts),
-        "spike_kind": pd.Categorical.from_codes(np.concatenate(kind_parts), categories=list(_SPIKE_KINDS)),
+        "spike_kind": pd.Categorical.from_codes(np.concatenate(kind_parts), categories=list(KIND_NAMES)),
     }, copy=False)
     return df[list(TABLE_COLUMNS["train"])], reports
 
